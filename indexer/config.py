@@ -1,0 +1,65 @@
+"""Configuration dataclasses: what defines an index (stored in its manifest) and how to build it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCORE_KINDS = ("influence", "cosine")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where the training corpus lives and how its rows become examples."""
+
+    data: str
+    id_column: str = "id"
+    text_column: str = "text"
+    max_length: int | None = None  # tokens per example; None = the model's context, capped at 512
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """The Kronecker projection: `S = sum_t (P g_t)(R a_t)^T`, an `rank_out x rank_in` matrix."""
+
+    rank_in: int = 32
+    rank_out: int = 32
+    seed: int = 0
+    modules: str | None = None  # regex over module names; None = Linear/Conv1D inside the blocks
+
+
+@dataclass(frozen=True)
+class CurvatureConfig:
+    """EK-FAC in sketch space, fitted on a subsample with labels sampled from the model."""
+
+    fit_examples: int = 2000  # subsample for covariances and eigenvalue correction
+    damping: float = 0.1  # lambda = damping * mean(Lambda), per module
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How vectors are indexed and kept."""
+
+    score: str = "influence"
+    index_factory: str | None = None  # None = chosen from the corpus size
+    keep_vectors: bool = True  # vectors.f16, for exact rescoring and layer-wise scores
+    keep_versions: int = 3
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: Path
+    out: Path
+    corpus: CorpusConfig
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    batch_size: int = 16
+    device: str = "cpu"
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"], d["out"] = str(self.model), str(self.out)
+        return d

@@ -1,0 +1,196 @@
+"""EK-FAC curvature per tracked module, in sketch space (or full space when P = R = I).
+
+For a module with projected activations ã and output gradients g̃:
+`A = E[ã ãᵀ]`, `B = E[g̃ g̃ᵀ]` (labels sampled from the model), eigenbases `U_A`, `U_B`,
+eigenvalue correction `Λ = E_n[(U_Bᵀ S_n U_A)²]`, damping `λ = damping · mean(Λ)`.
+A preconditioned, flattened vector `(U_Bᵀ S U_A) / sqrt(Λ + λ)` makes EK-FAC influence a plain
+inner product.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from indexer.passes import ExamplePass
+from indexer.sketch import Capture, Projection
+
+
+@dataclass
+class ModuleCurvature:
+    """EK-FAC factors of one module: `U_A [r_in, r_in]`, `U_B [r_out, r_out]`, `Λ [r_out, r_in]`."""
+
+    projection: Projection
+    eigvecs_a: Tensor
+    eigvecs_b: Tensor
+    eigvals: Tensor
+    damping: float
+
+    @property
+    def dim(self) -> int:
+        return self.eigvals.numel()
+
+    @property
+    def inverse_sqrt(self) -> Tensor:
+        return (self.eigvals + self.damping).rsqrt()
+
+    def rotate(self, sketches: Tensor) -> Tensor:
+        """`U_Bᵀ S U_A` for `S [batch, r_out, r_in]`."""
+        return self.eigvecs_b.T @ sketches @ self.eigvecs_a
+
+    def precondition(self, sketches: Tensor) -> Tensor:
+        """`[batch, r_out, r_in]` -> `[batch, r_out * r_in]`, rotated and scaled by `(Λ+λ)^-1/2`."""
+        return (self.rotate(sketches) * self.inverse_sqrt).flatten(1)
+
+    def unrotate(self, vectors: Tensor) -> Tensor:
+        """Map preconditioned vectors `[batch, r_out * r_in]` back to `U_B (v / sqrt(Λ+λ)) U_Aᵀ`.
+
+        `⟨S_n, unrotate(q)⟩ = ⟨q, precondition(S_n)⟩`, which splits over a sketch's tokens.
+        """
+        scaled = vectors.view(-1, *self.eigvals.shape) * self.inverse_sqrt
+        return self.eigvecs_b @ scaled @ self.eigvecs_a.T
+
+
+@dataclass
+class Curvature:
+    """EK-FAC factors of every tracked module, in the order vectors are concatenated."""
+
+    modules: dict[str, ModuleCurvature]
+
+    @property
+    def dim(self) -> int:
+        return sum(m.dim for m in self.modules.values())
+
+    def layer_slices(self) -> dict[str, slice]:
+        """Each module's columns in the concatenated vector."""
+        slices, start = {}, 0
+        for name, module in self.modules.items():
+            slices[name] = slice(start, start + module.dim)
+            start += module.dim
+        return slices
+
+    def projections(self) -> dict[str, Projection]:
+        return {name: m.projection for name, m in self.modules.items()}
+
+    def vectors(self, capture: Capture) -> Tensor:
+        """Preconditioned vectors `[batch, D]` of a batch's sketches."""
+        sketches = capture.sketches()
+        return torch.cat([m.precondition(sketches[n]) for n, m in self.modules.items()], dim=1)
+
+    def save(self, path: Path) -> None:
+        tensors: dict[str, Tensor] = {}
+        for name, m in self.modules.items():
+            tensors[f"{name}/U_A"] = m.eigvecs_a
+            tensors[f"{name}/U_B"] = m.eigvecs_b
+            tensors[f"{name}/Lambda"] = m.eigvals
+            if m.projection.P is not None:
+                tensors[f"{name}/P"] = m.projection.P
+                tensors[f"{name}/R"] = m.projection.R
+        meta = {
+            "modules": list(self.modules),
+            "damping": {n: m.damping for n, m in self.modules.items()},
+        }
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, path, {"curvature": json.dumps(meta)}
+        )
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu") -> Curvature:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["curvature"])
+        tensors = load_file(path, device=device)
+        modules = {
+            name: ModuleCurvature(
+                Projection(tensors.get(f"{name}/P"), tensors.get(f"{name}/R")),
+                tensors[f"{name}/U_A"],
+                tensors[f"{name}/U_B"],
+                tensors[f"{name}/Lambda"],
+                float(meta["damping"][name]),
+            )
+            for name in meta["modules"]
+        }
+        return cls(modules)
+
+
+class CovarianceAccumulator:
+    """Running token sums of `ã ãᵀ` and `g̃ g̃ᵀ` per module, in float64."""
+
+    def __init__(self) -> None:
+        self.a: dict[str, Tensor] = {}
+        self.g: dict[str, Tensor] = {}
+        self.tokens = 0
+
+    def add(self, capture: Capture) -> None:
+        for name, a in capture.activations.items():
+            a2 = a.reshape(-1, a.shape[-1]).double()
+            g2 = capture.gradients[name].reshape(-1, capture.gradients[name].shape[-1]).double()
+            self.a[name] = self.a.get(name, 0) + a2.T @ a2
+            self.g[name] = self.g.get(name, 0) + g2.T @ g2
+        self.tokens += capture.n_tokens
+
+    def merge(self, other: CovarianceAccumulator) -> None:
+        for name in other.a:
+            self.a[name] = self.a.get(name, 0) + other.a[name]
+            self.g[name] = self.g.get(name, 0) + other.g[name]
+        self.tokens += other.tokens
+
+    def eigenbases(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """`(U_A, U_B)` per module from float64 symmetric eigendecompositions."""
+        scale = 1.0 / max(self.tokens, 1)
+        return {
+            name: (
+                torch.linalg.eigh(self.a[name] * scale).eigenvectors.float(),
+                torch.linalg.eigh(self.g[name] * scale).eigenvectors.float(),
+            )
+            for name in self.a
+        }
+
+
+class EigenvalueAccumulator:
+    """Running sums of `(U_Bᵀ S_n U_A)²` over examples, per module, in float64."""
+
+    def __init__(self, bases: dict[str, tuple[Tensor, Tensor]]):
+        self.bases = bases
+        self.sums: dict[str, Tensor] = {}
+        self.examples = 0
+
+    def add(self, capture: Capture) -> None:
+        for name, sketch in capture.sketches().items():
+            eig_a, eig_b = self.bases[name]
+            rotated = eig_b.T @ sketch @ eig_a
+            self.sums[name] = self.sums.get(name, 0) + rotated.double().pow(2).sum(dim=0)
+        self.examples += next(iter(capture.activations.values())).shape[0]
+
+    def finish(self, projections: dict[str, Projection], damping: float) -> Curvature:
+        modules = {}
+        for name, (eig_a, eig_b) in self.bases.items():
+            eigvals = (self.sums[name] / max(self.examples, 1)).float()
+            lam = damping * eigvals.mean().item()
+            modules[name] = ModuleCurvature(projections[name], eig_a, eig_b, eigvals, lam)
+        return Curvature(modules)
+
+
+def subsample(n_examples: int, size: int, seed: int) -> list[int]:
+    """Sorted row indices of a deterministic random subsample (all rows when size >= n)."""
+    if size >= n_examples:
+        return list(range(n_examples))
+    return sorted(random.Random(seed).sample(range(n_examples), size))
+
+
+def fit_curvature(example_pass: ExamplePass, rows: list[int], damping: float) -> Curvature:
+    """Two passes over `rows` with sampled labels: covariances -> eigenbases, then Λ in them."""
+    covariance = CovarianceAccumulator()
+    for _, capture in example_pass.run(rows, "sampled", "curvature: covariances"):
+        covariance.add(capture)
+    eigenvalues = EigenvalueAccumulator(covariance.eigenbases())
+    for _, capture in example_pass.run(rows, "sampled", "curvature: eigenvalues"):
+        eigenvalues.add(capture)
+    return eigenvalues.finish(example_pass.sketcher.projections, damping)

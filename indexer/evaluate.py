@@ -1,0 +1,628 @@
+"""`influence-index eval`: does the index find what exact influence finds, and the facts' sources?
+
+Methods compared on the same queries (each timed):
+- `index`: the service path (query gradient, FAISS search, metadata lookup), one query at a time;
+- `exact`: full EK-FAC with no projection, same corpus, modules and curvature settings as the build;
+- `bm25`, `grad-cosine`: the baselines of `indexer.baselines`.
+
+Fidelity separates the two error sources: *sketch* error (stored sketches scored exhaustively vs
+exact) and *compression* error (FAISS vs exhaustive search over the stored sketches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from indexer import metrics
+from indexer.baselines import (
+    BM25Scorer,
+    GradientCosine,
+    GradientCosineConfig,
+    ScoreTarget,
+    StreamedScores,
+    stream_scores,
+)
+from indexer.config import CorpusConfig, CurvatureConfig
+from indexer.corpus import Example, load_corpus
+from indexer.errors import InvalidInputError
+from indexer.exact import DEFAULT_MEMORY_LIMIT, ExactConfig, ExactScorer
+from indexer.query import EncodedQuery, query_vectors
+from server.engine import QueryEngine, QueryInput
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("bm25", "grad-cosine")
+SCORE_CHUNK_ROWS = 8192
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """One evaluation query; `gold` lists the documents known to teach the fact (may be empty)."""
+
+    id: str
+    prompt: str
+    completion: str
+    gold: list[str] = field(default_factory=list)
+
+
+def _query_from_json(record: object, where: str) -> QuerySpec:
+    if not isinstance(record, dict):
+        raise InvalidInputError(f"{where}: expected a JSON object")
+    for key in ("id", "prompt", "completion"):
+        if not isinstance(record.get(key), str | int) or isinstance(record.get(key), bool):
+            raise InvalidInputError(f"{where}: missing or non-string {key!r}")
+    gold = record.get("gold") or []
+    if not isinstance(gold, list) or not all(isinstance(g, str | int) for g in gold):
+        raise InvalidInputError(f"{where}: 'gold' must be a list of document ids")
+    return QuerySpec(
+        str(record["id"]), str(record["prompt"]), str(record["completion"]), [str(g) for g in gold]
+    )
+
+
+def read_queries(path: Path) -> list[QuerySpec]:
+    """Queries from JSONL: `{"id", "prompt", "completion", "gold": [doc ids, optional]}` a line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InvalidInputError(f"cannot read queries file {path}: {e.strerror}") from e
+    queries, seen = [], set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidInputError(f"{where}: not valid JSON ({e.msg})") from e
+        query = _query_from_json(record, where)
+        if query.id in seen:
+            raise InvalidInputError(f"{where}: duplicate query id {query.id!r}")
+        seen.add(query.id)
+        queries.append(query)
+    if not queries:
+        raise InvalidInputError(f"queries file has no queries: {path}")
+    return queries
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate and against what."""
+
+    index: Path
+    queries: tuple[QuerySpec, ...]
+    exact: bool = False
+    baselines: tuple[str, ...] = ()
+    ks: tuple[int, ...] = (10, 100)  # fidelity: recall of the exact top-k within the top-k
+    fact_ks: tuple[int, ...] = (1, 10)  # fact tracing: recall@k of the first gold document
+    version: str | None = None
+    data: str | None = None  # corpus location, when it moved since the build
+    batch_size: int = 8
+    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT
+    device: str = "cpu"
+    progress: bool = True
+
+    @property
+    def depth(self) -> int:
+        """How many examples the index retrieves per query: ranks beyond it count as misses."""
+        return max(*self.ks, *self.fact_ks)
+
+
+@dataclass
+class MethodReport:
+    """One method's wall time and its fact-tracing means over the queries with gold."""
+
+    seconds: float
+    seconds_per_query: float
+    fact: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class QueryReport:
+    id: str
+    has_gold: bool
+    fidelity: dict[str, float] = field(default_factory=dict)
+    first_gold_rank: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    """Everything `eval` measured; `to_dict()` is its JSON. `scores` (per method `[Q, N]`, by
+    corpus row) is kept for plots and never serialised."""
+
+    index: str
+    version: str
+    score_kind: str
+    faiss_factory: str
+    n_examples: int
+    dim: int
+    depth: int
+    n_queries: int
+    n_with_gold: int
+    fidelity: dict[str, float] = field(default_factory=dict)
+    fidelity_curves: dict[str, list[float]] = field(default_factory=dict)
+    methods: dict[str, MethodReport] = field(default_factory=dict)
+    queries: list[QueryReport] = field(default_factory=list)
+    scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        del data["scores"]
+        return _json_safe(data)
+
+
+def _json_safe(value: object) -> object:
+    """NaN (an undefined metric) becomes null, so the output is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def sketch_scores(vectors: np.ndarray, queries: np.ndarray) -> StreamedScores:
+    """Exhaustive inner products of `queries [Q, D]` with the stored `vectors [N, D]` (float16,
+    read in chunks) and the vectors' norms, i.e. what a flat index over the stored sketches
+    computes."""
+    n = vectors.shape[0]
+    dots, norms = np.zeros((queries.shape[0], n)), np.zeros(n)
+    for start in range(0, n, SCORE_CHUNK_ROWS):
+        block = np.asarray(vectors[start : start + SCORE_CHUNK_ROWS], dtype=np.float32)
+        dots[:, start : start + len(block)] = queries @ block.T
+        norms[start : start + len(block)] = np.linalg.norm(block, axis=1)
+    return StreamedScores(dots, norms)
+
+
+def in_kind(streamed: StreamedScores, query_norms: np.ndarray, kind: str) -> np.ndarray:
+    """Scores `[Q, N]` in the index's score kind: raw influence or cosine."""
+    return streamed.dots if kind == "influence" else streamed.cosine(query_norms)
+
+
+def matching_corpus(engine: QueryEngine, data: str | None) -> list[Example]:
+    """The build's corpus (from the manifest, or `data`), checked row by row against metadata."""
+    manifest = engine.manifest
+    corpus_config = CorpusConfig(**{**manifest["corpus"], **({"data": data} if data else {})})
+    max_length = manifest["corpus"]["max_length"]
+    examples = load_corpus(corpus_config, engine.loaded.tokenizer, max_length).examples
+    if len(examples) != engine.info.n_examples:
+        raise InvalidInputError(
+            f"corpus {corpus_config.data} has {len(examples)} examples but the index has "
+            f"{engine.info.n_examples}: it is not the corpus this index was built from"
+        )
+    records = engine.metadata.lookup([e.example_id for e in examples])
+    for row, example in enumerate(examples):
+        record = records.get(example.example_id)
+        if record is None or record.row != row or record.token_ids != example.token_ids:
+            raise InvalidInputError(
+                f"corpus {corpus_config.data} does not match the index at row {row} "
+                f"(document {example.doc_id!r}, chunk {example.chunk}): rebuild the index or "
+                "pass --data with the corpus it was built from"
+            )
+    return examples
+
+
+def _recall_curve(references: list[np.ndarray], predicted: list[list[int]], depth: int):
+    """Mean recall of the reference top-k within the predicted top-k, for k = 1..depth."""
+    return [
+        metrics.mean(
+            metrics.top_k_recall(r, p, k) for r, p in zip(references, predicted, strict=True)
+        )
+        for k in range(1, depth + 1)
+    ]
+
+
+@dataclass
+class _IndexRun:
+    """The service path's answers: per query, retrieved example rows and documents, best first."""
+
+    rows: list[list[int]]
+    docs: list[list[str]]
+
+
+class _Session:
+    """One evaluation: an open engine, the encoded queries, and the report being filled."""
+
+    def __init__(self, config: EvalConfig, engine: QueryEngine):
+        self.config = config
+        self.engine = engine
+        self.queries = list(config.queries)
+        self.encoded = [self._encode(q) for q in self.queries]
+        self.report = EvalReport(
+            index=str(config.index),
+            version=engine.version,
+            score_kind=engine.info.score_kind,
+            faiss_factory=engine.info.faiss_factory,
+            n_examples=engine.info.n_examples,
+            dim=engine.info.dim,
+            depth=config.depth,
+            n_queries=len(self.queries),
+            n_with_gold=sum(bool(q.gold) for q in self.queries),
+            queries=[QueryReport(q.id, bool(q.gold)) for q in self.queries],
+        )
+
+    def _encode(self, query: QuerySpec) -> EncodedQuery:
+        try:
+            return self.engine.encode(QueryInput(query.prompt, query.completion))
+        except InvalidInputError as e:
+            raise InvalidInputError(f"query {query.id!r}: {e}") from e
+
+    def run(self) -> EvalReport:
+        index_run = self._timed("index", self._run_index)
+        self._trace_facts("index", index_run.docs)
+        sketch = self._sketch_scores()
+        if self.config.exact and sketch is None:
+            raise InvalidInputError(
+                "this index was built without vectors.f16 (--no-vectors): fidelity needs them"
+            )
+        exact = None
+        if self.config.exact or self.config.baselines:
+            examples = matching_corpus(self.engine, self.config.data)
+            if self.config.exact:
+                exact = self._full_method("exact", lambda: self._exact_scores(examples), examples)
+            for name in self.config.baselines:
+                self._full_method(name, lambda n=name: self._baseline(n, examples), examples)
+        if sketch is not None:
+            self._fidelity(index_run, sketch, exact)
+        return self.report
+
+    def _timed(self, method: str, compute: Callable[[], T]) -> T:
+        """Run `compute`, recording its wall time as the method's."""
+        log.info("%s: %d queries", method, len(self.queries))
+        start = time.perf_counter()
+        result = compute()
+        seconds = time.perf_counter() - start
+        self.report.methods[method] = MethodReport(seconds, seconds / len(self.queries))
+        return result
+
+    def _run_index(self) -> _IndexRun:
+        """Each query alone through the service path, as a client would send it."""
+        depth = self.config.depth
+        results = [
+            self.engine.query([QueryInput(q.prompt, q.completion)], top_k=depth)[0]
+            for q in self.queries
+        ]
+        ids = sorted({h.example_id for r in results for h in r.hits})
+        row_of = {i: record.row for i, record in self.engine.metadata.lookup(ids).items()}
+        return _IndexRun(
+            rows=[[row_of[h.example_id] for h in r.hits] for r in results],
+            docs=[metrics.rank_documents(h.doc_id for h in r.hits) for r in results],
+        )
+
+    def _sketch_scores(self) -> np.ndarray | None:
+        """The stored sketches' scores `[Q, N]` (what a flat index would return), if stored."""
+        if self.engine.vectors is None:
+            return None
+        q = self.engine.query_vectors(self.encoded)
+        streamed = sketch_scores(self.engine.vectors, q)
+        scores = in_kind(streamed, np.linalg.norm(q, axis=1), self.report.score_kind)
+        self.report.scores["index-sketch"] = scores
+        return scores
+
+    def _exact_scores(self, examples: list[Example]) -> np.ndarray:
+        """Exact EK-FAC scores `[Q, N]` in the index's score kind, with the build's settings."""
+        manifest = self.engine.manifest
+        scorer = ExactScorer(
+            self.engine.loaded,
+            examples,
+            ExactConfig(
+                curvature=CurvatureConfig(**manifest["curvature"]),
+                modules=manifest["sketch"]["modules"],
+                batch_size=self.config.batch_size,
+                memory_limit_bytes=self.config.memory_limit_bytes,
+                progress=self.config.progress,
+            ),
+        )
+        curvature = scorer.curvature
+        q = query_vectors(scorer.sketcher, curvature, self.encoded, self.engine.pad_id)
+        # The scorer's own pass, plus the example norms that the cosine kind needs.
+        target = {"exact": ScoreTarget(curvature.vectors, q)}
+        streamed = stream_scores(scorer.pass_, target, "exact EK-FAC")["exact"]
+        return in_kind(streamed, q.double().norm(dim=1).numpy(), self.report.score_kind)
+
+    def _baseline(self, name: str, examples: list[Example]) -> np.ndarray:
+        if name == "bm25":
+            bm25 = BM25Scorer([e.text for e in examples])
+            return bm25.score([f"{q.prompt} {q.completion}" for q in self.queries])
+        gradient_config = GradientCosineConfig(
+            self.engine.manifest["sketch"]["modules"], self.config.batch_size, self.config.progress
+        )
+        return GradientCosine(self.engine.loaded, examples, gradient_config).score(self.encoded)
+
+    def _full_method(
+        self, name: str, compute: Callable[[], np.ndarray], examples: list[Example]
+    ) -> np.ndarray:
+        """Time a scorer of the whole corpus, keep its scores, trace facts with them."""
+        scores = self._timed(name, compute)
+        self.report.scores[name] = scores
+        doc_ids = [e.doc_id for e in examples]
+        self._trace_facts(name, [metrics.document_ranking(s, doc_ids) for s in scores])
+        return scores
+
+    def _trace_facts(self, method: str, rankings: list[list[str]]) -> None:
+        """First gold rank per query; recall@k and MRR means over the queries with gold."""
+        with_gold = []
+        for query, query_report, ranking in zip(
+            self.queries, self.report.queries, rankings, strict=True
+        ):
+            rank = metrics.first_gold_rank(ranking, query.gold) if query.gold else None
+            query_report.first_gold_rank[method] = rank
+            if query.gold:
+                with_gold.append(rank)
+        fact = {
+            f"recall@{k}": metrics.mean(metrics.recall_at_k(r, k) for r in with_gold)
+            for k in self.config.fact_ks
+        }
+        fact["mrr"] = metrics.mean(metrics.reciprocal_rank(r) for r in with_gold)
+        self.report.methods[method].fact = fact
+
+    def _fidelity(self, index_run: _IndexRun, sketch: np.ndarray, exact: np.ndarray | None):
+        """Per-query and mean fidelity: exact top-k recall in the sketches' and FAISS's top-k,
+        Spearman over all examples."""
+        report, depth = self.report, self.config.depth
+        sketch_top = [metrics.top_k(s, depth).tolist() for s in sketch]
+        exact_top = None if exact is None else [metrics.top_k(s, depth) for s in exact]
+        for i, query in enumerate(report.queries):
+            for k in self.config.ks:
+                query.fidelity[f"ann_recall@{k}"] = metrics.top_k_recall(
+                    sketch_top[i], index_run.rows[i], k
+                )
+                if exact_top is not None:
+                    query.fidelity[f"sketch_recall@{k}"] = metrics.top_k_recall(
+                        exact_top[i], sketch_top[i], k
+                    )
+                    query.fidelity[f"end_to_end_recall@{k}"] = metrics.top_k_recall(
+                        exact_top[i], index_run.rows[i], k
+                    )
+            if exact is not None:
+                query.fidelity["spearman"] = metrics.spearman(sketch[i], exact[i])
+        names = sorted({name for q in report.queries for name in q.fidelity})
+        report.fidelity = {n: metrics.mean(q.fidelity[n] for q in report.queries) for n in names}
+        report.fidelity_curves["ann"] = _recall_curve(sketch_top, index_run.rows, depth)
+        if exact_top is not None:
+            report.fidelity_curves["sketch"] = _recall_curve(exact_top, sketch_top, depth)
+
+
+def evaluate(config: EvalConfig) -> EvalReport:
+    """Run every requested method on the queries and measure fidelity and fact tracing."""
+    engine = QueryEngine.open(config.index, device=config.device, version=config.version)
+    try:
+        return _Session(config, engine).run()
+    finally:
+        engine.close()
+
+
+def render_table(report: EvalReport) -> str:
+    """The report as terminal text: per-query lines, then the means and each method's time."""
+    methods = list(report.methods)
+    fidelity_names = list(report.fidelity)
+    lines = [
+        f"index {report.index} version {report.version}: {report.n_examples} examples, dim "
+        f"{report.dim}, score {report.score_kind}, faiss {report.faiss_factory}",
+        f"{report.n_queries} queries ({report.n_with_gold} with gold); index retrieves "
+        f"top-{report.depth} (first gold rank '-' = not found)",
+        "",
+        _row(["query", *fidelity_names, *(f"rank:{m}" for m in methods)]),
+    ]
+    for q in report.queries:
+        ranks = [_fmt(q.first_gold_rank.get(m)) for m in methods]
+        lines.append(_row([q.id, *(_fmt(q.fidelity.get(n)) for n in fidelity_names), *ranks]))
+    lines += ["", "fidelity (mean over queries)"]
+    lines += [f"  {name:<24} {_fmt(value)}" for name, value in report.fidelity.items()]
+    fact_names = sorted({n for m in report.methods.values() for n in m.fact}, key=_metric_order)
+    lines += ["", _row(["method", *fact_names, "seconds", "s/query"])]
+    for name, method in report.methods.items():
+        values = [_fmt(method.fact.get(n)) for n in fact_names]
+        lines.append(
+            _row([name, *values, f"{method.seconds:.2f}", f"{method.seconds_per_query:.4f}"])
+        )
+    return "\n".join(lines)
+
+
+def _metric_order(name: str) -> tuple[int, str]:
+    """recall@1 < recall@10 < mrr."""
+    if name.startswith("recall@"):
+        return int(name.split("@")[1]), name
+    return 1 << 30, name
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
+def _row(cells: list[str]) -> str:
+    return f"{cells[0]:<24}" + "".join(f"{c:>20}" for c in cells[1:])
+
+
+def render_json(report: EvalReport) -> str:
+    return json.dumps(report.to_dict(), indent=2)
+
+
+SCATTER_PER_PAGE = 16
+
+
+def write_plots(report: EvalReport, directory: Path) -> list[Path]:
+    """PNG figures: index vs exact scatter per query, fact-tracing and fidelity recall@k curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [_plot_fact_recall(report, directory / "fact-recall.png")]
+    if report.fidelity_curves:
+        paths.append(_plot_fidelity_recall(report, directory / "fidelity-recall.png"))
+    if "exact" in report.scores and "index-sketch" in report.scores:
+        paths += _plot_scatter(report, directory)
+    return paths
+
+
+def _plot_fact_recall(report: EvalReport, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ks = range(1, report.depth + 1)
+    gold = [q for q in report.queries if q.has_gold]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in report.methods:
+        ranks = [q.first_gold_rank[method] for q in gold]
+        curve = [metrics.mean(metrics.recall_at_k(r, k) for r in ranks) for k in ks]
+        ax.plot(list(ks), curve, label=method)
+    ax.set(
+        xscale="log",
+        xlabel="k (documents)",
+        ylabel="recall@k of first gold document",
+        title=f"fact tracing, {report.n_with_gold} queries",
+        ylim=(0, 1.02),
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_fidelity_recall(report: EvalReport, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    labels = {
+        "sketch": "exact top-k in stored sketches' top-k",
+        "ann": "flat-sketch top-k in FAISS top-k",
+    }
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in report.fidelity_curves.items():
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=labels[name])
+    ax.set(
+        xscale="log",
+        xlabel="k (examples)",
+        ylabel="recall",
+        ylim=(0, 1.02),
+        title=f"fidelity, {report.n_queries} queries",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_scatter(report: EvalReport, directory: Path) -> list[Path]:
+    """Index (stored sketch) score vs exact score, one panel per query, 16 panels a page."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for page, start in enumerate(range(0, report.n_queries, SCATTER_PER_PAGE), start=1):
+        indices = range(start, min(start + SCATTER_PER_PAGE, report.n_queries))
+        fig, axes = plt.subplots(4, 4, figsize=(14, 13), squeeze=False)
+        for ax, i in zip(axes.flat, indices, strict=False):
+            query = report.queries[i]
+            ax.scatter(report.scores["exact"][i], report.scores["index-sketch"][i], s=3, alpha=0.4)
+            rho = query.fidelity.get("spearman", math.nan)
+            ax.set_title(f"{query.id} (ρ={rho:.3f})", fontsize=9)
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[len(indices) :]:
+            ax.axis("off")
+        fig.supxlabel(f"exact EK-FAC {report.score_kind}")
+        fig.supylabel(f"index {report.score_kind}")
+        fig.tight_layout()
+        path = directory / f"scatter-{page}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _baseline_list(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown baseline {unknown[0]!r} (choose from {', '.join(BASELINES)})"
+        )
+    return names
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", type=Path, required=True, help="index ROOT")
+    parser.add_argument(
+        "--queries", type=Path, required=True, help="JSONL: id, prompt, completion, gold"
+    )
+    parser.add_argument("--version", help="a version id (default: CURRENT)")
+    parser.add_argument(
+        "--exact", action="store_true", help="compare with exact EK-FAC (small models)"
+    )
+    parser.add_argument(
+        "--baselines",
+        type=_baseline_list,
+        default=(),
+        help="comma list of: " + ", ".join(BASELINES),
+    )
+    parser.add_argument(
+        "-k",
+        "--k",
+        dest="ks",
+        type=_int_list,
+        default=(10, 100),
+        help="fidelity ks (default 10,100)",
+    )
+    parser.add_argument(
+        "--fact-k",
+        dest="fact_ks",
+        type=_int_list,
+        default=(1, 10),
+        help="fact-tracing ks (default 1,10)",
+    )
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG figures into DIR")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--data", help="corpus path or glob, if it moved since the build")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per pass batch")
+    parser.add_argument("--memory-limit-gb", type=float, default=DEFAULT_MEMORY_LIMIT / 2**30)
+    parser.add_argument("--device", default="cpu")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    config = EvalConfig(
+        index=args.index,
+        queries=tuple(read_queries(args.queries)),
+        exact=args.exact,
+        baselines=args.baselines,
+        ks=args.ks,
+        fact_ks=args.fact_ks,
+        version=args.version,
+        data=args.data,
+        batch_size=args.batch_size,
+        memory_limit_bytes=int(args.memory_limit_gb * 2**30),
+        device=args.device,
+        progress=not args.quiet,
+    )
+    report = evaluate(config)
+    plots = write_plots(report, args.plot) if args.plot else []
+    if args.json:
+        print(json.dumps({**report.to_dict(), "plots": [str(p) for p in plots]}, indent=2))
+    else:
+        print(render_table(report))
+        for path in plots:
+            print(f"wrote {path}")
+    return 0

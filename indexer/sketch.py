@@ -1,0 +1,194 @@
+"""Gradient sketches from forward/backward hooks: `S = sum_t (P g_t)(R a_t)^T` per module.
+
+No per-example weight gradient is ever materialised (unless P and R are the identity, which is
+exactly what the exact reference scorer asks for). The same code serves the build and queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from indexer.model import module_shape
+
+IGNORE = -100
+LabelMode = Literal["data", "sampled"]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Gaussian `P [r_out, d_out]` and `R [r_in, d_in]`; None stands for the identity."""
+
+    P: Tensor | None
+    R: Tensor | None
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed that depends only on its parts (Python's hash() is salted per process)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def gaussian_projection(name: str, module: nn.Module, rank_in: int, rank_out: int, seed: int):
+    """Projection for one module, seeded by (seed, name), scaled to preserve inner products."""
+    shape = module_shape(module)
+    generator = torch.Generator().manual_seed(stable_seed(seed, name))
+    P = torch.randn(rank_out, shape.d_out, generator=generator) / rank_out**0.5
+    R = torch.randn(rank_in, shape.d_in, generator=generator) / rank_in**0.5
+    return Projection(P, R)
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch; `targets[b, t]` is the token predicted at position t-1 (or IGNORE)."""
+
+    input_ids: Tensor  # [batch, tokens]
+    attention_mask: Tensor  # [batch, tokens]
+    targets: Tensor  # [batch, tokens]
+    sample_seeds: list[int]  # per example, for labels sampled from the model
+
+    @property
+    def loss_mask(self) -> Tensor:
+        return self.targets != IGNORE
+
+
+def make_batch(
+    sequences: list[list[int]], loss_starts: list[int], pad_id: int, sample_seeds: list[int]
+) -> TokenBatch:
+    """Pad token lists; tokens at positions >= loss_starts[b] carry the loss."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    targets = torch.full_like(input_ids, IGNORE)
+    for b, (seq, start) in enumerate(zip(sequences, loss_starts, strict=True)):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention_mask[b, : len(seq)] = 1
+        targets[b, max(start, 1) : len(seq)] = input_ids[b, max(start, 1) : len(seq)]
+    return TokenBatch(input_ids, attention_mask, targets, sample_seeds)
+
+
+def summed_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-example summed token NLL: logits `[batch, tokens, vocab]` -> `[batch]`."""
+    shifted = logits[:, :-1].float()
+    nll = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        targets[:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    )
+    return nll.view(targets.shape[0], -1).sum(dim=1)
+
+
+@torch.no_grad()
+def sample_targets(logits: Tensor, batch: TokenBatch) -> Tensor:
+    """Targets drawn from the model's own predictive distribution (the true Fisher).
+
+    Each example uses its own generator, so the draw does not depend on batch composition.
+    """
+    targets = batch.targets.clone()
+    probs = torch.softmax(logits[:, :-1].float(), dim=-1).cpu()
+    for b, seed in enumerate(batch.sample_seeds):
+        positions = batch.loss_mask[b, 1:].nonzero().squeeze(1).cpu()
+        if len(positions) == 0:
+            continue
+        generator = torch.Generator().manual_seed(seed)
+        drawn = torch.multinomial(probs[b, positions], 1, generator=generator).squeeze(1)
+        targets[b, positions + 1] = drawn
+    return targets
+
+
+@dataclass
+class Capture:
+    """Per module: projected inputs `a [batch, tokens, r_in]`, output grads `g [.., r_out]`."""
+
+    activations: dict[str, Tensor]
+    gradients: dict[str, Tensor]
+    losses: Tensor  # [batch], the loss that was back-propagated, per example
+    n_tokens: int  # non-padding tokens in the batch
+
+    def sketches(self) -> dict[str, Tensor]:
+        """`S = sum_t g_t a_t^T` per module: `[batch, r_out, r_in]`."""
+        return {
+            name: torch.einsum("bto,bti->boi", self.gradients[name], a)
+            for name, a in self.activations.items()
+        }
+
+
+def _project(x: Tensor, matrix: Tensor | None) -> Tensor:
+    return x if matrix is None else x @ matrix.T
+
+
+class GradientSketcher:
+    """Runs forward/backward passes with hooks on the tracked modules.
+
+    Parameters never get gradients: only activation gradients flow, which is all a sketch needs.
+    """
+
+    def __init__(
+        self, model: nn.Module, modules: dict[str, nn.Module], projections: dict[str, Projection]
+    ):
+        self.model = model
+        self.modules = modules
+        self.projections = projections
+        self.device = next(model.parameters()).device
+
+    @contextmanager
+    def _hooks(self, mask: Tensor, activations: dict, gradients: dict):
+        handles = [
+            self.model.get_input_embeddings().register_forward_hook(
+                lambda _m, _i, out: out.requires_grad_(True)
+            )
+        ]
+        token_mask = mask.unsqueeze(-1).to(torch.float32)
+        for name, module in self.modules.items():
+            handles.append(
+                module.register_forward_hook(
+                    self._forward_hook(name, token_mask, activations, gradients)
+                )
+            )
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _forward_hook(
+        self, name: str, token_mask: Tensor, activations: dict, gradients: dict
+    ) -> Callable:
+        projection = self.projections[name]
+        has_bias = module_shape(self.modules[name]).has_bias
+
+        def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            a = inputs[0].detach().float()
+            if has_bias:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            activations[name] = _project(a, projection.R) * token_mask
+
+            def grad_hook(g: Tensor) -> None:
+                gradients[name] = _project(g.detach().float(), projection.P)
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def run(self, batch: TokenBatch, labels: LabelMode = "data") -> Capture:
+        """One forward and one backward of the summed per-example loss."""
+        activations: dict[str, Tensor] = {}
+        gradients: dict[str, Tensor] = {}
+        input_ids = batch.input_ids.to(self.device)
+        attention_mask = batch.attention_mask.to(self.device)
+        with self._hooks(attention_mask, activations, gradients), torch.enable_grad():
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            targets = batch.targets.to(self.device)
+            if labels == "sampled":
+                targets = sample_targets(logits, batch).to(self.device)
+            losses = summed_nll(logits, targets)
+            losses.sum().backward()
+        return Capture(activations, gradients, losses.detach(), int(batch.attention_mask.sum()))

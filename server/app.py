@@ -1,0 +1,263 @@
+"""The influence server process: gRPC service, health, reflection, reload, metrics, signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from indexer.errors import InvalidInputError
+from influence.v1 import influence_pb2, influence_pb2_grpc
+from server.auth import BearerTokenInterceptor, TlsFiles, load_token, server_credentials
+from server.batching import BatcherConfig, MicroBatcher
+from server.dispatch import Dispatcher, WorkItem
+from server.engine import QueryEngine
+from server.metrics import ServerMetrics
+from server.reload import EngineHolder, EngineOpener, Reloader
+from server.servicer import InfluenceServicer, Served, ServiceLimits
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = influence_pb2.DESCRIPTOR.services_by_name["InfluenceService"].full_name
+
+
+@dataclass
+class ServerConfig:
+    """Everything `influence-index serve` can set. Times in seconds unless named _ms."""
+
+    index_root: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "cpu"
+    model_dir: Path | None = None
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    max_top_k: int = 1000
+    max_queries_per_batch: int = 256
+    max_attribution_examples: int = 32
+    max_workers: int = 64
+    poll_seconds: float = 5.0
+    grace_seconds: float = 10.0
+    auth_token_file: Path | None = None
+    auth_token_env: str | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    metrics_port: int | None = None
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    def tls(self) -> TlsFiles | None:
+        """The TLS files, or None for plaintext; raises InvalidInputError if incomplete."""
+        if self.tls_cert_file is None and self.tls_key_file is None:
+            if self.tls_client_ca_file is not None:
+                raise InvalidInputError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            raise InvalidInputError("TLS needs both --tls-cert and --tls-key")
+        return TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+
+
+def open_engine(
+    root: Path, current: QueryEngine | None, *, device: str, model_dir: Path | None
+) -> QueryEngine:
+    """The default EngineOpener: QueryEngine.open, reusing the served model when it matches."""
+    return QueryEngine.open(root, device=device, model_dir=model_dir, reuse_model_from=current)
+
+
+class InfluenceServer:
+    """One server. start() returns at once; the index loads in the background."""
+
+    def __init__(self, config: ServerConfig, *, opener: EngineOpener | None = None) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self._opener = opener or partial(
+            open_engine, device=config.device, model_dir=config.model_dir
+        )
+        self._holder = EngineHolder()
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._serving = threading.Event()
+        self._stop_requested = threading.Event()
+        self._lock = threading.Lock()
+        self._server: grpc.Server | None = None
+        self._batcher: MicroBatcher[WorkItem, Served] | None = None
+        self._reloader: Reloader | None = None
+        self._port: int | None = None
+        self._metrics_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port (the real one when the config asked for port 0)."""
+        if self._port is None:
+            raise RuntimeError("the server is not started")
+        return self._port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_port
+
+    def start(self) -> None:
+        config = self.config
+        tls = config.tls()
+        token = load_token(config.auth_token_file, config.auth_token_env)
+        if not config.index_root.is_dir():
+            raise InvalidInputError(f"index root {config.index_root} is not a directory")
+        batcher: MicroBatcher[WorkItem, Served] = MicroBatcher(
+            Dispatcher(self._holder, self.metrics),
+            BatcherConfig(config.max_batch_size, config.max_wait_ms, config.max_queue),
+            name="query-batcher",
+        )
+        reloader = Reloader(
+            config.index_root,
+            self._holder,
+            self._opener,
+            poll_seconds=config.poll_seconds,
+            on_swap=self._on_swap,
+            on_failure=self.metrics.reload_failed,
+        )
+        server = self._grpc_server(token, batcher, reloader)
+        try:
+            self._port = self._bind(server, tls)
+        except InvalidInputError:
+            batcher.close()
+            raise
+        self.metrics.track_queue_depth(lambda: batcher.depth)
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        server.start()
+        self._server, self._batcher, self._reloader = server, batcher, reloader
+        if config.metrics_port is not None:
+            self._metrics_port = self.metrics.serve_http(config.host, config.metrics_port)
+        log.info(
+            "listening on %s:%d (tls=%s, auth=%s, metrics port=%s); loading %s",
+            config.host,
+            self._port,
+            tls is not None,
+            token is not None,
+            self._metrics_port,
+            config.index_root,
+        )
+        self._reloader.start()
+
+    def __enter__(self) -> InfluenceServer:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def wait_until_serving(self, timeout_s: float | None = None) -> bool:
+        """Block until an index version is loaded (seconds); False on timeout."""
+        return self._serving.wait(timeout_s)
+
+    def reload(self) -> None:
+        """Check the published version now (what SIGHUP does)."""
+        if self._reloader is not None:
+            self._reloader.request_reload()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting RPCs, let in-flight ones finish within grace_s, release everything."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is None:
+            return
+        grace = self.config.grace_seconds if grace_s is None else grace_s
+        self._health.enter_graceful_shutdown()
+        if self._reloader is not None:
+            self._reloader.stop(timeout_s=grace)
+        server.stop(grace).wait()
+        if self._batcher is not None:
+            self._batcher.close(timeout_s=grace)
+        self._holder.swap(None)
+        self.metrics.stop_http()
+        log.info("stopped")
+
+    def serve_forever(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop gracefully. SIGHUP reloads.
+
+        Must run in the main thread (Python delivers signals there).
+        """
+        handlers = {
+            signal.SIGTERM: self._request_stop,
+            signal.SIGINT: self._request_stop,
+            signal.SIGHUP: self._request_reload,
+        }
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        try:
+            self.start()
+            self._stop_requested.wait()
+            self.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _request_stop(self, signum: int, _frame: FrameType | None) -> None:
+        log.info(
+            "%s: stopping (grace %.1f s)", signal.Signals(signum).name, self.config.grace_seconds
+        )
+        self._stop_requested.set()
+
+    def _request_reload(self, _signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP: checking for a new index version")
+        self.reload()
+
+    def _on_swap(self, version: str) -> None:
+        self.metrics.set_version(version)
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._serving.set()
+
+    def _grpc_server(
+        self, token: str | None, batcher: MicroBatcher[WorkItem, Served], reloader: Reloader
+    ) -> grpc.Server:
+        config = self.config
+        interceptors = []
+        if token is not None:
+            interceptors.append(BearerTokenInterceptor(token, on_denied=self.metrics.count_denied))
+        server = grpc.server(
+            ThreadPoolExecutor(config.max_workers, thread_name_prefix="grpc"),
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+            ],
+            # Beyond this gRPC itself answers RESOURCE_EXHAUSTED, so no queue grows unbounded.
+            maximum_concurrent_rpcs=config.max_workers,
+        )
+        servicer = InfluenceServicer(
+            self._holder,
+            batcher,
+            reloader,
+            ServiceLimits(
+                config.max_top_k, config.max_queries_per_batch, config.max_attribution_examples
+            ),
+            self.metrics,
+        )
+        influence_pb2_grpc.add_InfluenceServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
+
+    def _bind(self, server: grpc.Server, tls: TlsFiles | None) -> int:
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            if tls is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, server_credentials(tls))
+        except RuntimeError as exc:
+            raise InvalidInputError(f"cannot listen on {address}: {exc}") from exc
+        if port == 0:
+            raise InvalidInputError(f"cannot listen on {address}")
+        return port

@@ -1,0 +1,231 @@
+"""Python client of InfluenceService, and renderers of its answers for a terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from influence.v1 import influence_pb2 as pb
+from influence.v1 import influence_pb2_grpc
+from server.auth import read_pem
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# Token shading thresholds, as fractions of the largest |score| among the tokens.
+_STRONG = 0.5
+_VISIBLE = 0.2
+# (raises the completion's probability, strong) -> ANSI style.
+_ANSI = {
+    (True, True): "\x1b[1;30;42m",
+    (True, False): "\x1b[32m",
+    (False, True): "\x1b[1;37;41m",
+    (False, False): "\x1b[31m",
+}
+_ANSI_RESET = "\x1b[0m"
+
+
+def score_kind_value(kind: str | None) -> int:
+    """'influence' / 'cosine' / None (the index's kind) as the proto enum value."""
+    if kind is None:
+        return pb.SCORE_KIND_UNSPECIFIED
+    return pb.ScoreKind.Value(f"SCORE_KIND_{kind.upper()}")
+
+
+def query_request(
+    prompt: str,
+    completion: str,
+    *,
+    top_k: int = 10,
+    score_kind: str | None = None,
+    include_text: bool = True,
+    include_layer_scores: bool = False,
+) -> pb.QueryRequest:
+    return pb.QueryRequest(
+        prompt=prompt,
+        completion=completion,
+        top_k=top_k,
+        score_kind=score_kind_value(score_kind),
+        include_text=include_text,
+        include_layer_scores=include_layer_scores,
+    )
+
+
+class InfluenceClient:
+    """A channel to one server. Errors surface as grpc.RpcError (see .code(), .details()).
+
+    TLS when `tls_ca_file` is given; mutual TLS when a client cert and key are given too.
+    `tls_server_name` overrides the name checked against the server certificate.
+    Timeouts are in seconds.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_ca_file: Path | None = None,
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
+        tls_server_name: str | None = None,
+        timeout_s: float | None = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options: list[tuple[str, str | int]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls_ca_file is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            if tls_server_name is not None:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read_pem(tls_ca_file),
+                private_key=read_pem(tls_key_file) if tls_key_file else None,
+                certificate_chain=read_pem(tls_cert_file) if tls_cert_file else None,
+            )
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stub = influence_pb2_grpc.InfluenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout_s = timeout_s
+
+    def __enter__(self) -> InfluenceClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def query(
+        self,
+        prompt: str,
+        completion: str,
+        *,
+        top_k: int = 10,
+        score_kind: str | None = None,
+        include_text: bool = True,
+        include_layer_scores: bool = False,
+        timeout_s: float | None = None,
+    ) -> pb.QueryResponse:
+        request = query_request(
+            prompt,
+            completion,
+            top_k=top_k,
+            score_kind=score_kind,
+            include_text=include_text,
+            include_layer_scores=include_layer_scores,
+        )
+        return self._stub.Query(request, **self._call_options(timeout_s))
+
+    def query_batch(
+        self,
+        queries: Sequence[tuple[str, str]],
+        *,
+        top_k: int = 10,
+        score_kind: str | None = None,
+        include_text: bool = True,
+        include_layer_scores: bool = False,
+        timeout_s: float | None = None,
+    ) -> pb.QueryBatchResponse:
+        """(prompt, completion) pairs, all with the same options; answers in the same order."""
+        request = pb.QueryBatchRequest(
+            queries=[
+                query_request(
+                    prompt,
+                    completion,
+                    top_k=top_k,
+                    score_kind=score_kind,
+                    include_text=include_text,
+                    include_layer_scores=include_layer_scores,
+                )
+                for prompt, completion in queries
+            ]
+        )
+        return self._stub.QueryBatch(request, **self._call_options(timeout_s))
+
+    def attribute_tokens(
+        self,
+        prompt: str,
+        completion: str,
+        example_ids: Sequence[int],
+        *,
+        timeout_s: float | None = None,
+    ) -> pb.AttributeTokensResponse:
+        request = pb.AttributeTokensRequest(
+            prompt=prompt, completion=completion, example_ids=list(example_ids)
+        )
+        return self._stub.AttributeTokens(request, **self._call_options(timeout_s))
+
+    def info(self, *, timeout_s: float | None = None) -> pb.GetIndexInfoResponse:
+        return self._stub.GetIndexInfo(pb.GetIndexInfoRequest(), **self._call_options(timeout_s))
+
+    def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """'SERVING', 'NOT_SERVING', ... for the server ('') or one service name."""
+        response = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), **self._call_options(timeout_s)
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def _call_options(self, timeout_s: float | None) -> dict[str, object]:
+        return {
+            "timeout": timeout_s if timeout_s is not None else self._timeout_s,
+            "metadata": self._metadata,
+        }
+
+
+def format_query_table(response: pb.QueryResponse, *, excerpt_chars: int = 72) -> str:
+    """Rank, score, doc id (#chunk) and a one-line text excerpt per influence."""
+    t = response.timings
+    lines = [
+        f"index {response.index_version}: {len(response.influences)} influences, "
+        f"{response.n_completion_tokens} completion tokens, {t.total_us / 1000:.1f} ms "
+        f"(gradient {t.gradient_us / 1000:.1f} ms, search {t.search_us / 1000:.1f} ms)"
+    ]
+    docs = [f"{hit.doc_id}#{hit.chunk}" for hit in response.influences]
+    doc_width = max([len("doc id"), *map(len, docs)])
+    lines.append(f"{'rank':>4}  {'score':>10}  {'doc id':<{doc_width}}  text")
+    for rank, (hit, doc) in enumerate(zip(response.influences, docs, strict=True), start=1):
+        excerpt = _excerpt(hit.text, excerpt_chars)
+        lines.append(f"{rank:>4}  {hit.score:>10.4g}  {doc:<{doc_width}}  {excerpt}".rstrip())
+    return "\n".join(lines)
+
+
+def format_token_attribution(attribution: pb.TokenAttribution, *, color: bool = False) -> str:
+    """The training example's text with its influential tokens marked.
+
+    Tokens whose |score| reaches 20% of the largest are marked: coloured (green raises the
+    completion's probability, red lowers it; bold background at 50%) or, without colour,
+    bracketed with their score.
+    """
+    header = (
+        f"example {attribution.example_id} (doc {attribution.doc_id}), "
+        f"total {attribution.total:+.4g}"
+    )
+    peak = max((abs(s) for s in attribution.scores), default=0.0)
+    pieces = [
+        _mark(token, score / peak if peak else 0.0, score, color)
+        for token, score in zip(attribution.tokens, attribution.scores, strict=True)
+    ]
+    return f"{header}\n{''.join(pieces)}"
+
+
+def _mark(token: str, relative: float, score: float, color: bool) -> str:
+    if abs(relative) < _VISIBLE:
+        return token
+    # Leading whitespace stays outside the mark so that words stay separated.
+    word = token.lstrip()
+    space = token[: len(token) - len(word)]
+    if color:
+        return f"{space}{_ANSI[(relative > 0, abs(relative) >= _STRONG)]}{word}{_ANSI_RESET}"
+    return f"{space}[{word} {score:+.2g}]"
+
+
+def _excerpt(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

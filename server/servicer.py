@@ -1,0 +1,289 @@
+"""gRPC InfluenceService: converts messages, queues work on the batcher, maps errors to codes.
+
+No math here: queries run in server.dispatch on the batcher's worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from indexer.errors import InvalidInputError, NotFoundError, ResourceLimitError
+from influence.v1 import influence_pb2 as pb
+from influence.v1 import influence_pb2_grpc
+from server.batching import BatcherClosed, DeadlineExceeded, MicroBatcher, Overloaded
+from server.dispatch import (
+    AttributionWork,
+    QueryOptions,
+    QueryWork,
+    ServedAttribution,
+    ServedQuery,
+    WorkItem,
+)
+from server.engine import Hit, QueryInput, TokenAttribution
+from server.metrics import ServerMetrics
+from server.reload import EngineHolder, NoEngineError, Reloader
+
+if TYPE_CHECKING:
+    from server.engine import IndexInfo
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+Served = ServedQuery | ServedAttribution
+
+SCORE_KINDS = {"influence": pb.SCORE_KIND_INFLUENCE, "cosine": pb.SCORE_KIND_COSINE}
+_KIND_NAMES = {value: name for name, value in SCORE_KINDS.items()}
+
+# gRPC reports "no deadline" as about 2**63 seconds away, beyond what a wait accepts.
+_NO_DEADLINE_S = 1e9
+
+_STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NoEngineError, grpc.StatusCode.UNAVAILABLE),
+    (BatcherClosed, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (futures.CancelledError, grpc.StatusCode.CANCELLED),
+)
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Per-request limits; each violation is INVALID_ARGUMENT naming the limit."""
+
+    max_top_k: int = 1000
+    max_queries_per_batch: int = 256
+    max_attribution_examples: int = 32
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message for an error; unexpected errors are logged, not leaked."""
+    for cls, code in _STATUS_CODES:
+        if isinstance(exc, cls):
+            return code, str(exc) or cls.__name__
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
+
+
+class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
+    def __init__(
+        self,
+        holder: EngineHolder,
+        batcher: MicroBatcher[WorkItem, Served],
+        reloader: Reloader,
+        limits: ServiceLimits,
+        metrics: ServerMetrics,
+    ) -> None:
+        self._holder = holder
+        self._batcher = batcher
+        self._reloader = reloader
+        self._limits = limits
+        self._metrics = metrics
+
+    def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
+        return self._handle("Query", context, lambda: self._query(request, context))
+
+    def QueryBatch(
+        self, request: pb.QueryBatchRequest, context: grpc.ServicerContext
+    ) -> pb.QueryBatchResponse:
+        return self._handle("QueryBatch", context, lambda: self._query_batch(request, context))
+
+    def AttributeTokens(
+        self, request: pb.AttributeTokensRequest, context: grpc.ServicerContext
+    ) -> pb.AttributeTokensResponse:
+        return self._handle("AttributeTokens", context, lambda: self._attribute(request, context))
+
+    def GetIndexInfo(
+        self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetIndexInfoResponse:
+        return self._handle("GetIndexInfo", context, self._info)
+
+    def _handle(self, method: str, context: grpc.ServicerContext, call: Callable[[], M]) -> M:
+        """Run one RPC: record metrics, log one line, turn errors into status codes."""
+        start = time.monotonic()
+        try:
+            response = call()
+        except Exception as exc:
+            code, message = status_for(exc)
+            self._finish(method, code, start, message)
+            context.abort(code, message)
+        self._finish(method, grpc.StatusCode.OK, start, _describe(response))
+        return response
+
+    def _finish(self, method: str, code: grpc.StatusCode, start: float, detail: str) -> None:
+        seconds = time.monotonic() - start
+        self._metrics.observe_request(method, code.name, seconds)
+        log.debug("%s %s total_us=%d %s", method, code.name, seconds * 1e6, detail)
+
+    def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
+        start = time.monotonic()
+        work = self._query_work(request, label="")
+        (served,) = self._run([work], context)
+        return self._query_response(served, work.options, start)
+
+    def _query_batch(
+        self, request: pb.QueryBatchRequest, context: grpc.ServicerContext
+    ) -> pb.QueryBatchResponse:
+        start = time.monotonic()
+        n, limit = len(request.queries), self._limits.max_queries_per_batch
+        if not 1 <= n <= limit:
+            raise InvalidInputError(f"QueryBatch takes 1 to {limit} queries, got {n}")
+        work = [self._query_work(q, label=f"queries[{i}]: ") for i, q in enumerate(request.queries)]
+        served = self._run(work, context)
+        return pb.QueryBatchResponse(
+            responses=[
+                self._query_response(s, w.options, start) for s, w in zip(served, work, strict=True)
+            ]
+        )
+
+    def _attribute(
+        self, request: pb.AttributeTokensRequest, context: grpc.ServicerContext
+    ) -> pb.AttributeTokensResponse:
+        n, limit = len(request.example_ids), self._limits.max_attribution_examples
+        if not 1 <= n <= limit:
+            raise InvalidInputError(f"AttributeTokens takes 1 to {limit} example_ids, got {n}")
+        work = AttributionWork(
+            QueryInput(request.prompt, request.completion), tuple(request.example_ids)
+        )
+        (served,) = self._run([work], context)
+        return pb.AttributeTokensResponse(
+            attributions=[_attribution_message(a) for a in served.attributions],
+            index_version=served.version,
+        )
+
+    def _info(self) -> pb.GetIndexInfoResponse:
+        status = self._reloader.status()
+        fields: dict[str, object] = {
+            "last_reload_error": status.last_error,
+            "pending_version": status.pending_version,
+            "max_top_k": self._limits.max_top_k,
+            "max_queries_per_batch": self._limits.max_queries_per_batch,
+            "max_attribution_examples": self._limits.max_attribution_examples,
+        }
+        engine = self._holder.current
+        if engine is not None:
+            fields.update(_index_fields(engine.info))
+        return pb.GetIndexInfoResponse(**fields)
+
+    def _query_work(self, request: pb.QueryRequest, label: str) -> QueryWork:
+        k, limit = request.top_k, self._limits.max_top_k
+        if not 1 <= k <= limit:
+            raise InvalidInputError(
+                f"{label}top_k must be between 1 and {limit} (the server's --max-top-k), got {k}"
+            )
+        if (
+            request.score_kind != pb.SCORE_KIND_UNSPECIFIED
+            and request.score_kind not in _KIND_NAMES
+        ):
+            raise InvalidInputError(f"{label}unknown score_kind {request.score_kind}")
+        options = QueryOptions(
+            top_k=k,
+            score_kind=_KIND_NAMES.get(request.score_kind),
+            include_text=request.include_text,
+            include_layer_scores=request.include_layer_scores,
+        )
+        return QueryWork(QueryInput(request.prompt, request.completion), options, label)
+
+    def _run(self, work: list[WorkItem], context: grpc.ServicerContext) -> list[Served]:
+        """Queue the items as one job (one batch) and wait for them within the RPC's deadline."""
+        remaining = context.time_remaining()
+        bounded = remaining is not None and remaining < _NO_DEADLINE_S
+        future: futures.Future[list[Served]] = self._batcher.submit(
+            work, deadline=time.monotonic() + remaining if bounded else None
+        )
+        # A cancelled or expired RPC leaves its job in the queue; cancelling the future drops it.
+        context.add_callback(future.cancel)
+        try:
+            return future.result(timeout=remaining if bounded else None)
+        except futures.TimeoutError:
+            raise DeadlineExceeded("deadline passed before the query was answered") from None
+
+    def _query_response(
+        self, served: ServedQuery, options: QueryOptions, start: float
+    ) -> pb.QueryResponse:
+        result = served.result
+        stage_us = {
+            "queue": served.queue_us,
+            "tokenize": result.timings.tokenize_us,
+            "gradient": result.timings.gradient_us,
+            "search": result.timings.search_us,
+            "lookup": result.timings.lookup_us,
+            "total": int((time.monotonic() - start) * 1e6),
+        }
+        self._metrics.observe_stages(stage_us)
+        return pb.QueryResponse(
+            influences=[_influence_message(hit, options) for hit in result.hits[: options.top_k]],
+            index_version=served.version,
+            timings=pb.Timings(**{f"{stage}_us": us for stage, us in stage_us.items()}),
+            n_completion_tokens=result.n_completion_tokens,
+            score_kind=SCORE_KINDS[served.score_kind],
+        )
+
+
+def _index_fields(info: IndexInfo) -> dict[str, object]:
+    return {
+        "serving": True,
+        "version": info.version,
+        "model_path": str(info.model_path),
+        "model_sha256": info.model_sha256,
+        "n_examples": info.n_examples,
+        "dim": info.dim,
+        "score_kind": SCORE_KINDS[info.score_kind],
+        "faiss_factory": info.faiss_factory,
+        "build_time": info.build_time,
+        "tracked_modules": info.tracked_modules,
+        "rank_in": info.rank_in,
+        "rank_out": info.rank_out,
+        "damping": info.damping,
+        "max_length": info.max_length,
+    }
+
+
+def _influence_message(hit: Hit, options: QueryOptions) -> pb.Influence:
+    message = pb.Influence(
+        example_id=hit.example_id,
+        doc_id=hit.doc_id,
+        chunk=hit.chunk,
+        score=hit.score,
+        influence=hit.influence,
+        cosine=hit.cosine,
+    )
+    if options.include_text and hit.text is not None:
+        message.text = hit.text
+    if options.include_layer_scores and hit.layer_scores:
+        message.layer_scores.update(hit.layer_scores)
+    return message
+
+
+def _attribution_message(attribution: TokenAttribution) -> pb.TokenAttribution:
+    return pb.TokenAttribution(
+        example_id=attribution.example_id,
+        doc_id=attribution.doc_id,
+        tokens=attribution.tokens,
+        scores=attribution.scores,
+        total=attribution.total,
+    )
+
+
+def _describe(response: Message) -> str:
+    """Request-log detail: a query's stage timings, or the number of results."""
+    if isinstance(response, pb.QueryResponse):
+        timings = " ".join(
+            f"{f.name}={getattr(response.timings, f.name)}" for f in pb.Timings.DESCRIPTOR.fields
+        )
+        return f"version={response.index_version} k={len(response.influences)} {timings}"
+    if isinstance(response, pb.QueryBatchResponse):
+        return f"queries={len(response.responses)}"
+    if isinstance(response, pb.AttributeTokensResponse):
+        return f"version={response.index_version} examples={len(response.attributions)}"
+    return ""

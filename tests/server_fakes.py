@@ -1,0 +1,164 @@
+"""A deterministic stand-in for QueryEngine, so the gRPC layer is tested in milliseconds."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
+from indexer.publish import read_current
+from server.app import InfluenceServer, ServerConfig
+from server.client import InfluenceClient
+from server.engine import (
+    Hit,
+    IndexInfo,
+    QueryInput,
+    QueryResult,
+    StageTimings,
+    TokenAttribution,
+)
+
+N_EXAMPLES = 100
+MAX_LENGTH = 64
+EXPLODE = "explode"
+"""A completion that makes the fake engine raise an unexpected error."""
+
+INFO = IndexInfo(
+    version="",
+    model_path="/models/fake",
+    model_sha256="0" * 64,
+    n_examples=N_EXAMPLES,
+    dim=8,
+    score_kind="influence",
+    faiss_factory="Flat",
+    build_time="2026-01-01T00:00:00+00:00",
+    tracked_modules=["transformer.h.0.mlp.c_fc"],
+    rank_in=4,
+    rank_out=2,
+    damping=0.1,
+    max_length=MAX_LENGTH,
+)
+
+
+class FakeEngine:
+    """Hits derive from the completion's text; query length is counted in characters."""
+
+    def __init__(self, version: str, *, delay_s: float = 0.0) -> None:
+        self.version = version
+        self.info = replace(INFO, version=version)
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+        self.busy = threading.Event()
+        self.closed = False
+
+    def check_query(self, query: QueryInput) -> None:
+        if not query.completion:
+            raise InvalidInputError("the completion is empty: its tokens carry the query loss")
+        if len(query.prompt) + len(query.completion) > MAX_LENGTH:
+            raise InvalidInputError(
+                f"prompt + completion exceed the context of {MAX_LENGTH} tokens"
+            )
+
+    def query(
+        self,
+        queries: list[QueryInput],
+        *,
+        top_k: int,
+        score_kind: str | None = None,
+        include_text: bool = False,
+        include_layer_scores: bool = False,
+    ) -> list[QueryResult]:
+        assert not self.closed, "query on a closed engine"
+        if (score_kind or self.info.score_kind) != self.info.score_kind:
+            raise InvalidInputError(f"this index ranks by {self.info.score_kind}")
+        self.busy.set()
+        time.sleep(self.delay_s)
+        self.batches.append(len(queries))
+        if any(q.completion == EXPLODE for q in queries):
+            raise RuntimeError("simulated engine bug")
+        timings = StageTimings(tokenize_us=1, gradient_us=2, search_us=3, lookup_us=4)
+        return [
+            QueryResult(
+                self._hits(q, top_k, include_text, include_layer_scores), len(q.completion), timings
+            )
+            for q in queries
+        ]
+
+    def attribute_tokens(self, query: QueryInput, example_ids: list[int]) -> list[TokenAttribution]:
+        unknown = [i for i in example_ids if not 0 <= i < N_EXAMPLES]
+        if unknown:
+            raise NotFoundError(f"unknown example ids: {unknown}")
+        return [
+            TokenAttribution(i, f"doc-{i}", ["The", " cat", " sat"], [0.5, -0.25, 1.0], 1.25)
+            for i in example_ids
+        ]
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _hits(self, query: QueryInput, top_k: int, text: bool, layers: bool) -> list[Hit]:
+        seed = zlib.crc32(f"{query.prompt}|{query.completion}".encode())
+        return [
+            Hit(
+                example_id=(seed + 7 * rank) % N_EXAMPLES,
+                doc_id=f"doc-{(seed + 7 * rank) % N_EXAMPLES}",
+                chunk=0,
+                score=float(top_k - rank),
+                influence=float(top_k - rank),
+                cosine=0.5,
+                text=f"text of example {(seed + 7 * rank) % N_EXAMPLES}" if text else None,
+                layer_scores={"transformer.h.0.mlp.c_fc": float(top_k - rank)} if layers else None,
+            )
+            for rank in range(min(top_k, N_EXAMPLES))
+        ]
+
+
+class FakeOpener:
+    """EngineOpener over fake published versions; a CORRUPT marker fails verification."""
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.engines: list[FakeEngine] = []
+
+    def __call__(self, root: Path, current: FakeEngine | None) -> FakeEngine:
+        version = read_current(root)
+        if version is None:
+            raise NotFoundError(f"no published index in {root}")
+        if (root / "versions" / version / "CORRUPT").exists():
+            raise IndexVerificationError(f"versions/{version}/index.faiss fails its sha256")
+        engine = FakeEngine(version, delay_s=self.delay_s)
+        self.engines.append(engine)
+        return engine
+
+
+def publish(root: Path, version: str, *, corrupt: bool = False) -> None:
+    """Publish a fake version the way the indexer does: new directory, then atomic rename."""
+    directory = root / "versions" / version
+    directory.mkdir(parents=True)
+    if corrupt:
+        (directory / "CORRUPT").touch()
+    (root / "CURRENT.tmp").write_text(version)
+    os.replace(root / "CURRENT.tmp", root / "CURRENT")
+
+
+@contextlib.contextmanager
+def running_server(
+    root: Path, opener: FakeOpener, *, token: str | None = None, **overrides: object
+) -> Iterator[tuple[InfluenceServer, InfluenceClient]]:
+    """A started server on a free port and a client; waits for the index if one is published."""
+    config = ServerConfig(index_root=root, port=0, poll_seconds=0.05, grace_seconds=5.0)
+    server = InfluenceServer(replace(config, **overrides), opener=opener)
+    server.start()
+    try:
+        if read_current(root) is not None:
+            assert server.wait_until_serving(10)
+        with InfluenceClient(f"127.0.0.1:{server.port}", token=token, timeout_s=10) as client:
+            yield server, client
+    finally:
+        server.stop(grace_s=1)

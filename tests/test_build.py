@@ -1,0 +1,177 @@
+"""Build -> publish -> reload round trips, determinism, bad input, and a build killed mid-way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.build import build_index
+from indexer.cli import main
+from indexer.config import BuildConfig, CorpusConfig, SketchConfig, StoreConfig
+from indexer.publish import VERSIONS, read_current, verify_version, version_dir
+from indexer.store import INDEX_FILE, METADATA_FILE, VECTORS_FILE, MetadataReader
+from server.engine import QueryEngine, QueryInput
+from tests.conftest import write_jsonl
+
+
+def tiny_config(model_dir: Path, corpus: Path, out: Path, **store) -> BuildConfig:
+    return BuildConfig(
+        model=model_dir,
+        out=out,
+        corpus=CorpusConfig(str(corpus), max_length=64),
+        sketch=SketchConfig(rank_in=8, rank_out=8),
+        store=StoreConfig(**store),
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, tiny_model_dir, small_corpus_path) -> Path:
+    root = tmp_path_factory.mktemp("index")
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
+    return root
+
+
+def test_round_trip_search_and_metadata(published, small_corpus):
+    path = version_dir(published)
+    manifest = verify_version(path)
+    assert set(manifest["files"]) == {
+        "curvature.safetensors",
+        INDEX_FILE,
+        METADATA_FILE,
+        VECTORS_FILE,
+    }
+    engine = QueryEngine.open(published)
+    n = manifest["counts"]["examples"]
+    assert n > len(small_corpus) == manifest["counts"]["documents"]  # the long doc was chunked
+    assert engine.index.ntotal == engine.metadata.count() == n
+    first = small_corpus[0]
+    words = first["text"].split()
+    result = engine.query([QueryInput(" ".join(words[:4]), " " + words[4])], top_k=5)[0]
+    assert len(result.hits) == 5
+    assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
+    # the index's score is the inner product of the stored vectors
+    record = engine.metadata.lookup([result.hits[0].example_id])[result.hits[0].example_id]
+    q = engine.query_vectors([engine.encode(QueryInput(" ".join(words[:4]), " " + words[4]))])[0]
+    stored = np.asarray(engine.vectors[record.row], dtype=np.float32)
+    assert result.hits[0].score == pytest.approx(float(q @ stored), rel=1e-4)
+    assert record.norm == pytest.approx(float(np.linalg.norm(stored)), rel=1e-2)
+
+
+def test_token_attribution_sums_to_the_score(published):
+    engine = QueryEngine.open(published)
+    query = QueryInput("The market", " was busy")
+    hits = engine.query([query], top_k=3, include_layer_scores=True)[0].hits
+    attributions = engine.attribute_tokens(query, [h.example_id for h in hits])
+    for hit, attribution in zip(hits, attributions, strict=True):
+        assert len(attribution.tokens) == len(attribution.scores)
+        assert attribution.total == pytest.approx(hit.score, rel=2e-2, abs=1e-3)
+        assert sum(hit.layer_scores.values()) == pytest.approx(hit.score, rel=2e-2, abs=1e-3)
+
+
+def test_builds_are_deterministic(tmp_path, published, tiny_model_dir, small_corpus_path):
+    again = tmp_path / "again"
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, again))
+    roots = [published, again]
+    manifests = [verify_version(version_dir(r)) for r in roots]
+    for name in ("curvature.safetensors", VECTORS_FILE, INDEX_FILE):
+        assert manifests[0]["files"][name] == manifests[1]["files"][name], name
+    rows = [
+        MetadataReader(version_dir(r) / METADATA_FILE)._con.execute(
+            'SELECT id, doc_id, chunk, norm, loss FROM examples ORDER BY "row"'
+        ).fetchall()
+        for r in roots
+    ]
+    assert rows[0] == rows[1]
+
+
+def test_cosine_index_and_retention(tmp_path, tiny_model_dir, small_corpus_path):
+    root = tmp_path / "root"
+    for _ in range(2):
+        build_index(tiny_config(tiny_model_dir, small_corpus_path, root, score="cosine",
+                                keep_versions=1))  # fmt: skip
+    versions = sorted(p.name for p in (root / VERSIONS).iterdir())
+    assert len(versions) == 1 and read_current(root) == versions[0]
+    engine = QueryEngine.open(root)
+    hits = engine.query([QueryInput("The market", " was busy")], top_k=4)[0].hits
+    assert all(-1.0 - 1e-3 <= h.score <= 1.0 + 1e-3 and h.score == h.cosine for h in hits)
+
+
+def _snapshot(root: Path) -> tuple[str | None, dict]:
+    current = read_current(root)
+    return current, verify_version(version_dir(root))["files"]
+
+
+def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
+    pickled = tmp / "pickled-model"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((model / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not safetensors")
+    not_a_dir = tmp / "file"
+    not_a_dir.write_text("")
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    dupes = write_jsonl(tmp / "dupes.jsonl", [{"id": 1, "text": "a"}, {"id": 1, "text": "b"}])
+    return {
+        "model directory not found": ["--model", str(tmp / "missing")],
+        "no .safetensors weights": ["--model", str(pickled)],
+        "no Linear/Conv1D modules matching": ["--modules", "^nothing$"],
+        "matches no files": ["--data", str(tmp / "nothing-*.jsonl")],
+        "no column 'body'": ["--text-column", "body"],
+        "corpus is empty": ["--data", str(empty)],
+        "duplicate document id": ["--data", str(dupes)],
+        "exceed module": ["--rank-in", "4096"],
+        "not writable": ["--out", str(not_a_dir / "root")],
+        "invalid FAISS factory": ["--index-factory", "Bogus42"],
+        "--max-length 4096": ["--max-length", "4096"],
+    }
+
+
+def test_bad_input_is_one_line_and_publishes_nothing(
+    tmp_path, published, tiny_model_dir, small_corpus_path, capsys
+):
+    before = _snapshot(published)
+    base = ["build", "--model", str(tiny_model_dir), "--data", str(small_corpus_path),
+            "--out", str(published), "--rank-in", "4", "--rank-out", "4"]  # fmt: skip
+    for message, override in _bad_inputs(tmp_path, tiny_model_dir, small_corpus_path).items():
+        code = main(["--quiet", *base, *override])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, message
+        assert message in err and len(err.splitlines()) == 1, (message, err)
+    assert _snapshot(published) == before
+    assert not list((published / VERSIONS).glob(".staging-*"))
+
+
+def test_killed_build_leaves_current_serving(tmp_path, tiny_model_dir, small_corpus_path):
+    root = tmp_path / "root"
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
+    before = _snapshot(root)
+    big = write_jsonl(tmp_path / "big.jsonl", [
+        {"id": f"{i}", "text": f"Document {i} repeats the market story. " * 8} for i in range(3000)
+    ])  # fmt: skip
+    command = [sys.executable, "-m", "indexer.cli", "--quiet", "build", "--model",
+               str(tiny_model_dir), "--data", str(big), "--out", str(root), "--max-length", "64",
+               "--rank-in", "8", "--rank-out", "8"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list((root / VERSIONS).glob(".staging-*")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert _snapshot(root) == before
+    engine = QueryEngine.open(root)
+    assert engine.version == before[0]
+    assert engine.query([QueryInput("The market", " was busy")], top_k=2)[0].hits
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
+    assert read_current(root) != before[0]
+    assert not list((root / VERSIONS).glob(".staging-*"))

@@ -1,0 +1,88 @@
+"""Corpus reading through DuckDB: formats, globs, chunking, stable ids, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+from transformers import AutoTokenizer
+
+from indexer.config import CorpusConfig
+from indexer.corpus import example_id, load_corpus, special_prefix
+from indexer.errors import InvalidInputError
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_jsonl_csv_and_parquet_read_alike(tmp_path, tokenizer, small_corpus):
+    rows = small_corpus[:5]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    with duckdb.connect() as con:
+        con.execute("CREATE TABLE t (id VARCHAR, text VARCHAR)")
+        con.executemany("INSERT INTO t VALUES (?, ?)", [(r["id"], r["text"]) for r in rows])
+        con.execute(f"COPY t TO '{tmp_path / 'b.parquet'}' (FORMAT parquet)")
+        con.execute(f"COPY t TO '{tmp_path / 'c.csv'}' (HEADER)")
+    loaded = [
+        [
+            (e.example_id, e.doc_id, e.chunk, e.token_ids, e.text, Path(e.source).name)
+            for e in load_corpus(CorpusConfig(str(tmp_path / name)), tokenizer, 64).examples
+        ]
+        for name in ("a.jsonl", "b.parquet", "c.csv")
+    ]
+    assert [e[:5] for e in loaded[0]] == [e[:5] for e in loaded[1]] == [e[:5] for e in loaded[2]]
+    assert list(dict.fromkeys(e[1] for e in loaded[0])) == [r["id"] for r in rows]
+    assert {e[5] for e in loaded[1]} == {"b.parquet"}
+
+
+def test_glob_reads_every_file_in_order(tmp_path, tokenizer, small_corpus):
+    write_jsonl(tmp_path / "part-1.jsonl", small_corpus[2:4])
+    write_jsonl(tmp_path / "part-0.jsonl", small_corpus[:2])
+    corpus = load_corpus(CorpusConfig(str(tmp_path / "part-*.jsonl")), tokenizer, 64)
+    assert list(dict.fromkeys(e.doc_id for e in corpus.examples)) == [
+        r["id"] for r in small_corpus[:4]
+    ]
+
+
+def test_long_documents_are_chunked_not_dropped(tmp_path, tokenizer, small_corpus):
+    longest = max(small_corpus, key=lambda d: len(d["text"]))
+    write_jsonl(tmp_path / "long.jsonl", [longest])
+    examples = load_corpus(CorpusConfig(str(tmp_path / "long.jsonl")), tokenizer, 32).examples
+    body = tokenizer(longest["text"], add_special_tokens=False)["input_ids"]
+    prefix = special_prefix(tokenizer)
+    assert len(examples) > 1
+    assert all(len(e.token_ids) <= 32 and e.token_ids[: len(prefix)] == prefix for e in examples)
+    assert [t for e in examples for t in e.token_ids[len(prefix) :]] == body
+    assert [e.chunk for e in examples] == list(range(len(examples)))
+    assert examples[1].example_id == example_id(longest["id"], 1)
+
+
+def test_empty_texts_are_skipped_and_counted(tmp_path, tokenizer, small_corpus):
+    write_jsonl(tmp_path / "c.jsonl", [*small_corpus[:3], {"id": "blank", "text": "  "}])
+    corpus = load_corpus(CorpusConfig(str(tmp_path / "c.jsonl")), tokenizer, 256)
+    assert (corpus.n_documents, corpus.n_empty_skipped, len(corpus.examples)) == (4, 1, 3)
+
+
+@pytest.mark.parametrize(
+    ("rows", "config_kwargs", "message"),
+    [
+        ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], {}, "duplicate document id 'a'"),
+        ([{"key": "a", "text": "x"}], {}, "no column 'id'"),
+        ([{"id": "a", "body": "x"}], {}, "no column 'text'"),
+        ([{"id": "a", "body": "x"}], {"text_column": "body", "id_column": "nope"}, "'nope'"),
+        ([{"id": "a", "text": ""}], {}, "no non-empty texts"),
+    ],
+)
+def test_bad_corpora_name_the_problem(tmp_path, tokenizer, rows, config_kwargs, message):
+    write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(InvalidInputError, match=message):
+        load_corpus(CorpusConfig(str(tmp_path / "bad.jsonl"), **config_kwargs), tokenizer, 64)
+
+
+def test_path_matching_nothing(tmp_path, tokenizer):
+    with pytest.raises(InvalidInputError, match="matches no files"):
+        load_corpus(CorpusConfig(str(tmp_path / "none-*.jsonl")), tokenizer, 64)

@@ -1,0 +1,80 @@
+"""Ranking metrics on hand-made rankings with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from indexer import metrics
+
+
+def test_top_k_is_best_first_and_breaks_ties_by_row():
+    assert metrics.top_k(np.array([0.5, 2.0, 2.0, -1.0]), 3).tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize(("k", "expected"), [(1, 0.0), (2, 0.5), (3, 2 / 3), (4, 0.5)])
+def test_top_k_recall(k, expected):
+    reference, predicted = [5, 3, 9, 1], [3, 7, 5, 8]
+    assert metrics.top_k_recall(reference, predicted, k) == pytest.approx(expected)
+
+
+def test_top_k_recall_with_short_lists():
+    assert metrics.top_k_recall([4, 2], [2, 9, 4], 10) == 1.0
+    assert metrics.top_k_recall([4, 2], [2], 10) == 0.5
+    assert math.isnan(metrics.top_k_recall([], [1], 10))
+
+
+def test_documents_rank_by_their_best_chunk():
+    scores = np.array([0.1, 0.9, 0.5, 0.7])
+    ranking = metrics.document_ranking(scores, ["a", "b", "a", "c"])
+    assert ranking == ["b", "c", "a"]
+    assert metrics.rank_documents(["x", "y", "x", "z", "y"]) == ["x", "y", "z"]
+
+
+def test_first_gold_rank_recall_and_reciprocal_rank():
+    ranking = ["b", "c", "a", "d"]
+    rank = metrics.first_gold_rank(ranking, {"a", "d"})
+    assert rank == 3
+    assert metrics.recall_at_k(rank, 1) == 0.0
+    assert metrics.recall_at_k(rank, 3) == 1.0
+    assert metrics.reciprocal_rank(rank) == pytest.approx(1 / 3)
+    missing = metrics.first_gold_rank(ranking, {"zz"})
+    assert missing is None
+    assert metrics.recall_at_k(missing, 10) == 0.0
+    assert metrics.reciprocal_rank(missing) == 0.0
+
+
+def test_mean_reciprocal_rank_over_queries():
+    ranks = [1, 3, None]
+    mrr = metrics.mean(metrics.reciprocal_rank(r) for r in ranks)
+    assert mrr == pytest.approx((1 + 1 / 3 + 0) / 3)
+
+
+def test_spearman_with_ties_uses_average_ranks():
+    # ranks of a: [1, 2.5, 2.5, 4]; of b: [1, 3, 2, 4] -> Pearson of ranks = 4.5 / sqrt(4.5 * 5)
+    a = np.array([1.0, 2.0, 2.0, 3.0])
+    b = np.array([10.0, 30.0, 20.0, 40.0])
+    assert metrics.spearman(a, b) == pytest.approx(3 / math.sqrt(10))
+
+
+def test_spearman_ties_on_both_sides_can_cancel():
+    assert metrics.spearman(np.array([1, 1, 2, 2]), np.array([1, 2, 1, 2])) == pytest.approx(0.0)
+
+
+def test_spearman_is_rank_based():
+    a = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert metrics.spearman(a, np.exp(a)) == pytest.approx(1.0)
+    assert metrics.spearman(a, -(a**3)) == pytest.approx(-1.0)
+
+
+def test_spearman_of_a_constant_is_undefined():
+    assert math.isnan(metrics.spearman(np.ones(4), np.arange(4.0)))
+    with pytest.raises(ValueError, match="equal shapes"):
+        metrics.spearman(np.ones(3), np.ones(4))
+
+
+def test_mean_ignores_undefined_values():
+    assert metrics.mean([1.0, math.nan, 0.0]) == 0.5
+    assert math.isnan(metrics.mean([math.nan]))

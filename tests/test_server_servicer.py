@@ -1,0 +1,264 @@
+"""The gRPC layer over a fake engine: a real server on a free port, the real client."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from influence.v1 import influence_pb2 as pb
+from server.client import InfluenceClient, format_query_table, format_token_attribution
+from tests.server_fakes import EXPLODE, MAX_LENGTH, FakeOpener, publish, running_server
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    publish(tmp_path, "v1")
+    return tmp_path
+
+
+def test_query_returns_ranked_influences_with_text_only_when_asked(root: Path) -> None:
+    with running_server(root, FakeOpener()) as (_, client):
+        response = client.query("The cat", " sat", top_k=5, include_layer_scores=True)
+        bare = client.query("The cat", " sat", top_k=3, include_text=False)
+    assert response.index_version == "v1"
+    assert len(response.influences) == 5
+    assert [i.score for i in response.influences] == sorted(
+        (i.score for i in response.influences), reverse=True
+    )
+    assert all(i.text.startswith("text of example") for i in response.influences)
+    assert all(i.layer_scores for i in response.influences)
+    assert response.n_completion_tokens == 4
+    assert response.score_kind == pb.SCORE_KIND_INFLUENCE
+    assert response.timings.gradient_us == 2
+    assert response.timings.total_us >= response.timings.queue_us
+    assert [i.example_id for i in bare.influences] == [
+        i.example_id for i in response.influences[:3]
+    ]
+    assert all(i.text == "" and not i.layer_scores for i in bare.influences)
+    table = format_query_table(response)
+    assert "doc-" in table and "text of example" in table
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"top_k": 0}, "top_k must be between 1 and 50"),
+        ({"top_k": 51}, "--max-top-k"),
+        ({"completion": ""}, "completion is empty"),
+        ({"completion": "x" * (MAX_LENGTH + 1)}, f"context of {MAX_LENGTH} tokens"),
+        ({"score_kind": "cosine"}, "ranks by influence"),
+    ],
+)
+def test_bad_queries_are_invalid_argument(root: Path, kwargs: dict, message: str) -> None:
+    query = {"prompt": "The cat", "completion": " sat", "top_k": 5} | kwargs
+    with running_server(root, FakeOpener(), max_top_k=50) as (_, client):
+        error = rpc_error(lambda: client.query(**query))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+
+
+def test_query_batch_matches_single_queries_in_one_engine_pass(root: Path) -> None:
+    opener = FakeOpener()
+    pairs = [("The cat", " sat"), ("A dog", " ran"), ("", "hello")]
+    with running_server(root, opener) as (_, client):
+        singles = [client.query(p, c, top_k=4) for p, c in pairs]
+        passes_before = len(opener.engines[0].batches)
+        batch = client.query_batch(pairs, top_k=4)
+        assert opener.engines[0].batches[passes_before:] == [3]
+    for single, batched in zip(singles, batch.responses, strict=True):
+        assert list(batched.influences) == list(single.influences)
+        assert batched.index_version == single.index_version
+
+
+def test_query_batch_errors_name_the_query_and_the_limit(root: Path) -> None:
+    with running_server(root, FakeOpener(), max_queries_per_batch=2) as (_, client):
+        bad = rpc_error(lambda: client.query_batch([("a", " b"), ("c", "")]))
+        too_many = rpc_error(lambda: client.query_batch([("a", " b")] * 3))
+        empty = rpc_error(lambda: client.query_batch([]))
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad.details().startswith("queries[1]: ")
+    assert too_many.code() == empty.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1 to 2 queries" in too_many.details()
+
+
+def test_attribute_tokens_and_unknown_ids(root: Path) -> None:
+    with running_server(root, FakeOpener(), max_attribution_examples=3) as (_, client):
+        response = client.attribute_tokens("The cat", " sat", [4, 2])
+        unknown = rpc_error(lambda: client.attribute_tokens("The cat", " sat", [4, 1000]))
+        too_many = rpc_error(lambda: client.attribute_tokens("The cat", " sat", [1, 2, 3, 4]))
+    assert [a.example_id for a in response.attributions] == [4, 2]
+    assert list(response.attributions[0].tokens) == ["The", " cat", " sat"]
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND and "1000" in unknown.details()
+    assert too_many.code() == grpc.StatusCode.INVALID_ARGUMENT
+    plain = format_token_attribution(response.attributions[0])
+    assert "[The +0.5]" in plain and "[cat -0.25]" in plain and " [sat +1]" in plain
+    assert "\x1b[" in format_token_attribution(response.attributions[0], color=True)
+
+
+def test_engine_bug_is_internal_without_traceback_and_spares_other_jobs(root: Path) -> None:
+    with running_server(root, FakeOpener()) as (_, client):
+        error = rpc_error(lambda: client.query("The cat", EXPLODE))
+        assert client.query("The cat", " sat").influences
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "Traceback" not in error.details() and "simulated" not in error.details()
+
+
+def test_concurrent_queries_share_forward_backward_passes(root: Path) -> None:
+    opener = FakeOpener(delay_s=0.02)
+    with running_server(root, opener, max_wait_ms=20) as (_, client), ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda i: client.query(f"q{i}", " a", top_k=2), range(32)))
+    assert all(r.influences for r in responses)
+    batches = opener.engines[0].batches
+    assert sum(batches) == 32 and max(batches) > 1
+
+
+def test_full_queue_is_resource_exhausted(root: Path) -> None:
+    opener = FakeOpener(delay_s=0.3)
+    limits = {"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 2}
+    with running_server(root, opener, **limits) as (_, client), ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda i: _code_of(lambda: client.query(f"q{i}", " a")), range(8)))
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes
+    assert grpc.StatusCode.OK in outcomes
+    assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def test_deadline_passed_while_queued_is_not_computed(root: Path) -> None:
+    opener = FakeOpener(delay_s=0.4)
+    with running_server(root, opener, max_batch_size=1, max_wait_ms=0) as (_, client):
+        engine = opener.engines[0]
+        slow = threading.Thread(target=lambda: client.query("first", " a"))
+        slow.start()
+        assert engine.busy.wait(5)
+        error = rpc_error(lambda: client.query("second", " b", timeout_s=0.1))
+        slow.join()
+        time.sleep(0.1)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert engine.batches == [1]
+
+
+def test_no_index_is_unavailable_until_one_is_published(tmp_path: Path) -> None:
+    with running_server(tmp_path, FakeOpener()) as (server, client):
+        wait_for(lambda: client.info().last_reload_error != "")
+        assert client.health() == "NOT_SERVING"
+        error = rpc_error(lambda: client.query("The cat", " sat"))
+        info = client.info()
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert not info.serving and "CURRENT" in info.last_reload_error
+        publish(tmp_path, "v1")
+        server.reload()
+        assert server.wait_until_serving(5)
+        assert client.health() == "SERVING"
+        assert client.health("influence.v1.InfluenceService") == "SERVING"
+        info = client.info()
+    assert info.serving and info.version == "v1" and info.last_reload_error == ""
+    assert info.max_length == MAX_LENGTH and list(info.tracked_modules)
+
+
+def test_hot_reload_under_load_switches_version_without_failures(root: Path) -> None:
+    opener = FakeOpener(delay_s=0.005)
+    stop = threading.Event()
+    seen: list[list[str]] = [[] for _ in range(8)]
+    failures: list[BaseException] = []
+
+    def hammer(client: InfluenceClient, log: list[str]) -> None:
+        while not stop.is_set():
+            try:
+                log.append(client.query("The cat", " sat", top_k=3).index_version)
+            except grpc.RpcError as exc:
+                failures.append(exc)
+
+    with running_server(root, opener) as (_, client):
+        threads = [threading.Thread(target=hammer, args=(client, log)) for log in seen]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: all(len(log) >= 3 for log in seen))
+        publish(root, "v2")
+        wait_for(lambda: all(log and log[-1] == "v2" for log in seen))
+        stop.set()
+        for thread in threads:
+            thread.join()
+        wait_for(lambda: opener.engines[0].closed)
+    assert failures == []
+    for log in seen:
+        switch = log.index("v2")
+        assert set(log[:switch]) == {"v1"} and set(log[switch:]) == {"v2"}
+
+
+def test_corrupt_version_is_refused_and_the_old_keeps_serving(root: Path) -> None:
+    with running_server(root, FakeOpener()) as (_, client):
+        publish(root, "v2", corrupt=True)
+        wait_for(lambda: client.info().last_reload_error != "")
+        info = client.info()
+        assert info.version == "v1" and "v2" in info.last_reload_error
+        assert "sha256" in info.last_reload_error
+        assert client.query("The cat", " sat").index_version == "v1"
+        publish(root, "v3")
+        wait_for(lambda: client.info().version == "v3")
+        assert client.info().last_reload_error == ""
+
+
+def test_stop_drains_in_flight_requests_and_reports_not_serving(root: Path) -> None:
+    opener = FakeOpener(delay_s=0.3)
+    with (
+        running_server(root, opener, max_wait_ms=0) as (server, client),
+        ThreadPoolExecutor(5) as pool,
+    ):
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        in_flight = [pool.submit(client.query, f"q{i}", " a") for i in range(4)]
+        assert opener.engines[0].busy.wait(5)
+        time.sleep(0.05)
+        stopping = pool.submit(server.stop, grace_s=5)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # An open Watch stream is in flight too: end it so that stop() need not wait it out.
+        watch.cancel()
+        stopping.result(5)
+        assert all(f.result(0).index_version == "v1" for f in in_flight)
+        assert _code_of(lambda: client.query("late", " a")) == grpc.StatusCode.UNAVAILABLE
+        channel.close()
+    assert opener.engines[0].closed
+
+
+def test_metrics_endpoint(root: Path) -> None:
+    with running_server(root, FakeOpener(), metrics_port=0) as (server, client):
+        client.query("The cat", " sat")
+        rpc_error(lambda: client.query("The cat", ""))
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+    assert 'influence_requests_total{code="OK",method="Query"} 1.0' in text
+    assert 'influence_requests_total{code="INVALID_ARGUMENT",method="Query"} 1.0' in text
+    assert 'influence_stage_seconds_count{stage="gradient"} 1.0' in text
+    assert 'influence_index_info{version="v1"} 1.0' in text
+    assert "influence_queue_depth 0.0" in text
+    assert "influence_batch_size_count" in text
+
+
+def _code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK

@@ -1,0 +1,76 @@
+"""The sketch of one example equals P · G · Rᵀ with G its weight gradient from plain autograd."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from indexer.model import module_shape, tracked_modules
+from indexer.sketch import (
+    GradientSketcher,
+    Projection,
+    gaussian_projection,
+    make_batch,
+    summed_nll,
+)
+from tests.tiny import random_sequences, tiny_gpt2, tiny_llama
+
+
+def autograd_gradients(
+    model, tokens: list[int], loss_start: int = 1, targets: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Weight gradients `[d_out, d_in(+1 bias)]` of every tracked module, from plain autograd.
+
+    The loss is the summed NLL of one unpadded sequence over positions `>= loss_start`,
+    predicting `targets` (default: the sequence itself).
+    """
+    model = copy.deepcopy(model).requires_grad_(True)
+    batch = make_batch([tokens], [loss_start], pad_id=0, sample_seeds=[0])
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    summed_nll(logits, batch.targets if targets is None else targets).sum().backward()
+    gradients = {}
+    for name, module in tracked_modules(model).items():
+        weight = module.weight.grad.T if isinstance(module, Conv1D) else module.weight.grad
+        gradients[name] = (
+            weight if module.bias is None else torch.cat([weight, module.bias.grad[:, None]], 1)
+        )
+    return gradients
+
+
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama], ids=["gpt2-conv1d", "llama-linear"])
+def test_sketch_equals_projected_autograd_gradient_with_padding(make_model):
+    model = make_model()
+    modules = tracked_modules(model)
+    projections = {n: gaussian_projection(n, m, 4, 3, seed=7) for n, m in modules.items()}
+    sequences = random_sequences([9, 5, 12])
+    batch = make_batch(sequences, [1, 1, 1], pad_id=0, sample_seeds=[0, 1, 2])
+    sketches = GradientSketcher(model, modules, projections).run(batch).sketches()
+    for name in modules:
+        P, R = projections[name].P, projections[name].R
+        for b, tokens in enumerate(sequences):
+            expected = P @ autograd_gradients(model, tokens)[name] @ R.T
+            torch.testing.assert_close(sketches[name][b], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_identity_projection_gives_the_full_gradient():
+    model = tiny_gpt2()
+    modules = tracked_modules(model)
+    name = next(iter(modules))
+    projections = {n: Projection(None, None) for n in modules}
+    tokens = random_sequences([7])[0]
+    batch = make_batch([tokens, tokens[:3]], [1, 1], pad_id=0, sample_seeds=[0, 1])
+    sketch = GradientSketcher(model, modules, projections).run(batch).sketches()[name][0]
+    shape = module_shape(modules[name])
+    assert sketch.shape == (shape.d_out, shape.d_in)
+    torch.testing.assert_close(
+        sketch, autograd_gradients(model, tokens)[name], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_default_tracking_skips_embeddings_and_head():
+    names = list(tracked_modules(tiny_gpt2()))
+    assert names and all(n.startswith("transformer.h.") for n in names)
+    assert len(names) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
