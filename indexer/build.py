@@ -150,6 +150,7 @@ def _manifest(
         "corpus": {**asdict(config.corpus), "max_length": state.max_length},
         "score": config.store.score,
         "index_factory": factory,
+        "nprobe": config.store.nprobe,
         "dim": curvature.dim,
         "vectors_stored": config.store.keep_vectors,
         "counts": {

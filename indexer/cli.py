@@ -38,6 +38,7 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank-out", type=int, default=32)
     parser.add_argument("--score", choices=["influence", "cosine"], default="influence")
     parser.add_argument("--index-factory", help="FAISS factory (default: by corpus size)")
+    parser.add_argument("--nprobe", type=int, default=32, help="IVF lists scanned per query")
     parser.add_argument("--no-vectors", action="store_true", help="do not keep vectors.f16")
     parser.add_argument("--keep-versions", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -65,7 +66,13 @@ def _run_build(args: argparse.Namespace) -> int:
         corpus=_corpus_config(args),
         sketch=SketchConfig(args.rank_in, args.rank_out, args.seed, args.modules),
         curvature=_curvature_config(args),
-        store=StoreConfig(args.score, args.index_factory, not args.no_vectors, args.keep_versions),
+        store=StoreConfig(
+            score=args.score,
+            index_factory=args.index_factory,
+            nprobe=args.nprobe,
+            keep_vectors=not args.no_vectors,
+            keep_versions=args.keep_versions,
+        ),
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.quiet,

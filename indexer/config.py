@@ -43,6 +43,7 @@ class StoreConfig:
 
     score: str = "influence"
     index_factory: str | None = None  # None = chosen from the corpus size
+    nprobe: int = 32  # inverted lists scanned per query (IVF indexes only)
     keep_vectors: bool = True  # vectors.f16, for exact rescoring and layer-wise scores
     keep_versions: int = 3
 

@@ -90,17 +90,18 @@ def summed_nll(logits: Tensor, targets: Tensor) -> Tensor:
 def sample_targets(logits: Tensor, batch: TokenBatch) -> Tensor:
     """Targets drawn from the model's own predictive distribution (the true Fisher).
 
-    Each example uses its own generator, so the draw does not depend on batch composition.
+    Inverse-CDF sampling with one uniform stream per example, seeded per example, so a draw
+    does not depend on which batch the example lands in.
     """
-    targets = batch.targets.clone()
-    probs = torch.softmax(logits[:, :-1].float(), dim=-1).cpu()
-    for b, seed in enumerate(batch.sample_seeds):
-        positions = batch.loss_mask[b, 1:].nonzero().squeeze(1).cpu()
-        if len(positions) == 0:
-            continue
-        generator = torch.Generator().manual_seed(seed)
-        drawn = torch.multinomial(probs[b, positions], 1, generator=generator).squeeze(1)
-        targets[b, positions + 1] = drawn
+    width = logits.shape[1] - 1
+    uniforms = torch.stack(
+        [torch.rand(width, generator=torch.Generator().manual_seed(s)) for s in batch.sample_seeds]
+    ).to(logits.device)
+    cdf = torch.softmax(logits[:, :-1].float(), dim=-1).cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, (uniforms * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+    drawn = drawn.clamp(max=logits.shape[-1] - 1)
+    targets = batch.targets.to(logits.device).clone()
+    targets[:, 1:] = torch.where(batch.loss_mask[:, 1:].to(logits.device), drawn, IGNORE)
     return targets
 
 
@@ -188,7 +189,7 @@ class GradientSketcher:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = batch.targets.to(self.device)
             if labels == "sampled":
-                targets = sample_targets(logits, batch).to(self.device)
+                targets = sample_targets(logits, batch)
             losses = summed_nll(logits, targets)
             losses.sum().backward()
         return Capture(activations, gradients, losses.detach(), int(batch.attention_mask.sum()))

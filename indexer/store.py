@@ -22,6 +22,7 @@ MANIFEST_FILE = "manifest.json"
 
 EXACT_INDEX_LIMIT = 50_000  # up to this many examples a flat (exact) index is cheap enough
 ADD_CHUNK_ROWS = 8192
+TRAIN_ROWS_PER_LIST = 40  # k-means training sample per inverted list (FAISS asks for 30-256)
 
 METADATA_SCHEMA = """
 CREATE TABLE examples (
@@ -43,8 +44,17 @@ def default_factory(n_examples: int) -> str:
     """Exact search for small corpora; IVF with 8-bit scalar quantisation beyond that."""
     if n_examples <= EXACT_INDEX_LIMIT:
         return "IDMap,Flat"
-    nlist = int(min(65536, max(64, 4 * math.sqrt(n_examples))))
+    nlist = int(min(65536, max(64, math.sqrt(n_examples))))
     return f"IVF{nlist},SQ8"
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Inverted lists scanned per search; a no-op for indexes without lists."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return
+    ivf.nprobe = min(nprobe, ivf.nlist)
 
 
 def open_vectors(path: Path, n_rows: int, dim: int, mode: str = "r") -> np.memmap:
@@ -69,7 +79,7 @@ def write_faiss(
     except RuntimeError as e:
         raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
     if not index.is_trained:
-        sample = min(n, max(256 * getattr(faiss.extract_index_ivf(index), "nlist", 1), 10_000))
+        sample = min(n, max(TRAIN_ROWS_PER_LIST * faiss.extract_index_ivf(index).nlist, 10_000))
         rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
         index.train(_as_search_vectors(vectors[rows], normalize))
     for start in range(0, n, ADD_CHUNK_ROWS):

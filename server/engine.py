@@ -29,6 +29,7 @@ from indexer.store import (
     ExampleRecord,
     MetadataReader,
     open_vectors,
+    set_nprobe,
 )
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ class QueryEngine:
             raise IndexVerificationError(f"model has no module {missing[0]} that the index tracks")
         curvature = Curvature.load(path / CURVATURE_FILE, device)
         index = faiss.read_index(str(path / INDEX_FILE))
+        set_nprobe(index, manifest["nprobe"])
         vectors = None
         if manifest["vectors_stored"]:
             n = manifest["counts"]["examples"]

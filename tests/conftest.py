@@ -42,3 +42,34 @@ def tiny_model_dir(tmp_path_factory, small_corpus) -> Path:
 @pytest.fixture(scope="session")
 def small_corpus_path(tmp_path_factory, small_corpus) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", small_corpus)
+
+
+@pytest.fixture(scope="session")
+def demo_artifacts():
+    """The bundled demo model, trained once (about 2-3 minutes) and cached in REPO/.cache."""
+    from indexer.demo.train import ensure_demo_model
+
+    return ensure_demo_model(REPO / ".cache" / "demo", progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_index_root(tmp_path_factory, demo_artifacts) -> Path:
+    """A published index of the demo corpus with the default build settings."""
+    from indexer.build import build_index
+    from indexer.config import BuildConfig, CorpusConfig
+
+    root = tmp_path_factory.mktemp("demo-index")
+    config = BuildConfig(
+        model=demo_artifacts.model_dir,
+        out=root,
+        corpus=CorpusConfig(str(demo_artifacts.corpus_path)),
+        progress=False,
+    )
+    build_index(config)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_queries(demo_artifacts) -> list[dict]:
+    lines = demo_artifacts.queries_path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

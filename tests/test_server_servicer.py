@@ -235,7 +235,7 @@ def test_stop_drains_in_flight_requests_and_reports_not_serving(root: Path) -> N
         # An open Watch stream is in flight too: end it so that stop() need not wait it out.
         watch.cancel()
         stopping.result(5)
-        assert all(f.result(0).index_version == "v1" for f in in_flight)
+        assert all(f.result(5).index_version == "v1" for f in in_flight)
         assert _code_of(lambda: client.query("late", " a")) == grpc.StatusCode.UNAVAILABLE
         channel.close()
     assert opener.engines[0].closed

@@ -14,6 +14,7 @@ from indexer.sketch import (
     Projection,
     gaussian_projection,
     make_batch,
+    sample_targets,
     summed_nll,
 )
 from tests.tiny import random_sequences, tiny_gpt2, tiny_llama
@@ -74,3 +75,18 @@ def test_default_tracking_skips_embeddings_and_head():
     names = list(tracked_modules(tiny_gpt2()))
     assert names and all(n.startswith("transformer.h.") for n in names)
     assert len(names) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+
+
+def test_sampled_labels_do_not_depend_on_the_batch():
+    model = tiny_gpt2()
+    sequences = random_sequences([9, 5, 12])
+
+    def draw(rows: list[int]) -> list[list[int]]:
+        batch = make_batch([sequences[r] for r in rows], [1] * len(rows), 0, [10 + r for r in rows])
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        targets = sample_targets(logits, batch)
+        return [targets[b, 1 : len(sequences[r])].tolist() for b, r in enumerate(rows)]
+
+    together = draw([0, 1, 2])
+    assert [draw([r])[0] for r in range(3)] == together
+    assert together[0] != sequences[0][1:]  # drawn from the model, not the data

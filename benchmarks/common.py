@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmark scripts: the demo artefacts, synthetic corpora, RSS, JSON."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+from indexer.demo.corpus import generate_corpus
+from indexer.demo.train import DemoArtifacts, ensure_demo_model
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+
+
+def demo_artifacts() -> DemoArtifacts:
+    return ensure_demo_model(CACHE / "demo", progress=False)
+
+
+def synthetic_corpus(path: Path, n_documents: int) -> Path:
+    """`n_documents` demo-style documents from successive generator seeds, unique ids."""
+    with path.open("w") as f:
+        written, seed = 0, 0
+        while written < n_documents:
+            for doc in generate_corpus(seed=seed).documents:
+                if written == n_documents:
+                    break
+                f.write(json.dumps({"id": f"s{seed}-{doc['id']}", "text": doc["text"]}) + "\n")
+                written += 1
+            seed += 1
+    return path
+
+
+def peak_rss_mib(children: bool = False) -> float:
+    """Peak resident set size in MiB of this process (or of its waited-for children)."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print the result as JSON and, when asked, write it to a file too."""
+    text = json.dumps(result, indent=2)
+    sys.stdout.write(text + "\n")
+    if out is not None:
+        out.write_text(text + "\n")

@@ -1,0 +1,124 @@
+"""`query` command output and exit codes; signals of a served process (fake engine)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from server.client import InfluenceClient
+from server.commands import add_query_arguments, add_serve_arguments, run_query
+from tests.server_fakes import FakeOpener, publish, running_server
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The child serves a fake engine whose passes take 0.3 s, polling CURRENT only every minute
+# so that a version switch can only come from SIGHUP.
+CHILD = """
+import sys
+from pathlib import Path
+from server.app import InfluenceServer, ServerConfig
+from tests.server_fakes import FakeOpener
+config = ServerConfig(Path(sys.argv[1]), port=int(sys.argv[2]), poll_seconds=60, max_wait_ms=0)
+InfluenceServer(config, opener=FakeOpener(delay_s=0.3)).serve_forever()
+"""
+
+
+def query_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_query_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    publish(tmp_path, "v1")
+    return tmp_path
+
+
+def test_query_command_prints_a_table_or_json(root: Path, capsys: pytest.CaptureFixture) -> None:
+    with running_server(root, FakeOpener()) as (server, _):
+        target = f"127.0.0.1:{server.port}"
+        assert run_query(query_args("--target", target, "--completion", " sat", "-k", "3")) == 0
+        table = capsys.readouterr().out
+        assert run_query(query_args("--target", target, "--completion", " sat", "--json")) == 0
+        payload = json.loads(capsys.readouterr().out)
+        assert run_query(query_args("--target", target, "--completion", "", "-k", "3")) == 2
+        captured = capsys.readouterr()
+    assert "index v1" in table and len(table.splitlines()) == 2 + 3
+    assert payload["index_version"] == "v1" and len(payload["influences"]) == 10
+    assert isinstance(payload["influences"][0]["example_id"], int)
+    assert captured.out == ""
+    assert captured.err.startswith("error: INVALID_ARGUMENT: ") and captured.err.count("\n") == 1
+
+
+def test_query_command_without_a_server_fails_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    args = query_args(
+        "--target", f"127.0.0.1:{free_port()}", "--completion", " a", "--timeout", "2"
+    )
+    assert run_query(args) == 1
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+def test_serve_arguments_defaults() -> None:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--index", "/srv/index"])
+    assert (args.host, args.port, args.metrics_port, args.auth_token_file) == (
+        "127.0.0.1",
+        50051,
+        None,
+        None,
+    )
+
+
+def test_sighup_reloads_and_sigterm_drains_then_exits_zero(root: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos")])}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(port)], cwd=REPO, env=env)
+    try:
+        with InfluenceClient(f"127.0.0.1:{port}", timeout_s=10) as client:
+            _wait_serving(client, child)
+            publish(root, "v2")
+            child.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while client.info().version != "v2":
+                assert time.monotonic() < deadline, "SIGHUP did not load v2"
+                time.sleep(0.05)
+            with ThreadPoolExecutor(4) as pool:
+                in_flight = [pool.submit(client.query, f"q{i}", " a") for i in range(4)]
+                time.sleep(0.15)
+                child.send_signal(signal.SIGTERM)
+                assert [f.result().index_version for f in in_flight] == ["v2"] * 4
+        assert child.wait(timeout=10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+def _wait_serving(client: InfluenceClient, child: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 25
+    while True:
+        assert child.poll() is None, "server process exited"
+        with contextlib.suppress(grpc.RpcError):
+            if client.health(timeout_s=1) == "SERVING":
+                return
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.1)
