@@ -97,7 +97,9 @@ class Curvature:
             "damping": {n: m.damping for n, m in self.modules.items()},
         }
         save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, path, {"curvature": json.dumps(meta)}
+            {k: v.contiguous().cpu() for k, v in tensors.items()},
+            path,
+            {"curvature": json.dumps(meta)},
         )
 
     @classmethod

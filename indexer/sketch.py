@@ -36,13 +36,19 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def gaussian_projection(name: str, module: nn.Module, rank_in: int, rank_out: int, seed: int):
-    """Projection for one module, seeded by (seed, name), scaled to preserve inner products."""
+def gaussian_projection(
+    name: str, module: nn.Module, rank_in: int, rank_out: int, seed: int
+) -> Projection:
+    """Projection for one module, seeded by (seed, name), scaled to preserve inner products.
+
+    Drawn on the CPU (the same matrices whatever the device), then moved to the module's.
+    """
     shape = module_shape(module)
+    device = module.weight.device
     generator = torch.Generator().manual_seed(stable_seed(seed, name))
     P = torch.randn(rank_out, shape.d_out, generator=generator) / rank_out**0.5
     R = torch.randn(rank_in, shape.d_in, generator=generator) / rank_in**0.5
-    return Projection(P, R)
+    return Projection(P.to(device), R.to(device))
 
 
 @dataclass

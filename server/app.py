@@ -146,7 +146,7 @@ class InfluenceServer:
             self._metrics_port,
             config.index_root,
         )
-        self._reloader.start()
+        reloader.start()
 
     def __enter__(self) -> InfluenceServer:
         self.start()
@@ -172,9 +172,9 @@ class InfluenceServer:
             return
         grace = self.config.grace_seconds if grace_s is None else grace_s
         self._health.enter_graceful_shutdown()
+        server.stop(grace).wait()
         if self._reloader is not None:
             self._reloader.stop(timeout_s=grace)
-        server.stop(grace).wait()
         if self._batcher is not None:
             self._batcher.close(timeout_s=grace)
         self._holder.swap(None)

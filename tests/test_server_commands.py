@@ -26,8 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 # The child serves a fake engine whose passes take 0.3 s, polling CURRENT only every minute
 # so that a version switch can only come from SIGHUP.
 CHILD = """
+import logging
 import sys
 from pathlib import Path
+logging.basicConfig(level=logging.INFO)
 from server.app import InfluenceServer, ServerConfig
 from tests.server_fakes import FakeOpener
 config = ServerConfig(Path(sys.argv[1]), port=int(sys.argv[2]), poll_seconds=60, max_wait_ms=0)

@@ -284,5 +284,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(fresh_root: Path, demo
 def _serving(client: InfluenceClient, child: subprocess.Popen) -> bool:
     assert child.poll() is None, "the server process exited"
     with contextlib.suppress(grpc.RpcError):
-        return client.health(timeout_s=1) == "SERVING"
+        info = client.info(timeout_s=1)
+        assert not info.last_reload_error, info.last_reload_error
+        return info.serving
     return False
