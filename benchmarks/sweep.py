@@ -1,15 +1,23 @@
 """Fidelity, fact tracing and bytes per example across index settings, on the demo model.
 
-Sweeps rank (in x out per module), score kind, damping and FAISS factory (with nprobe), measuring
-against exact EK-FAC (full space, no projection), which is computed once in a single streaming
-pass and reused by every setting. Also measures the alternative "precondition in the full space
-with the full EK-FAC factors, then project" (`v = P (H+λ)⁻¹ G Rᵀ`, query `P G_q Rᵀ`), which the
-same pass yields for free: `⟨P G_q Rᵀ, P G̃ Rᵀ⟩ = ⟨precondition(PᵀP G_q RᵀR), v_exact⟩`.
+Sweeps the rank (in x out per module), score kind, damping and FAISS factory (with nprobe).
+Everything is measured against exact EK-FAC (full space, no projection), computed once in one
+streaming pass over the corpus and reused by every setting. The same pass also yields the
+alternative "precondition in the full space with the full EK-FAC factors, then project"
+(`v = P (H+λ)⁻¹ G Rᵀ`, query `P G_q Rᵀ`, issue 2), at every rank, since
+`⟨P G_q Rᵀ, P (H+λ)⁻¹G Rᵀ⟩ = ⟨(H+λ)⁻¹ PᵀP G_q RᵀR, G⟩` is linear in the raw gradient `G`.
+
+- rank: one real build per rank (IDMap,Flat), both score kinds from the same vectors (a cosine
+  index stores the same vectors, normalised);
+- damping: derived from the default build: a build with damping d stores
+  `v ⊙ sqrt((Λ+λ₀)/(Λ+λ_d))` (same eigenbases and Λ, only λ differs), up to float16 rounding;
+- FAISS factory: indexes over the default build's stored vectors, written by the build's own
+  `write_faiss`, searched at several nprobe.
 
     .venv/bin/python benchmarks/sweep.py --out benchmarks/results/sweep.json
 
-prints JSON to stdout and writes it to --out. About 10 minutes on 2 CPU cores (the demo model is
-trained first if it is not cached, which takes a few minutes more).
+prints JSON to stdout and writes it to --out. About 10 minutes on 2 CPU cores once the demo
+model is cached (training it first takes a few minutes more).
 """
 
 from __future__ import annotations
@@ -22,46 +30,55 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from indexer import metrics
-from indexer.baselines import ScoreTarget, stream_scores
+from indexer.baselines import ScoreTarget, StreamedScores, flat_gradients, stream_scores
 from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, CurvatureConfig, SketchConfig, StoreConfig
 from indexer.corpus import Example, load_corpus
 from indexer.curvature import Curvature
 from indexer.demo.train import ensure_demo_model
-from indexer.evaluate import QuerySpec, read_queries, sketch_scores
+from indexer.evaluate import QuerySpec, exact_influence_target, read_queries, sketch_scores
 from indexer.exact import ExactConfig, ExactScorer
 from indexer.model import DEFAULT_MAX_LENGTH, LoadedModel, load_model
 from indexer.query import EncodedQuery, encode_query, query_capture
-from indexer.sketch import gaussian_projection
+from indexer.sketch import Capture, gaussian_projection
 from indexer.store import write_faiss
 from server.engine import QueryEngine
 
 log = logging.getLogger("sweep")
 
 REPO = Path(__file__).resolve().parents[1]
+KINDS = ("influence", "cosine")
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     cache_dir: Path
     ranks: tuple[int, ...] = (4, 8, 16, 32, 64)
-    default_rank: int = 32
+    default_rank: int = SketchConfig.rank_in
     dampings: tuple[float, ...] = (0.01, 0.1, 1.0)
-    default_damping: float = 0.1
-    pq_bytes: tuple[int, ...] = (64, 256)  # PQ code sizes (bytes per vector), two of them
-    nprobes: tuple[int, ...] = (1, 4, 16)
-    k: int = 10  # top-k for fidelity recall and fact-tracing recall
-    depth: int = 100  # examples retrieved per query
-    batch_size: int = 16
+    default_damping: float = CurvatureConfig.damping
+    pq_bytes: tuple[int, ...] = (64, 256)  # two PQ code sizes, bytes per vector
+    nprobes: tuple[int, ...] = (1, 4, 16)  # plus nlist (every list)
+    k: int = 10  # fidelity: exact top-k in the top-k; fact tracing: recall@k
+    batch_size: int = 32
     progress: bool = True
+
+    @property
+    def all_ranks(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.ranks, self.default_rank}))
+
+    @property
+    def all_dampings(self) -> tuple[float, ...]:
+        return tuple(sorted({*self.dampings, self.default_damping}))
 
 
 @dataclass
@@ -82,8 +99,8 @@ class Setup:
 
 @dataclass
 class Reference:
-    """Exact EK-FAC scores `[Q, N]` per damping and kind, and the full-space-preconditioned,
-    projected scores per rank (influence kind, default damping)."""
+    """Exact EK-FAC scores `[Q, N]` per damping and kind; full-space-preconditioned, projected
+    scores `[Q, N]` per rank (influence, default damping)."""
 
     exact: dict[float, dict[str, np.ndarray]]
     projected: dict[int, np.ndarray]
@@ -93,7 +110,7 @@ class Reference:
 
 @dataclass
 class Measured:
-    """One setting's numbers: fidelity against exact, fact tracing, size, time."""
+    """One setting: fidelity against exact EK-FAC, fact tracing, size."""
 
     setting: dict
     spearman: float
@@ -129,69 +146,85 @@ def with_damping(curvature: Curvature, factor: float) -> Curvature:
     )
 
 
-def projected_query_vectors(
-    curvature: Curvature, query_gradients: dict[str, Tensor], rank: int, seed: int, named
+def inverse_eigenvalues(curvature: Curvature) -> Tensor:
+    """`1 / (Λ + λ)` of every module, flattened and concatenated: `[D]`."""
+    return torch.cat(
+        [(m.eigvals + m.damping).reciprocal().flatten() for m in curvature.modules.values()]
+    )
+
+
+def rotated_squares(curvature: Curvature, capture: Capture) -> Tensor:
+    """`(U_Bᵀ G U_A)²` of every module, flattened: `[batch, D]`; with `inverse_eigenvalues` as
+    the query, the inner product is an example's squared preconditioned norm."""
+    sketches = capture.sketches()
+    return torch.cat(
+        [m.rotate(sketches[n]).flatten(1).square() for n, m in curvature.modules.items()], dim=1
+    )
+
+
+def projected_fold(
+    curvature: Curvature, query_gradients: dict[str, Tensor], rank: int, named: dict[str, nn.Module]
 ) -> Tensor:
-    """Query-side vectors `[Q, D_full]` whose inner product with an exact example vector is the
-    score of the full-space-preconditioned, projected scheme at `rank`:
-    `⟨P G_q Rᵀ, P (H+λ)⁻¹G Rᵀ⟩ = ⟨precondition(PᵀP G_q RᵀR), precondition(G)⟩`."""
+    """`[Q, D_full]` matrices `M_q = (H+λ)⁻¹ PᵀP G_q RᵀR` with
+    `⟨M_q, G⟩ = ⟨P G_q Rᵀ, P (H+λ)⁻¹G Rᵀ⟩`, with the build's projections at this rank."""
     parts = []
     for name, module in curvature.modules.items():
-        p = gaussian_projection(name, named[name], rank, rank, seed)
+        p = gaussian_projection(name, named[name], rank, rank, SketchConfig.seed)
         folded = p.P.T @ p.P @ query_gradients[name] @ p.R.T @ p.R
-        parts.append(module.precondition(folded))
+        parts.append(module.unrotate(module.precondition(folded)).flatten(1))
     return torch.cat(parts, dim=1)
 
 
 def exact_reference(setup: Setup, config: SweepConfig) -> Reference:
-    """One full-gradient pass for every exact score the sweep compares against."""
+    """Every exact and full-space-projected score of the sweep from one corpus pass."""
     start = time.perf_counter()
-    curvature_config = CurvatureConfig(damping=config.default_damping)
     scorer = ExactScorer(
         setup.loaded,
         setup.examples,
-        ExactConfig(curvature_config, batch_size=config.batch_size, progress=config.progress),
+        ExactConfig(
+            CurvatureConfig(damping=config.default_damping),
+            batch_size=config.batch_size,
+            progress=config.progress,
+        ),
     )
     base = scorer.curvature
     capture = query_capture(scorer.sketcher, setup.encoded, setup.loaded.tokenizer.pad_token_id)
-    query_gradients = capture.sketches()
+    variants = {d: with_damping(base, d) for d in config.all_dampings}
+    queries = {d: v.vectors(capture) for d, v in variants.items()}
     named = dict(setup.loaded.model.named_modules())
-    n_queries = len(setup.queries)
-    projected = [projected_query_vectors(base, query_gradients, r, 0, named) for r in config.ranks]
-    targets = {}
-    for damping in config.dampings:
-        variant = with_damping(base, damping)
-        queries = variant.vectors(capture)
-        if damping == config.default_damping:
-            queries = torch.cat([queries, *projected])
-        targets[str(damping)] = ScoreTarget(variant.vectors, queries)
+    folds = [exact_influence_target(variants[d], queries[d]).queries for d in config.all_dampings]
+    folds += [projected_fold(base, capture.sketches(), r, named) for r in config.all_ranks]
+    targets = {
+        "scores": ScoreTarget(partial(flat_gradients, names=list(base.modules)), torch.cat(folds)),
+        "squared_norms": ScoreTarget(
+            partial(rotated_squares, base),
+            torch.stack([inverse_eigenvalues(variants[d]) for d in config.all_dampings]),
+        ),
+    }
     streamed = stream_scores(scorer.pass_, targets, "exact reference")
-    exact, projected_scores = {}, {}
-    for damping in config.dampings:
-        result = streamed[str(damping)]
-        q = targets[str(damping)].queries[:n_queries]
-        influence = result.dots[:n_queries]
-        cosine = influence / np.maximum(np.outer(q.double().norm(dim=1), result.norms), 1e-30)
-        exact[damping] = {"influence": influence, "cosine": cosine}
-        if damping == config.default_damping:
-            for i, rank in enumerate(config.ranks, start=1):
-                projected_scores[rank] = result.dots[i * n_queries : (i + 1) * n_queries]
-    n_modules = len(base.modules)
-    return Reference(exact, projected_scores, n_modules, time.perf_counter() - start)
+    blocks = np.split(streamed["scores"].dots, len(folds))
+    exact = {}
+    for i, damping in enumerate(config.all_dampings):
+        norms = np.sqrt(np.maximum(streamed["squared_norms"].dots[i], 0.0))
+        scores = StreamedScores(blocks[i], norms)
+        query_norms = queries[damping].double().norm(dim=1).numpy()
+        exact[damping] = {"influence": scores.dots, "cosine": scores.cosine(query_norms)}
+    projected = dict(zip(config.all_ranks, blocks[len(config.all_dampings) :], strict=True))
+    return Reference(exact, projected, len(base.modules), time.perf_counter() - start)
 
 
 def fidelity(scores: np.ndarray, exact: np.ndarray, k: int) -> tuple[float, float]:
-    """Mean Spearman over all examples and mean recall of the exact top-k in the top-k."""
-    spearman = metrics.mean(metrics.spearman(s, e) for s, e in zip(scores, exact, strict=True))
+    """Mean Spearman over all examples, and mean recall of the exact top-k in the top-k."""
+    pairs = list(zip(scores, exact, strict=True))
+    spearman = metrics.mean(metrics.spearman(s, e) for s, e in pairs)
     recall = metrics.mean(
-        metrics.top_k_recall(metrics.top_k(e, k), metrics.top_k(s, k), k)
-        for s, e in zip(scores, exact, strict=True)
+        metrics.top_k_recall(metrics.top_k(e, k), metrics.top_k(s, k), k) for s, e in pairs
     )
     return spearman, recall
 
 
 def fact_recall(rankings: list[list[str]], queries: list[QuerySpec], k: int) -> float:
-    """Mean recall@k of the first gold document over queries that have gold."""
+    """Mean recall@k of the first gold document over the queries that have gold."""
     return metrics.mean(
         metrics.recall_at_k(metrics.first_gold_rank(r, q.gold), k)
         for r, q in zip(rankings, queries, strict=True)
@@ -199,20 +232,35 @@ def fact_recall(rankings: list[list[str]], queries: list[QuerySpec], k: int) -> 
     )
 
 
-def full_scores_fact_recall(scores: np.ndarray, setup: Setup, k: int) -> float:
+def scores_fact_recall(scores: np.ndarray, setup: Setup, k: int) -> float:
+    """Fact recall@k of full score rows `[Q, N]`, documents ranked by their best chunk."""
     rankings = [metrics.document_ranking(s, setup.doc_ids) for s in scores]
     return fact_recall(rankings, setup.queries, k)
 
 
-def build(setup: Setup, out: Path, rank: int, damping: float, config: SweepConfig) -> dict:
-    """Build a flat index with this rank and damping; return the build summary."""
+def measure(
+    setting: dict, scores: np.ndarray, exact: np.ndarray, setup: Setup, k: int, **sizes
+) -> Measured:
+    spearman, recall = fidelity(scores, exact, k)
+    return Measured(setting, spearman, recall, scores_fact_recall(scores, setup, k), **sizes)
+
+
+def in_kinds(streamed: StreamedScores, queries: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "influence": streamed.dots,
+        "cosine": streamed.cosine(np.linalg.norm(queries, axis=1)),
+    }
+
+
+def build(setup: Setup, root: Path, rank: int, config: SweepConfig) -> dict:
+    """A flat index at this rank with the default damping; the build summary."""
     summary = build_index(
         BuildConfig(
             model=setup.model_dir,
-            out=out,
+            out=root,
             corpus=CorpusConfig(str(setup.corpus_path)),
             sketch=SketchConfig(rank_in=rank, rank_out=rank),
-            curvature=CurvatureConfig(damping=damping),
+            curvature=CurvatureConfig(damping=config.default_damping),
             store=StoreConfig(index_factory="IDMap,Flat"),
             batch_size=config.batch_size,
             progress=config.progress,
@@ -221,52 +269,63 @@ def build(setup: Setup, out: Path, rank: int, damping: float, config: SweepConfi
     return summary.to_dict()
 
 
-@dataclass
-class SketchScores:
-    """An index's stored sketches scored exhaustively, in both kinds, and its query vectors."""
-
-    kinds: dict[str, np.ndarray]
-    queries: np.ndarray
-    engine: QueryEngine
-
-
-def score_index(root: Path, setup: Setup) -> SketchScores:
+def measure_rank(
+    setup: Setup, reference: Reference, root: Path, rank: int, config: SweepConfig
+) -> list[Measured]:
+    """Build at `rank`; both score kinds against exact scores of the same kind."""
+    summary = build(setup, root, rank, config)
     engine = QueryEngine.open(root)
     q = engine.query_vectors(setup.encoded)
-    streamed = sketch_scores(engine.vectors, q)
-    kinds = {
-        "influence": streamed.dots,
-        "cosine": streamed.cosine(np.linalg.norm(q, axis=1)),
+    kinds = in_kinds(sketch_scores(engine.vectors, q), q)
+    engine.close()
+    sizes = {
+        "index_bytes_per_example": summary["index_bytes_per_example"],
+        "vectors_bytes_per_example": summary["vectors_bytes_per_example"],
     }
-    return SketchScores(kinds, q, engine)
-
-
-def measure_build(
-    setup: Setup, reference: Reference, root: Path, rank: int, damping: float, config: SweepConfig
-) -> list[Measured]:
-    """Both score kinds of one built index against exact scores of the same damping."""
-    summary = build(setup, root, rank, damping, config)
-    scored = score_index(root, setup)
-    scored.engine.close()
-    rows = []
-    for kind, scores in scored.kinds.items():
-        spearman, recall = fidelity(scores, reference.exact[damping][kind], config.k)
-        rows.append(
-            Measured(
-                setting={"rank": f"{rank}x{rank}", "damping": damping, "score": kind},
-                spearman=spearman,
-                recall=recall,
-                fact_recall=full_scores_fact_recall(scores, setup, config.k),
-                index_bytes_per_example=summary["index_bytes_per_example"],
-                vectors_bytes_per_example=summary["vectors_bytes_per_example"],
-                extra={"dim": summary["dim"], "build_seconds": summary["seconds"]},
-            )
+    return [
+        measure(
+            {"rank": f"{rank}x{rank}", "damping": config.default_damping, "score": kind},
+            scores,
+            reference.exact[config.default_damping][kind],
+            setup,
+            config.k,
+            **sizes,
+            extra={"dim": summary["dim"], "build_seconds": summary["seconds"]},
         )
+        for kind, scores in kinds.items()
+    ]
+
+
+def damping_scale(curvature: Curvature, factor: float) -> np.ndarray:
+    """Per-column `sqrt((Λ+λ₀)/(Λ+λ_d))` turning stored vectors into those of damping d."""
+    other = with_damping(curvature, factor)
+    ratio = inverse_eigenvalues(other) / inverse_eigenvalues(curvature)
+    return ratio.sqrt().numpy()
+
+
+def measure_dampings(
+    setup: Setup, reference: Reference, root: Path, config: SweepConfig
+) -> list[Measured]:
+    """Each damping at the default rank, derived from the default build's vectors."""
+    engine = QueryEngine.open(root)
+    q = engine.query_vectors(setup.encoded)
+    rows = []
+    for damping in config.all_dampings:
+        scale = damping_scale(engine.curvature, damping)
+        kinds = in_kinds(sketch_scores(engine.vectors, q, scale), q * scale)
+        for kind, scores in kinds.items():
+            setting = {
+                "rank": f"{config.default_rank}x{config.default_rank}",
+                "damping": damping,
+                "score": kind,
+            }
+            rows.append(measure(setting, scores, reference.exact[damping][kind], setup, config.k))
+    engine.close()
     return rows
 
 
 def nlist_for(n: int) -> int:
-    """IVF lists for a corpus of n examples: about sqrt(n) (45 for the demo's ~2k examples)."""
+    """IVF lists for n examples: about sqrt(n) (45 for the demo's ~2k examples)."""
     return max(1, round(math.sqrt(n)))
 
 
@@ -286,12 +345,11 @@ class Search:
 
 
 def measure_search(
-    setup: Setup, index: faiss.Index, index_scores: SketchScores, exact: np.ndarray, k: int
+    setup: Setup, index: faiss.Index, q: np.ndarray, flat: np.ndarray, exact: np.ndarray, k: int
 ) -> Search:
-    """FAISS top-`depth` for every query, judged against flat search and against exact."""
-    sketch, depth = index_scores.kinds["influence"], 10 * k
+    """FAISS top-`10k` for every query, judged against flat search and against exact."""
     start = time.perf_counter()
-    _, hits = index.search(np.ascontiguousarray(index_scores.queries), depth)
+    _, hits = index.search(np.ascontiguousarray(q), 10 * k)
     seconds = time.perf_counter() - start
     found = [[int(i) for i in row if i >= 0] for row in hits]
 
@@ -303,10 +361,10 @@ def measure_search(
 
     rankings = [metrics.rank_documents(setup.doc_ids[i] for i in f) for f in found]
     return Search(
-        ann_recall=recall(sketch),
-        recall=recall(exact),
-        fact_recall=fact_recall(rankings, setup.queries, k),
-        ms_per_query=1000 * seconds / len(found),
+        recall(flat),
+        recall(exact),
+        fact_recall(rankings, setup.queries, k),
+        1000 * seconds / len(found),
     )
 
 
@@ -314,23 +372,24 @@ def measure_factories(
     setup: Setup, reference: Reference, root: Path, work: Path, config: SweepConfig
 ) -> list[Measured]:
     """Each FAISS factory over the default build's stored vectors, at each nprobe (influence)."""
-    index_scores = score_index(root, setup)
-    vectors = index_scores.engine.vectors
+    engine = QueryEngine.open(root)
+    vectors, q = engine.vectors, engine.query_vectors(setup.encoded)
+    flat = sketch_scores(vectors, q).dots
+    exact = reference.exact[config.default_damping]["influence"]
     n, dim = vectors.shape
     nlist = nlist_for(n)
-    exact = reference.exact[config.default_damping]["influence"]
     ids = np.arange(n, dtype=np.int64)  # ids = rows, so hits index the corpus directly
     rows = []
     for factory in factories(dim, n, config):
         path = work / f"{factory.replace(',', '_')}.faiss"
         start = time.perf_counter()
         index = write_faiss(vectors, ids, factory, False, path)
-        train_seconds = time.perf_counter() - start
+        build_seconds = time.perf_counter() - start
         ivf = factory.startswith("IVF")
         for nprobe in sorted({*(p for p in config.nprobes if p < nlist), nlist}) if ivf else [None]:
             if nprobe is not None:
                 faiss.extract_index_ivf(index).nprobe = nprobe
-            search = measure_search(setup, index, index_scores, exact, config.k)
+            search = measure_search(setup, index, q, flat, exact, config.k)
             rows.append(
                 Measured(
                     setting={
@@ -343,43 +402,37 @@ def measure_factories(
                     fact_recall=search.fact_recall,
                     index_bytes_per_example=path.stat().st_size / n,
                     extra={
-                        "ann_recall_vs_flat_sketch": search.ann_recall,
+                        "ann_recall_vs_flat": search.ann_recall,
                         "search_ms_per_query": search.ms_per_query,
-                        "train_add_seconds": train_seconds,
+                        "train_add_seconds": build_seconds,
                     },
                 )
             )
-    index_scores.engine.close()
+    engine.close()
     return rows
 
 
 def measure_projected(setup: Setup, reference: Reference, config: SweepConfig) -> list[Measured]:
-    """The full-space-preconditioned, projected alternative, per rank (influence kind)."""
+    """The full-space-preconditioned, projected alternative, per rank (influence)."""
     exact = reference.exact[config.default_damping]["influence"]
-    rows = []
-    for rank, scores in reference.projected.items():
-        spearman, recall = fidelity(scores, exact, config.k)
-        rows.append(
-            Measured(
-                setting={"rank": f"{rank}x{rank}", "scheme": "precondition-full-then-project"},
-                spearman=spearman,
-                recall=recall,
-                fact_recall=full_scores_fact_recall(scores, setup, config.k),
-                vectors_bytes_per_example=2.0 * rank * rank * reference.n_modules,
-            )
+    return [
+        measure(
+            {"rank": f"{rank}x{rank}", "scheme": "precondition-full-then-project"},
+            scores,
+            exact,
+            setup,
+            config.k,
+            vectors_bytes_per_example=2.0 * rank * rank * reference.n_modules,
         )
-    return rows
+        for rank, scores in reference.projected.items()
+    ]
 
 
-def exact_rows(setup: Setup, reference: Reference, config: SweepConfig) -> list[dict]:
+def exact_fact_recall(setup: Setup, reference: Reference, k: int) -> list[dict]:
     """Fact tracing with exact EK-FAC itself, per damping and kind: what the index aims at."""
     return [
-        {
-            "damping": damping,
-            "score": kind,
-            "fact_recall": full_scores_fact_recall(scores, setup, config.k),
-        }
-        for damping, kinds in reference.exact.items()
+        {"damping": d, "score": kind, "fact_recall": scores_fact_recall(scores, setup, k)}
+        for d, kinds in reference.exact.items()
         for kind, scores in kinds.items()
     ]
 
@@ -389,19 +442,15 @@ def run(config: SweepConfig) -> dict:
     setup = load_setup(config)
     reference = exact_reference(setup, config)
     log.info("exact reference: %.1f s", reference.seconds)
-    builds: list[Measured] = []
+    ranks: list[Measured] = []
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
         work = Path(tmp)
-        settings = [(r, config.default_damping) for r in config.ranks] + [
-            (config.default_rank, d) for d in config.dampings if d != config.default_damping
-        ]
-        for rank, damping in settings:
-            log.info("build rank %d, damping %g", rank, damping)
-            root = work / f"r{rank}-d{damping}"
-            builds += measure_build(setup, reference, root, rank, damping, config)
-        default_root = work / f"r{config.default_rank}-d{config.default_damping}"
+        for rank in config.all_ranks:
+            log.info("build at rank %dx%d", rank, rank)
+            ranks += measure_rank(setup, reference, work / f"rank{rank}", rank, config)
+        default_root = work / f"rank{config.default_rank}"
+        dampings = measure_dampings(setup, reference, default_root, config)
         factory_rows = measure_factories(setup, reference, default_root, work, config)
-    projected_rows = measure_projected(setup, reference, config)
     return {
         "setup": {
             "model": str(setup.model_dir),
@@ -409,32 +458,41 @@ def run(config: SweepConfig) -> dict:
             "n_examples": len(setup.examples),
             "n_queries": len(setup.queries),
             "n_with_gold": sum(bool(q.gold) for q in setup.queries),
-            "k": config.k,
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         },
         "exact_reference_seconds": reference.seconds,
-        "exact": exact_rows(setup, reference, config),
-        "builds": [asdict(m) for m in builds],
+        "exact": exact_fact_recall(setup, reference, config.k),
+        "ranks": [asdict(m) for m in ranks],
+        "dampings": [asdict(m) for m in dampings],
         "factories": [asdict(m) for m in factory_rows],
-        "full_space_preconditioned": [asdict(m) for m in projected_rows],
+        "full_space_preconditioned": [
+            asdict(m) for m in measure_projected(setup, reference, config)
+        ],
         "seconds": time.perf_counter() - started,
     }
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
+def _json_safe(value: object) -> object:
+    """NaN (not measured) becomes null, so the output is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
+def _numbers(kind: type):
+    return lambda text: tuple(kind(v) for v in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "demo")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
-    parser.add_argument("--ranks", type=_ints, default=SweepConfig.ranks)
-    parser.add_argument("--dampings", type=_floats, default=SweepConfig.dampings)
+    parser.add_argument("--ranks", type=_numbers(int), default=SweepConfig.ranks)
+    parser.add_argument("--dampings", type=_numbers(float), default=SweepConfig.dampings)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -447,16 +505,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(text + "\n")
     sys.stdout.write(text + "\n")
     return 0
-
-
-def _json_safe(value: object) -> object:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -72,30 +73,29 @@ def stream_scores(
     Only one batch of example vectors exists at a time, never an `[N, D]` matrix.
     """
     n = len(example_pass.examples)
+    queries = {name: t.queries.double() for name, t in targets.items()}
     out = {
-        name: StreamedScores(np.zeros((t.queries.shape[0], n)), np.zeros(n))
-        for name, t in targets.items()
+        name: StreamedScores(np.zeros((q.shape[0], n)), np.zeros(n)) for name, q in queries.items()
     }
     for rows, capture in example_pass.run(list(range(n)), "data", desc):
         for name, target in targets.items():
             vectors = target.vectorize(capture).double()
-            out[name].dots[:, rows] = (target.queries.double() @ vectors.T).numpy()
+            out[name].dots[:, rows] = (queries[name] @ vectors.T).numpy()
             out[name].norms[rows] = vectors.norm(dim=1).numpy()
     return out
 
 
-def flat_gradients(capture: Capture) -> Tensor:
-    """Per-example weight gradients of all tracked modules, flattened: `[batch, D_full]`.
-
-    With identity projections a capture's sketches are the exact weight gradients `G`.
-    """
-    return torch.cat([s.flatten(1) for s in capture.sketches().values()], dim=1)
+def flat_gradients(capture: Capture, names: Sequence[str]) -> Tensor:
+    """Per-example weight gradients of the named modules, flattened in that order:
+    `[batch, D_full]`. With identity projections a capture's sketches are the gradients `G`."""
+    sketches = capture.sketches()
+    return torch.cat([sketches[name].flatten(1) for name in names], dim=1)
 
 
 @dataclass(frozen=True)
 class GradientCosineConfig:
     modules: str | None = None  # the index's module pattern, so both track the same weights
-    batch_size: int = 8
+    batch_size: int = 32
     progress: bool = False
 
 
@@ -117,7 +117,8 @@ class GradientCosine:
 
     def score(self, queries: list[EncodedQuery]) -> np.ndarray:
         """Cosine similarities `[n_queries, N]`."""
-        q = flat_gradients(query_capture(self.sketcher, queries, self.pad_id))
-        target = ScoreTarget(flat_gradients, q)
+        names = list(self.sketcher.modules)
+        q = flat_gradients(query_capture(self.sketcher, queries, self.pad_id), names)
+        target = ScoreTarget(partial(flat_gradients, names=names), q)
         streamed = stream_scores(self.pass_, {"cosine": target}, "gradient cosine")["cosine"]
         return streamed.cosine(q.double().norm(dim=1).numpy())

@@ -18,10 +18,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from indexer import metrics
 from indexer.baselines import (
@@ -30,10 +33,12 @@ from indexer.baselines import (
     GradientCosineConfig,
     ScoreTarget,
     StreamedScores,
+    flat_gradients,
     stream_scores,
 )
 from indexer.config import CorpusConfig, CurvatureConfig
 from indexer.corpus import Example, load_corpus
+from indexer.curvature import Curvature
 from indexer.errors import InvalidInputError
 from indexer.exact import DEFAULT_MEMORY_LIMIT, ExactConfig, ExactScorer
 from indexer.query import EncodedQuery, query_vectors
@@ -107,7 +112,7 @@ class EvalConfig:
     fact_ks: tuple[int, ...] = (1, 10)  # fact tracing: recall@k of the first gold document
     version: str | None = None
     data: str | None = None  # corpus location, when it moved since the build
-    batch_size: int = 8
+    batch_size: int = 32
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT
     device: str = "cpu"
     progress: bool = True
@@ -147,6 +152,7 @@ class EvalReport:
     n_examples: int
     dim: int
     depth: int
+    ks: list[int]
     n_queries: int
     n_with_gold: int
     fidelity: dict[str, float] = field(default_factory=dict)
@@ -172,14 +178,22 @@ def _json_safe(value: object) -> object:
     return value
 
 
-def sketch_scores(vectors: np.ndarray, queries: np.ndarray) -> StreamedScores:
+def sketch_scores(
+    vectors: np.ndarray, queries: np.ndarray, column_scale: np.ndarray | None = None
+) -> StreamedScores:
     """Exhaustive inner products of `queries [Q, D]` with the stored `vectors [N, D]` (float16,
-    read in chunks) and the vectors' norms, i.e. what a flat index over the stored sketches
-    computes."""
+    read in chunks) and the vectors' norms: what a flat index over the stored sketches computes.
+
+    `column_scale [D]`, if given, multiplies the columns of both sides first.
+    """
     n = vectors.shape[0]
+    if column_scale is not None:
+        queries = queries * column_scale
     dots, norms = np.zeros((queries.shape[0], n)), np.zeros(n)
     for start in range(0, n, SCORE_CHUNK_ROWS):
         block = np.asarray(vectors[start : start + SCORE_CHUNK_ROWS], dtype=np.float32)
+        if column_scale is not None:
+            block = block * column_scale
         dots[:, start : start + len(block)] = queries @ block.T
         norms[start : start + len(block)] = np.linalg.norm(block, axis=1)
     return StreamedScores(dots, norms)
@@ -188,6 +202,18 @@ def sketch_scores(vectors: np.ndarray, queries: np.ndarray) -> StreamedScores:
 def in_kind(streamed: StreamedScores, query_norms: np.ndarray, kind: str) -> np.ndarray:
     """Scores `[Q, N]` in the index's score kind: raw influence or cosine."""
     return streamed.dots if kind == "influence" else streamed.cosine(query_norms)
+
+
+def exact_influence_target(curvature: Curvature, queries: Tensor) -> ScoreTarget:
+    """Exact influence as inner products with the raw full gradients `G_n`.
+
+    `⟨q, precondition(G_n)⟩ = ⟨unrotate(q), G_n⟩`, so folding the preconditioning into the
+    queries `[Q, D]` (once) spares rotating every example's gradient (several times cheaper).
+    """
+    slices = curvature.layer_slices()
+    folded = [m.unrotate(queries[:, slices[n]]).flatten(1) for n, m in curvature.modules.items()]
+    names = list(curvature.modules)
+    return ScoreTarget(partial(flat_gradients, names=names), torch.cat(folded, dim=1))
 
 
 def matching_corpus(engine: QueryEngine, data: str | None) -> list[Example]:
@@ -247,6 +273,7 @@ class _Session:
             n_examples=engine.info.n_examples,
             dim=engine.info.dim,
             depth=config.depth,
+            ks=list(config.ks),
             n_queries=len(self.queries),
             n_with_gold=sum(bool(q.gold) for q in self.queries),
             queries=[QueryReport(q.id, bool(q.gold)) for q in self.queries],
@@ -326,9 +353,11 @@ class _Session:
         )
         curvature = scorer.curvature
         q = query_vectors(scorer.sketcher, curvature, self.encoded, self.engine.pad_id)
-        # The scorer's own pass, plus the example norms that the cosine kind needs.
-        target = {"exact": ScoreTarget(curvature.vectors, q)}
-        streamed = stream_scores(scorer.pass_, target, "exact EK-FAC")["exact"]
+        if self.report.score_kind == "influence":
+            target = exact_influence_target(curvature, q)
+        else:  # cosine needs every example's preconditioned norm, so precondition each one
+            target = ScoreTarget(curvature.vectors, q)
+        streamed = stream_scores(scorer.pass_, {"exact": target}, "exact EK-FAC")["exact"]
         return in_kind(streamed, q.double().norm(dim=1).numpy(), self.report.score_kind)
 
     def _baseline(self, name: str, examples: list[Example]) -> np.ndarray:
@@ -406,28 +435,54 @@ def evaluate(config: EvalConfig) -> EvalReport:
 def render_table(report: EvalReport) -> str:
     """The report as terminal text: per-query lines, then the means and each method's time."""
     methods = list(report.methods)
-    fidelity_names = list(report.fidelity)
-    lines = [
-        f"index {report.index} version {report.version}: {report.n_examples} examples, dim "
-        f"{report.dim}, score {report.score_kind}, faiss {report.faiss_factory}",
-        f"{report.n_queries} queries ({report.n_with_gold} with gold); index retrieves "
-        f"top-{report.depth} (first gold rank '-' = not found)",
-        "",
-        _row(["query", *fidelity_names, *(f"rank:{m}" for m in methods)]),
+    k = min(report.ks)
+    per_query = [
+        n for n in ("spearman", f"sketch_recall@{k}", f"ann_recall@{k}") if n in report.fidelity
     ]
-    for q in report.queries:
-        ranks = [_fmt(q.first_gold_rank.get(m)) for m in methods]
-        lines.append(_row([q.id, *(_fmt(q.fidelity.get(n)) for n in fidelity_names), *ranks]))
-    lines += ["", "fidelity (mean over queries)"]
-    lines += [f"  {name:<24} {_fmt(value)}" for name, value in report.fidelity.items()]
+    rows = [
+        [
+            q.id,
+            *(_fmt(q.fidelity.get(n)) for n in per_query),
+            *(_fmt(q.first_gold_rank.get(m)) for m in methods),
+        ]
+        for q in report.queries
+    ]
     fact_names = sorted({n for m in report.methods.values() for n in m.fact}, key=_metric_order)
-    lines += ["", _row(["method", *fact_names, "seconds", "s/query"])]
-    for name, method in report.methods.items():
-        values = [_fmt(method.fact.get(n)) for n in fact_names]
-        lines.append(
-            _row([name, *values, f"{method.seconds:.2f}", f"{method.seconds_per_query:.4f}"])
-        )
-    return "\n".join(lines)
+    method_rows = [
+        [
+            name,
+            *(_fmt(m.fact.get(n)) for n in fact_names),
+            f"{m.seconds:.2f}",
+            f"{m.seconds_per_query:.4f}",
+        ]
+        for name, m in report.methods.items()
+    ]
+    return "\n".join(
+        [
+            f"index {report.index} version {report.version}: {report.n_examples} examples, "
+            f"dim {report.dim}, score {report.score_kind}, faiss {report.faiss_factory}",
+            f"{report.n_queries} queries ({report.n_with_gold} with gold); the index retrieves "
+            f"the top {report.depth} examples; rank = first gold document's rank, - = not found",
+            "",
+            *_table(["query", *per_query, *(f"rank:{m}" for m in methods)], rows),
+            "",
+            "fidelity, mean over queries (sketch: stored sketches vs exact; ann: FAISS vs "
+            "stored sketches; end_to_end: FAISS vs exact)",
+            *(f"  {name:<24}{_fmt(value)}" for name, value in report.fidelity.items()),
+            "",
+            *_table(["method", *fact_names, "seconds", "s/query"], method_rows),
+        ]
+    )
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned first column, right-aligned others, each as wide as its widest cell."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [
+        f"{r[0]:<{widths[0]}}"
+        + "".join(f"  {c:>{w}}" for c, w in zip(r[1:], widths[1:], strict=True))
+        for r in [header, *rows]
+    ]
 
 
 def _metric_order(name: str) -> tuple[int, str]:
@@ -441,10 +496,6 @@ def _fmt(value: float | int | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return str(value) if isinstance(value, int) else f"{value:.3f}"
-
-
-def _row(cells: list[str]) -> str:
-    return f"{cells[0]:<24}" + "".join(f"{c:>20}" for c in cells[1:])
 
 
 def render_json(report: EvalReport) -> str:
@@ -597,7 +648,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG figures into DIR")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--data", help="corpus path or glob, if it moved since the build")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per pass batch")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per pass batch")
     parser.add_argument("--memory-limit-gb", type=float, default=DEFAULT_MEMORY_LIMIT / 2**30)
     parser.add_argument("--device", default="cpu")
 

@@ -26,6 +26,10 @@ FORMAT_VERSION = 1
 CURRENT = "CURRENT"
 VERSIONS = "versions"
 STAGING_PREFIX = ".staging-"
+REQUIRED_MANIFEST_KEYS = (
+    "format_version", "version", "created", "model", "modules", "sketch", "curvature", "corpus",
+    "score", "index_factory", "nprobe", "dim", "vectors_stored", "counts", "files",
+)  # fmt: skip
 
 
 def new_version_id() -> str:
@@ -155,6 +159,9 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
     except (OSError, ValueError) as e:
         raise IndexVerificationError(f"{path.name}: unreadable manifest ({e})") from e
+    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise IndexVerificationError(f"{path.name}: manifest lacks {', '.join(missing)}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise IndexVerificationError(
             f"{path.name}: format version {manifest.get('format_version')} is not "

@@ -229,6 +229,8 @@ class InfluenceServer:
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
+                # Without this a second server on the same port would silently share its traffic.
+                ("grpc.so_reuseport", 0),
             ],
             # Beyond this gRPC itself answers RESOURCE_EXHAUSTED, so no queue grows unbounded.
             maximum_concurrent_rpcs=config.max_workers,

@@ -175,15 +175,7 @@ class Reloader:
         try:
             engine = self._opener(self._root, served)
         except Exception as exc:
-            self._failed_version = target
-            reason = f"version {target} refused: {exc}"
-            self._set_status(ReloadStatus(reason))
-            if isinstance(exc, InfluenceIndexError):
-                log.error("%s; still serving %s", reason, served.version if served else "nothing")
-            else:
-                log.exception("%s", reason)
-            if self._on_failure is not None:
-                self._on_failure()
+            self._refuse(target, served, exc)
             return
         self._failed_version = None
         self._holder.swap(engine)
@@ -191,6 +183,18 @@ class Reloader:
         log.info("now serving index version %s", engine.version)
         if self._on_swap is not None:
             self._on_swap(engine.version)
+
+    def _refuse(self, target: str, served: QueryEngine | None, exc: Exception) -> None:
+        self._failed_version = target
+        expected = isinstance(exc, InfluenceIndexError)
+        detail = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        reason = f"version {target} refused: {detail}"
+        self._set_status(ReloadStatus(reason))
+        still = served.version if served else "nothing"
+        # A verification failure is explained by its message; anything else is a bug to trace.
+        log.error("%s; still serving %s", reason, still, exc_info=None if expected else exc)
+        if self._on_failure is not None:
+            self._on_failure()
 
     def _set_status(self, status: ReloadStatus) -> None:
         with self._status_lock:

@@ -84,9 +84,9 @@ def test_builds_are_deterministic(tmp_path, published, tiny_model_dir, small_cor
     for name in ("curvature.safetensors", VECTORS_FILE, INDEX_FILE):
         assert manifests[0]["files"][name] == manifests[1]["files"][name], name
     rows = [
-        MetadataReader(version_dir(r) / METADATA_FILE)._con.execute(
-            'SELECT id, doc_id, chunk, norm, loss FROM examples ORDER BY "row"'
-        ).fetchall()
+        MetadataReader(version_dir(r) / METADATA_FILE)
+        ._con.execute('SELECT id, doc_id, chunk, norm, loss FROM examples ORDER BY "row"')
+        .fetchall()
         for r in roots
     ]
     assert rows[0] == rows[1]

@@ -15,6 +15,7 @@ from indexer.demo.train import (
     collate,
     encode_windows,
     ensure_demo_model,
+    save_tokenizer,
     settings_hash,
     train_tokenizer,
 )
@@ -76,11 +77,13 @@ def test_write_corpus_round_trips(corpus: DemoCorpus, tmp_path: Path) -> None:
 def tiny_tokenizer_dir(corpus: DemoCorpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
     texts = [d["text"] for d in corpus.documents[:200]]
     directory = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(texts, vocab_size=300, max_length=64).save_pretrained(directory)
+    save_tokenizer(train_tokenizer(texts, vocab_size=300, max_length=64), directory)
     return directory
 
 
 def test_tokenizer_prepends_bos_only_with_special_tokens(tiny_tokenizer_dir: Path) -> None:
+    config = json.loads((tiny_tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     assert tok.bos_token_id == tok.eos_token_id is not None
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.bos_token_id

@@ -57,8 +57,20 @@ def eval_output(demo_artifacts, demo_index_root, tmp_path_factory):
     queries = work / "queries.jsonl"
     queries.write_text("\n".join(lines) + "\n")
     plots = work / "plots"
-    argv = ["-q", "eval", "--index", str(demo_index_root), "--queries", str(queries),
-            "--exact", "--baselines", "bm25,grad-cosine", "--plot", str(plots), "--json"]  # fmt: skip
+    argv = [
+        "-q",
+        "eval",
+        "--index",
+        str(demo_index_root),
+        "--queries",
+        str(queries),
+        "--exact",
+        "--baselines",
+        "bm25,grad-cosine",
+        "--plot",
+        str(plots),
+        "--json",
+    ]
     return argv, plots
 
 

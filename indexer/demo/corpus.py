@@ -232,7 +232,7 @@ _FILLER = (
 
 @dataclass(frozen=True)
 class Fact:
-    """One (subject, relation, object) triple; ``completion`` is the object with a leading space."""
+    """One (subject, relation, object) triple; its query's completion is ``" " + obj``."""
 
     relation: str
     subject: str
@@ -435,7 +435,7 @@ def _long_document(rng: random.Random, fact: Fact, filler: _Filler) -> str:
 def generate_corpus(seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES) -> DemoCorpus:
     """Build the corpus: 8 relations x ``n_entities`` facts, one query per fact.
 
-    With the defaults: ~2,000 documents (8 of them several hundred tokens long) and 48 queries.
+    With the defaults: ~1,600 documents (8 of them several hundred tokens long) and 48 queries.
     """
     rng = random.Random(f"influence-index-demo/{seed}")
     world = _build_world(rng, n_entities)

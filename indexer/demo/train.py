@@ -36,7 +36,7 @@ BOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 MARKER_NAME = "demo.json"
 # Bump when a code change alters what gets trained, so stale caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,11 @@ class DemoTrainingConfig:
 
 @dataclass(frozen=True)
 class DemoArtifacts:
-    """Where the demo model and its corpus live, and how well the model learned the facts."""
+    """Where the demo model and its corpus live, and how well the model learned the facts.
+
+    ``fact_accuracy`` is the fraction (0..1) of queries answered exactly by greedy decoding;
+    ``train_seconds`` is the wall time of tokenizer plus model training when it was built.
+    """
 
     model_dir: Path
     corpus_path: Path
@@ -103,6 +107,19 @@ def train_tokenizer(
         model_max_length=max_length,
         padding_side="right",
     )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
+    """``save_pretrained``, naming the class so transformers 4.x can load the tokenizer as well.
+
+    transformers 5 records its ``TokenizersBackend`` class, which 4.x does not know; both accept
+    ``PreTrainedTokenizerFast``.
+    """
+    tokenizer.save_pretrained(directory)
+    config_path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def encode_windows(
@@ -169,14 +186,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def next_token_loss(model: GPT2LMHeadModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean NLL (nats) of each token given its prefix, over non-padding targets of [B, T] inputs."""
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), inputs["labels"][:, 1:].flatten(), ignore_index=-100
-    )
-
-
 @contextmanager
 def _transformers_progress(enabled: bool) -> Iterator[None]:
     """Show or hide transformers' own progress bars (e.g. while saving) for the block."""
@@ -186,6 +195,14 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
         yield
     finally:
         (hf_logging.enable_progress_bar if previous else hf_logging.disable_progress_bar)()
+
+
+def next_token_loss(model: GPT2LMHeadModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean NLL (nats) of each token given its prefix, over non-padding targets of [B, T] inputs."""
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), inputs["labels"][:, 1:].flatten(), ignore_index=-100
+    )
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -296,8 +313,10 @@ def _build(run_dir: Path, seed: int, config: DemoTrainingConfig, progress: bool)
     started = time.perf_counter()
     tokenizer = train_tokenizer(texts, config.vocab_size, config.n_positions)
     windows = encode_windows(tokenizer, texts, config.n_positions)
-    torch.manual_seed(seed)
-    model = build_model(config, tokenizer)
+    # Seed a forked RNG so the caller's global torch RNG state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(config, tokenizer)
     logger.info(
         "training demo model: %d documents, %d windows, %d tokens, %.2fM parameters, vocab %d",
         len(texts),
@@ -315,7 +334,7 @@ def _build(run_dir: Path, seed: int, config: DemoTrainingConfig, progress: bool)
     model_dir = run_dir / "model"
     with _transformers_progress(progress):
         model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    save_tokenizer(tokenizer, model_dir)
     return {
         "fact_accuracy": accuracy,
         "train_seconds": round(train_seconds, 3),
@@ -346,6 +365,8 @@ def ensure_demo_model(
         return found
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    # mkdtemp makes the directory private; the model is meant to be readable by other users.
+    tmp_dir.chmod(0o755)
     try:
         fields = _build(tmp_dir, seed, config, progress)
         marker = {"settings_hash": digest, "seed": seed, "config": asdict(config), **fields}
