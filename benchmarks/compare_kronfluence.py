@@ -5,7 +5,7 @@ torchvision requirement (which would pull a CUDA build of torch), then run:
 
     .venv/bin/pip install --no-deps kronfluence accelerate einops einconv opt_einsum
     .venv/bin/pip install psutil
-    .venv/bin/python benchmarks/compare_kronfluence.py --out benchmarks/results/kronfluence.json
+    .venv/bin/python -m benchmarks.compare_kronfluence --out benchmarks/results/kronfluence.json
 
 Both sides track the same modules (GPT-2's Conv1D become equivalent nn.Linear in a copy of the
 model, since kronfluence tracks Linear/Conv2d only), use the same losses (summed NLL of every
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import tempfile
@@ -36,11 +35,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from transformers.pytorch_utils import Conv1D
 
+from benchmarks.common import demo_artifacts, emit
 from indexer import metrics
 from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, CurvatureConfig
 from indexer.corpus import Example
-from indexer.demo.train import ensure_demo_model
 from indexer.evaluate import matching_corpus, read_queries, sketch_scores
 from indexer.exact import ExactConfig, ExactScorer
 from indexer.query import EncodedQuery
@@ -49,12 +48,9 @@ from server.engine import QueryEngine, QueryInput
 
 log = logging.getLogger("compare_kronfluence")
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @dataclass(frozen=True)
 class CompareConfig:
-    cache_dir: Path
     batch_size: int = 16
     k: int = 10
     with_exact: bool = True  # also score with the exact reference, to separate the two gaps
@@ -209,8 +205,7 @@ def agreement(a: np.ndarray, b: np.ndarray, k: int) -> dict[str, float]:
     return {
         "spearman": metrics.mean(metrics.spearman(x, y) for x, y in zip(a, b, strict=True)),
         f"top{k}_agreement": metrics.mean(
-            metrics.top_k_recall(metrics.top_k(y, k), metrics.top_k(x, k), k)
-            for x, y in zip(a, b, strict=True)
+            metrics.top_k_recall(y, metrics.top_k(x, k), k) for x, y in zip(a, b, strict=True)
         ),
     }
 
@@ -222,7 +217,7 @@ def query_latency(engine: QueryEngine, queries: list[QueryInput], k: int) -> lis
 
 
 def run(config: CompareConfig) -> dict:
-    artifacts = ensure_demo_model(config.cache_dir, progress=config.progress)
+    artifacts = demo_artifacts()
     queries = read_queries(artifacts.queries_path)
     inputs = [QueryInput(q.prompt, q.completion) for q in queries]
     with tempfile.TemporaryDirectory(prefix="kronfluence-") as tmp:
@@ -283,18 +278,13 @@ def run(config: CompareConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "demo")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact reference scorer")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = CompareConfig(args.cache_dir, with_exact=not args.no_exact, progress=not args.quiet)
-    text = json.dumps(run(config), indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    config = CompareConfig(with_exact=not args.no_exact, progress=not args.quiet)
+    emit(run(config), args.out)
     return 0
 
 

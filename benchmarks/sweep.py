@@ -14,7 +14,7 @@ alternative "precondition in the full space with the full EK-FAC factors, then p
 - FAISS factory: indexes over the default build's stored vectors, written by the build's own
   `write_faiss`, searched at several nprobe.
 
-    .venv/bin/python benchmarks/sweep.py --out benchmarks/results/sweep.json
+    .venv/bin/python -m benchmarks.sweep --out benchmarks/results/sweep.json
 
 prints JSON to stdout and writes it to --out. About 10 minutes on 2 CPU cores once the demo
 model is cached (training it first takes a few minutes more).
@@ -23,7 +23,6 @@ model is cached (training it first takes a few minutes more).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -38,13 +37,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from benchmarks.common import demo_artifacts, emit
 from indexer import metrics
 from indexer.baselines import ScoreTarget, StreamedScores, flat_gradients, stream_scores
 from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, CurvatureConfig, SketchConfig, StoreConfig
 from indexer.corpus import Example, load_corpus
 from indexer.curvature import Curvature
-from indexer.demo.train import ensure_demo_model
 from indexer.evaluate import QuerySpec, exact_influence_target, read_queries, sketch_scores
 from indexer.exact import ExactConfig, ExactScorer
 from indexer.model import DEFAULT_MAX_LENGTH, LoadedModel, load_model
@@ -55,13 +54,9 @@ from server.engine import QueryEngine
 
 log = logging.getLogger("sweep")
 
-REPO = Path(__file__).resolve().parents[1]
-KINDS = ("influence", "cosine")
-
 
 @dataclass(frozen=True)
 class SweepConfig:
-    cache_dir: Path
     ranks: tuple[int, ...] = (4, 8, 16, 32, 64)
     default_rank: int = SketchConfig.rank_in
     dampings: tuple[float, ...] = (0.01, 0.1, 1.0)
@@ -122,7 +117,7 @@ class Measured:
 
 
 def load_setup(config: SweepConfig) -> Setup:
-    artifacts = ensure_demo_model(config.cache_dir, progress=config.progress)
+    artifacts = demo_artifacts()
     loaded = load_model(artifacts.model_dir)
     max_length = min(loaded.context_length, DEFAULT_MAX_LENGTH)
     corpus = load_corpus(CorpusConfig(str(artifacts.corpus_path)), loaded.tokenizer, max_length)
@@ -217,9 +212,7 @@ def fidelity(scores: np.ndarray, exact: np.ndarray, k: int) -> tuple[float, floa
     """Mean Spearman over all examples, and mean recall of the exact top-k in the top-k."""
     pairs = list(zip(scores, exact, strict=True))
     spearman = metrics.mean(metrics.spearman(s, e) for s, e in pairs)
-    recall = metrics.mean(
-        metrics.top_k_recall(metrics.top_k(e, k), metrics.top_k(s, k), k) for s, e in pairs
-    )
+    recall = metrics.mean(metrics.top_k_recall(e, metrics.top_k(s, k), k) for s, e in pairs)
     return spearman, recall
 
 
@@ -355,8 +348,7 @@ def measure_search(
 
     def recall(reference: np.ndarray) -> float:
         return metrics.mean(
-            metrics.top_k_recall(metrics.top_k(r, k), f, k)
-            for r, f in zip(reference, found, strict=True)
+            metrics.top_k_recall(r, f, k) for r, f in zip(reference, found, strict=True)
         )
 
     rankings = [metrics.rank_documents(setup.doc_ids[i] for i in f) for f in found]
@@ -458,7 +450,7 @@ def run(config: SweepConfig) -> dict:
             "n_examples": len(setup.examples),
             "n_queries": len(setup.queries),
             "n_with_gold": sum(bool(q.gold) for q in setup.queries),
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            "config": asdict(config),
         },
         "exact_reference_seconds": reference.seconds,
         "exact": exact_fact_recall(setup, reference, config.k),
@@ -489,21 +481,14 @@ def _numbers(kind: type):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "demo")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--ranks", type=_numbers(int), default=SweepConfig.ranks)
     parser.add_argument("--dampings", type=_numbers(float), default=SweepConfig.dampings)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = SweepConfig(
-        cache_dir=args.cache_dir, ranks=args.ranks, dampings=args.dampings, progress=not args.quiet
-    )
-    text = json.dumps(_json_safe(run(config)), indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    config = SweepConfig(ranks=args.ranks, dampings=args.dampings, progress=not args.quiet)
+    emit(_json_safe(run(config)), args.out)
     return 0
 
 

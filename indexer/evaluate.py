@@ -239,16 +239,6 @@ def matching_corpus(engine: QueryEngine, data: str | None) -> list[Example]:
     return examples
 
 
-def _recall_curve(references: list[np.ndarray], predicted: list[list[int]], depth: int):
-    """Mean recall of the reference top-k within the predicted top-k, for k = 1..depth."""
-    return [
-        metrics.mean(
-            metrics.top_k_recall(r, p, k) for r, p in zip(references, predicted, strict=True)
-        )
-        for k in range(1, depth + 1)
-    ]
-
-
 @dataclass
 class _IndexRun:
     """The service path's answers: per query, retrieved example rows and documents, best first."""
@@ -397,30 +387,28 @@ class _Session:
         self.report.methods[method].fact = fact
 
     def _fidelity(self, index_run: _IndexRun, sketch: np.ndarray, exact: np.ndarray | None):
-        """Per-query and mean fidelity: exact top-k recall in the sketches' and FAISS's top-k,
-        Spearman over all examples."""
-        report, depth = self.report, self.config.depth
-        sketch_top = [metrics.top_k(s, depth).tolist() for s in sketch]
-        exact_top = None if exact is None else [metrics.top_k(s, depth) for s in exact]
+        """Per-query and mean fidelity: recall curves (k = 1..depth) of the exact top-k in the
+        stored sketches' top-k ("sketch"), of the sketches' top-k in FAISS's ("ann"), of the
+        exact top-k in FAISS's ("end_to_end"); Spearman over all examples."""
+        report, ks = self.report, range(1, self.config.depth + 1)
+        curves: dict[str, list[list[float]]] = {}
         for i, query in enumerate(report.queries):
-            for k in self.config.ks:
-                query.fidelity[f"ann_recall@{k}"] = metrics.top_k_recall(
-                    sketch_top[i], index_run.rows[i], k
-                )
-                if exact_top is not None:
-                    query.fidelity[f"sketch_recall@{k}"] = metrics.top_k_recall(
-                        exact_top[i], sketch_top[i], k
-                    )
-                    query.fidelity[f"end_to_end_recall@{k}"] = metrics.top_k_recall(
-                        exact_top[i], index_run.rows[i], k
-                    )
+            sketch_top = metrics.top_k(sketch[i], self.config.depth).tolist()
+            compared = {"ann": (sketch[i], index_run.rows[i])}
             if exact is not None:
+                compared["sketch"] = (exact[i], sketch_top)
+                compared["end_to_end"] = (exact[i], index_run.rows[i])
                 query.fidelity["spearman"] = metrics.spearman(sketch[i], exact[i])
+            for name, (reference, predicted) in compared.items():
+                curve = metrics.recall_curve(reference, predicted, ks)
+                curves.setdefault(name, []).append(curve)
+                for k in self.config.ks:
+                    query.fidelity[f"{name}_recall@{k}"] = curve[k - 1]
         names = sorted({name for q in report.queries for name in q.fidelity})
         report.fidelity = {n: metrics.mean(q.fidelity[n] for q in report.queries) for n in names}
-        report.fidelity_curves["ann"] = _recall_curve(sketch_top, index_run.rows, depth)
-        if exact_top is not None:
-            report.fidelity_curves["sketch"] = _recall_curve(exact_top, sketch_top, depth)
+        report.fidelity_curves = {
+            name: np.nanmean(np.array(rows), axis=0).tolist() for name, rows in curves.items()
+        }
 
 
 def evaluate(config: EvalConfig) -> EvalReport:
@@ -549,7 +537,8 @@ def _plot_fidelity_recall(report: EvalReport, path: Path) -> Path:
 
     labels = {
         "sketch": "exact top-k in stored sketches' top-k",
-        "ann": "flat-sketch top-k in FAISS top-k",
+        "ann": "stored sketches' top-k in FAISS top-k",
+        "end_to_end": "exact top-k in FAISS top-k",
     }
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in report.fidelity_curves.items():

@@ -20,17 +20,34 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
-def top_k_recall(reference: Sequence[int], predicted: Sequence[int], k: int) -> float:
-    """Fraction of the reference's first `k` items found among the predicted first `k`.
+def recall_curve(
+    reference: np.ndarray, predicted: Sequence[int], ks: Sequence[int], rtol: float = 1e-5
+) -> list[float]:
+    """For each k: the fraction of the reference's top k that the predicted first k rows hold.
 
-    With `reference` = exact top rows and `predicted` = the index's top rows, this is the
-    "recall of the exact top-k within the index's top-k". A reference shorter than `k` is
-    judged on the items it has; an empty one gives NaN.
+    `reference [N]` scores every row; `predicted` ranks rows, best first. Ties are honoured: a
+    predicted row counts when its reference score reaches the k-th best score (within `rtol`,
+    relative), so any of several equally scored rows (e.g. duplicate texts) is a hit. Without
+    ties this is `|top_k(reference) ∩ predicted[:k]| / k`.
     """
-    wanted = set(list(reference)[:k])
-    if not wanted:
-        return math.nan
-    return len(wanted & set(list(predicted)[:k])) / len(wanted)
+    reference = np.asarray(reference, dtype=np.float64)
+    best = np.sort(reference)[::-1]
+    predicted_scores = reference[np.asarray(list(predicted), dtype=np.int64)]
+    recalls = []
+    for k in ks:
+        k = min(k, len(reference))
+        threshold = best[k - 1] - rtol * abs(best[k - 1])
+        recalls.append(float(np.count_nonzero(predicted_scores[:k] >= threshold)) / k)
+    return recalls
+
+
+def top_k_recall(reference: np.ndarray, predicted: Sequence[int], k: int) -> float:
+    """Recall of the reference's top k within the predicted first k (see `recall_curve`).
+
+    With `reference` = exact scores and `predicted` = the index's ranking, this is the "recall
+    of the exact top-k within the index's top-k".
+    """
+    return recall_curve(reference, predicted, [k])[0]
 
 
 def rank_documents(ranked_doc_ids: Iterable[str]) -> list[str]:

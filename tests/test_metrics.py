@@ -16,14 +16,25 @@ def test_top_k_is_best_first_and_breaks_ties_by_row():
 
 @pytest.mark.parametrize(("k", "expected"), [(1, 0.0), (2, 0.5), (3, 2 / 3), (4, 0.5)])
 def test_top_k_recall(k, expected):
-    reference, predicted = [5, 3, 9, 1], [3, 7, 5, 8]
+    # reference ranking: rows 5, 3, 9, 1, then the rest
+    reference = np.zeros(10)
+    reference[[5, 3, 9, 1]] = [4.0, 3.0, 2.0, 1.0]
+    predicted = [3, 7, 5, 8]
     assert metrics.top_k_recall(reference, predicted, k) == pytest.approx(expected)
 
 
-def test_top_k_recall_with_short_lists():
-    assert metrics.top_k_recall([4, 2], [2, 9, 4], 10) == 1.0
-    assert metrics.top_k_recall([4, 2], [2], 10) == 0.5
-    assert math.isnan(metrics.top_k_recall([], [1], 10))
+def test_top_k_recall_counts_any_of_tied_rows():
+    reference = np.array([5.0, 4.0, 3.0, 3.0, 1.0])  # rows 2 and 3 tie for third place
+    assert metrics.top_k_recall(reference, [1, 3, 0], 3) == 1.0
+    assert metrics.top_k_recall(reference, [0, 3, 4], 3) == pytest.approx(2 / 3)
+    assert metrics.top_k_recall(reference, [4], 3) == 0.0
+
+
+def test_recall_curve_and_short_predictions():
+    reference = np.array([0.1, 0.9, 0.5, 0.7])  # best first: rows 1, 3, 2, 0
+    assert metrics.recall_curve(reference, [1, 2, 3, 0], [1, 2, 3, 4]) == [1.0, 0.5, 1.0, 1.0]
+    assert metrics.top_k_recall(reference, [3], 2) == 0.5
+    assert metrics.top_k_recall(reference, [1, 3], 10) == 0.5  # k is capped at N = 4
 
 
 def test_documents_rank_by_their_best_chunk():
