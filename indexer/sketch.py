@@ -132,6 +132,17 @@ def _project(x: Tensor, matrix: Tensor | None) -> Tensor:
     return x if matrix is None else x @ matrix.T
 
 
+def _project_inputs(a: Tensor, R: Tensor | None, has_bias: bool) -> Tensor:
+    """`R [a; 1]` for inputs `a [batch, tokens, d]`, without materialising `[a; 1]`."""
+    if R is None:
+        return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if has_bias else a
+    if has_bias:
+        return torch.addmm(R[:, -1], a.reshape(-1, a.shape[-1]), R[:, :-1].T).view(
+            *a.shape[:-1], -1
+        )
+    return a @ R.T
+
+
 class GradientSketcher:
     """Runs forward/backward passes with hooks on the tracked modules.
 
@@ -173,10 +184,8 @@ class GradientSketcher:
         has_bias = module_shape(self.modules[name]).has_bias
 
         def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            a = inputs[0].detach().float()
-            if has_bias:
-                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            activations[name] = _project(a, projection.R) * token_mask
+            a = _project_inputs(inputs[0].detach().float(), projection.R, has_bias)
+            activations[name] = a * token_mask
 
             def grad_hook(g: Tensor) -> None:
                 gradients[name] = _project(g.detach().float(), projection.P)

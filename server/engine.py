@@ -122,6 +122,15 @@ class IndexInfo:
         )
 
 
+@dataclass(frozen=True)
+class _QueryScoring:
+    """What turns a search score into both score kinds: the query vector `[D]` and its norm."""
+
+    vector: np.ndarray
+    norm: float
+    kind: str
+
+
 class _Clock:
     """Microseconds since the previous lap."""
 
@@ -247,19 +256,15 @@ class QueryEngine:
         scores, ids = self.index.search(np.ascontiguousarray(search), top_k)
         timings.search_us = clock.lap()
         records = self.metadata.lookup(sorted({int(i) for i in ids.ravel() if i >= 0}))
-        results = [
-            QueryResult(
-                hits=[
-                    self._hit(records[int(i)], float(s), kind, q[row], q_norms[row], include_text,
-                              include_layer_scores)
-                    for s, i in zip(scores[row], ids[row], strict=True)
-                    if i >= 0
-                ],
-                n_completion_tokens=encoded[row].n_completion_tokens,
-                timings=timings,
-            )
-            for row in range(len(queries))
-        ]  # fmt: skip
+        results = []
+        for row, query in enumerate(encoded):
+            scoring = _QueryScoring(q[row], float(q_norms[row]), kind)
+            hits = [
+                self._hit(records[int(i)], float(s), scoring, include_text, include_layer_scores)
+                for s, i in zip(scores[row], ids[row], strict=True)
+                if i >= 0
+            ]
+            results.append(QueryResult(hits, query.n_completion_tokens, timings))
         timings.lookup_us = clock.lap()
         return results
 
@@ -267,17 +272,19 @@ class QueryEngine:
         self,
         record: ExampleRecord,
         score: float,
-        kind: str,
-        q: np.ndarray,
-        q_norm: float,
+        scoring: _QueryScoring,
         include_text: bool,
         include_layer_scores: bool,
     ) -> Hit:
-        scale = max(float(q_norm) * record.norm, 1e-30)
-        influence, cosine = (score * scale, score) if kind == "cosine" else (score, score / scale)
+        scale = max(scoring.norm * record.norm, 1e-30)
+        if scoring.kind == "cosine":
+            influence, cosine = score * scale, score
+        else:
+            influence, cosine = score, score / scale
         layers = None
         if include_layer_scores:
             v = np.asarray(self.vectors[record.row], dtype=np.float32)
+            q = scoring.vector
             layers = {n: float(q[s] @ v[s]) for n, s in self.curvature.layer_slices().items()}
         return Hit(
             example_id=record.example_id,
