@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,12 +46,15 @@ def bare_forward_backward_seconds(model_dir: Path, corpus: Path, batch_size: int
     return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
 
 
-def build_with_cli(model_dir: Path, corpus: Path, out: Path, batch_size: int, extra: list[str]):
+def build_with_cli(
+    model_dir: Path, corpus: Path, out: Path, batch_size: int, threads: int, extra: list[str]
+):
     command = [sys.executable, "-m", "indexer.cli", "--quiet", "build", "--model", str(model_dir),
                "--data", str(corpus), "--out", str(out), "--batch-size", str(batch_size),
                "--json", *extra]  # fmt: skip
     start = time.perf_counter()
-    completed = subprocess.run(command, check=True, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the same threads as the bare pass
+    completed = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     return json.loads(completed.stdout), wall
 
@@ -69,7 +73,12 @@ def main() -> None:
         corpus = synthetic_corpus(Path(tmp) / "corpus.jsonl", args.documents)
         bare = bare_forward_backward_seconds(artifacts.model_dir, corpus, args.batch_size)
         summary, wall = build_with_cli(
-            artifacts.model_dir, corpus, Path(tmp) / "root", args.batch_size, args.build_args
+            artifacts.model_dir,
+            corpus,
+            Path(tmp) / "root",
+            args.batch_size,
+            args.threads,
+            args.build_args,
         )
     phases = summary["seconds"]
     build_seconds = sum(phases.values())

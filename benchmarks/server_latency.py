@@ -13,6 +13,7 @@ FAISS search of their vectors in the same index.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -131,13 +132,16 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200, help="sequential single-client queries")
     parser.add_argument("--per-client", type=int, default=60, help="queries per concurrent client")
     parser.add_argument("--build-batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, server and floor")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     root = ensure_index(args.documents, args.build_batch_size)
     queries = read_queries(demo_artifacts().queries_path)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "indexer.cli", "serve", "--index", str(root), "--port", str(port)]
+        [sys.executable, "-m", "indexer.cli", "serve", "--index", str(root), "--port", str(port)],
+        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
     )
     target = f"127.0.0.1:{port}"
     try:
@@ -157,6 +161,7 @@ def main() -> None:
     emit(
         {
             "benchmark": "server_latency",
+            "torch_threads": args.threads,
             "examples": info.n_examples,
             "index_factory": info.faiss_factory,
             "dim": info.dim,

@@ -28,6 +28,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -44,7 +45,13 @@ from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, CurvatureConfig, SketchConfig, StoreConfig
 from indexer.corpus import Example, load_corpus
 from indexer.curvature import Curvature
-from indexer.evaluate import QuerySpec, exact_influence_target, read_queries, sketch_scores
+from indexer.evaluate import (
+    QuerySpec,
+    exact_influence_target,
+    json_safe,
+    read_queries,
+    sketch_scores,
+)
 from indexer.exact import ExactConfig, ExactScorer
 from indexer.model import DEFAULT_MAX_LENGTH, LoadedModel, load_model
 from indexer.query import EncodedQuery, encode_query, query_capture
@@ -61,8 +68,9 @@ class SweepConfig:
     default_rank: int = SketchConfig.rank_in
     dampings: tuple[float, ...] = (0.01, 0.1, 1.0)
     default_damping: float = CurvatureConfig.damping
-    pq_bytes: tuple[int, ...] = (64, 256)  # two PQ code sizes, bytes per vector
+    pq_bytes: tuple[int, ...] = (32, 128)  # two PQ code sizes, bytes per vector
     nprobes: tuple[int, ...] = (1, 4, 16)  # plus nlist (every list)
+    ef_searches: tuple[int, ...] = (16, 64, 256)  # HNSW
     k: int = 10  # fidelity: exact top-k in the top-k; fact tracing: recall@k
     batch_size: int = 32
     progress: bool = True
@@ -94,11 +102,11 @@ class Setup:
 
 @dataclass
 class Reference:
-    """Exact EK-FAC scores `[Q, N]` per damping and kind; full-space-preconditioned, projected
-    scores `[Q, N]` per rank (influence, default damping)."""
+    """Exact EK-FAC scores `[Q, N]` per damping and kind; the full-space alternatives' scores
+    `[Q, N]` per rank (influence, default damping)."""
 
     exact: dict[float, dict[str, np.ndarray]]
-    projected: dict[int, np.ndarray]
+    schemes: dict[str, dict[int, np.ndarray]]  # alternative scheme -> rank -> [Q, N]
     n_modules: int
     seconds: float
 
@@ -116,7 +124,7 @@ class Measured:
     extra: dict = field(default_factory=dict)
 
 
-def load_setup(config: SweepConfig) -> Setup:
+def load_setup() -> Setup:
     artifacts = demo_artifacts()
     loaded = load_model(artifacts.model_dir)
     max_length = min(loaded.context_length, DEFAULT_MAX_LENGTH)
@@ -148,19 +156,24 @@ def inverse_eigenvalues(curvature: Curvature) -> Tensor:
     )
 
 
-def rotated_squares(curvature: Curvature, capture: Capture) -> Tensor:
-    """`(U_Bᵀ G U_A)²` of every module, flattened: `[batch, D]`; with `inverse_eigenvalues` as
-    the query, the inner product is an example's squared preconditioned norm."""
-    sketches = capture.sketches()
-    return torch.cat(
-        [m.rotate(sketches[n]).flatten(1).square() for n, m in curvature.modules.items()], dim=1
-    )
+class PerBatch:
+    """`fn(capture)` computed once per batch, although several score targets ask for it."""
+
+    def __init__(self, fn: Callable[[Capture], Tensor]):
+        self.fn = fn
+        self._capture: Capture | None = None
+        self._value: Tensor | None = None
+
+    def __call__(self, capture: Capture) -> Tensor:
+        if capture is not self._capture:
+            self._capture, self._value = capture, self.fn(capture)
+        return self._value
 
 
 def projected_fold(
     curvature: Curvature, query_gradients: dict[str, Tensor], rank: int, named: dict[str, nn.Module]
 ) -> Tensor:
-    """`[Q, D_full]` matrices `M_q = (H+λ)⁻¹ PᵀP G_q RᵀR` with
+    """Asymmetric scheme: `[Q, D_full]` matrices `M_q = (H+λ)⁻¹ PᵀP G_q RᵀR` with
     `⟨M_q, G⟩ = ⟨P G_q Rᵀ, P (H+λ)⁻¹G Rᵀ⟩`, with the build's projections at this rank."""
     parts = []
     for name, module in curvature.modules.items():
@@ -170,8 +183,28 @@ def projected_fold(
     return torch.cat(parts, dim=1)
 
 
+def whitened_fold(
+    curvature: Curvature, exact_queries: Tensor, rank: int, named: dict[str, nn.Module]
+) -> Tensor:
+    """Symmetric scheme: `[Q, D]` queries whose inner product with an exact vector `v` (rotated,
+    whitened `G`) is `⟨P Q̃ Rᵀ, P Ṽ Rᵀ⟩`, where `X̃ = (H+λ)^-1/2 X` in the full space."""
+    slices = curvature.layer_slices()
+    parts = []
+    for name, module in curvature.modules.items():
+        p = gaussian_projection(name, named[name], rank, rank, SketchConfig.seed)
+        rotated = exact_queries[:, slices[name]].view(-1, *module.eigvals.shape)
+        whitened = module.eigvecs_b @ rotated @ module.eigvecs_a.T
+        parts.append(module.rotate(p.P.T @ p.P @ whitened @ p.R.T @ p.R).flatten(1))
+    return torch.cat(parts, dim=1)
+
+
 def exact_reference(setup: Setup, config: SweepConfig) -> Reference:
-    """Every exact and full-space-projected score of the sweep from one corpus pass."""
+    """Every exact and full-space-projected score of the sweep from one corpus pass.
+
+    Raw gradients `G` score the exact queries of every damping and the asymmetric scheme;
+    exact vectors (default damping, computed once per batch) score the symmetric scheme and,
+    squared, give every damping's example norms: `|v_d|² = Σ v² (Λ+λ)/(Λ+λ_d)`.
+    """
     start = time.perf_counter()
     scorer = ExactScorer(
         setup.loaded,
@@ -184,28 +217,44 @@ def exact_reference(setup: Setup, config: SweepConfig) -> Reference:
     )
     base = scorer.curvature
     capture = query_capture(scorer.sketcher, setup.encoded, setup.loaded.tokenizer.pad_token_id)
-    variants = {d: with_damping(base, d) for d in config.all_dampings}
+    dampings, ranks = config.all_dampings, config.all_ranks
+    variants = {d: with_damping(base, d) for d in dampings}
     queries = {d: v.vectors(capture) for d, v in variants.items()}
     named = dict(setup.loaded.model.named_modules())
-    folds = [exact_influence_target(variants[d], queries[d]).queries for d in config.all_dampings]
-    folds += [projected_fold(base, capture.sketches(), r, named) for r in config.all_ranks]
+    raw = [exact_influence_target(variants[d], queries[d]).queries for d in dampings]
+    raw += [projected_fold(base, capture.sketches(), r, named) for r in ranks]
+    exact_vectors = PerBatch(base.vectors)
+    base_inverse = inverse_eigenvalues(base)
     targets = {
-        "scores": ScoreTarget(partial(flat_gradients, names=list(base.modules)), torch.cat(folds)),
+        "raw": ScoreTarget(partial(flat_gradients, names=list(base.modules)), torch.cat(raw)),
+        "whitened": ScoreTarget(
+            exact_vectors,
+            torch.cat(
+                [whitened_fold(base, queries[config.default_damping], r, named) for r in ranks]
+            ),
+        ),
         "squared_norms": ScoreTarget(
-            partial(rotated_squares, base),
-            torch.stack([inverse_eigenvalues(variants[d]) for d in config.all_dampings]),
+            lambda c: exact_vectors(c).square(),
+            torch.stack([inverse_eigenvalues(variants[d]) / base_inverse for d in dampings]),
         ),
     }
     streamed = stream_scores(scorer.pass_, targets, "exact reference")
-    blocks = np.split(streamed["scores"].dots, len(folds))
+    raw_blocks = np.split(streamed["raw"].dots, len(raw))
     exact = {}
-    for i, damping in enumerate(config.all_dampings):
+    for i, damping in enumerate(dampings):
         norms = np.sqrt(np.maximum(streamed["squared_norms"].dots[i], 0.0))
-        scores = StreamedScores(blocks[i], norms)
+        scores = StreamedScores(raw_blocks[i], norms)
         query_norms = queries[damping].double().norm(dim=1).numpy()
         exact[damping] = {"influence": scores.dots, "cosine": scores.cosine(query_norms)}
-    projected = dict(zip(config.all_ranks, blocks[len(config.all_dampings) :], strict=True))
-    return Reference(exact, projected, len(base.modules), time.perf_counter() - start)
+    schemes = {
+        "precondition-full-then-project": dict(
+            zip(ranks, raw_blocks[len(dampings) :], strict=True)
+        ),
+        "whiten-full-then-project": dict(
+            zip(ranks, np.split(streamed["whitened"].dots, len(ranks)), strict=True)
+        ),
+    }
+    return Reference(exact, schemes, len(base.modules), time.perf_counter() - start)
 
 
 def fidelity(scores: np.ndarray, exact: np.ndarray, k: int) -> tuple[float, float]:
@@ -323,10 +372,11 @@ def nlist_for(n: int) -> int:
 
 
 def factories(dim: int, n: int, config: SweepConfig) -> list[str]:
-    """Exact, IVF + SQ8, and IVF + PQ at each code size that divides the dimension."""
+    """Exact; IVF + SQ8; IVF + PQ at each code size that divides the dimension; and two that
+    need no clustering: a scan over 8-bit codes, and an HNSW graph over them."""
     nlist = nlist_for(n)
     pq = [f"IVF{nlist},PQ{m}" for m in config.pq_bytes if dim % m == 0]
-    return ["IDMap,Flat", f"IVF{nlist},SQ8", *pq]
+    return ["IDMap,Flat", f"IVF{nlist},SQ8", *pq, "IDMap,SQ8", "IDMap,HNSW32,SQ8"]
 
 
 @dataclass
@@ -340,7 +390,7 @@ class Search:
 def measure_search(
     setup: Setup, index: faiss.Index, q: np.ndarray, flat: np.ndarray, exact: np.ndarray, k: int
 ) -> Search:
-    """FAISS top-`10k` for every query, judged against flat search and against exact."""
+    """FAISS top-`10k` for every query (ids = rows), judged against flat search and exact."""
     start = time.perf_counter()
     _, hits = index.search(np.ascontiguousarray(q), 10 * k)
     seconds = time.perf_counter() - start
@@ -360,63 +410,105 @@ def measure_search(
     )
 
 
+def code_bytes(index: faiss.Index) -> int | None:
+    """Bytes stored per vector, code plus 64-bit id (file size / N adds the fixed codebooks and
+    centroids, which dominate on a small corpus); None where FAISS cannot tell (HNSW)."""
+    try:
+        return faiss.extract_index_ivf(index).code_size + 8
+    except RuntimeError:  # not an IVF index
+        pass
+    try:
+        return index.sa_code_size() + 8
+    except RuntimeError:
+        return None
+
+
 def measure_factories(
     setup: Setup, reference: Reference, root: Path, work: Path, config: SweepConfig
 ) -> list[Measured]:
-    """Each FAISS factory over the default build's stored vectors, at each nprobe (influence)."""
+    """Each FAISS factory over the default build's stored vectors, per score kind and search
+    setting."""
     engine = QueryEngine.open(root)
     vectors, q = engine.vectors, engine.query_vectors(setup.encoded)
-    flat = sketch_scores(vectors, q).dots
-    exact = reference.exact[config.default_damping]["influence"]
+    flat = in_kinds(sketch_scores(vectors, q), q)
     n, dim = vectors.shape
-    nlist = nlist_for(n)
-    ids = np.arange(n, dtype=np.int64)  # ids = rows, so hits index the corpus directly
     rows = []
-    for factory in factories(dim, n, config):
-        path = work / f"{factory.replace(',', '_')}.faiss"
-        start = time.perf_counter()
-        index = write_faiss(vectors, ids, factory, False, path)
-        build_seconds = time.perf_counter() - start
-        ivf = factory.startswith("IVF")
-        for nprobe in sorted({*(p for p in config.nprobes if p < nlist), nlist}) if ivf else [None]:
-            if nprobe is not None:
-                faiss.extract_index_ivf(index).nprobe = nprobe
-            search = measure_search(setup, index, q, flat, exact, config.k)
-            rows.append(
-                Measured(
-                    setting={
-                        "rank": f"{config.default_rank}x{config.default_rank}",
-                        "factory": factory,
-                        "nprobe": nprobe,
-                    },
-                    spearman=math.nan,
-                    recall=search.recall,
-                    fact_recall=search.fact_recall,
-                    index_bytes_per_example=path.stat().st_size / n,
-                    extra={
-                        "ann_recall_vs_flat": search.ann_recall,
-                        "search_ms_per_query": search.ms_per_query,
-                        "train_add_seconds": build_seconds,
-                    },
+    for kind in ("influence", "cosine"):
+        search_q = q / np.linalg.norm(q, axis=1, keepdims=True) if kind == "cosine" else q
+        exact = reference.exact[config.default_damping][kind]
+        for factory in factories(dim, n, config):
+            setting = {
+                "rank": f"{config.default_rank}x{config.default_rank}",
+                "score": kind,
+                "factory": factory,
+            }
+            path = work / f"{kind}-{factory.replace(',', '_')}.faiss"
+            start = time.perf_counter()
+            try:
+                index = write_faiss(
+                    vectors, np.arange(n, dtype=np.int64), factory, kind == "cosine", path
                 )
-            )
+            except RuntimeError as e:  # the build's index writer cannot make this factory
+                log.warning("%s (%s): %s", factory, kind, e)
+                error = {"error": str(e).splitlines()[0]}
+                rows.append(Measured(setting, math.nan, math.nan, math.nan, extra=error))
+                continue
+            seconds = time.perf_counter() - start
+            for knob in search_knobs(index, n, config):
+                search = measure_search(setup, index, search_q, flat[kind], exact, config.k)
+                rows.append(
+                    Measured(
+                        setting={**setting, **knob},
+                        spearman=math.nan,
+                        recall=search.recall,
+                        fact_recall=search.fact_recall,
+                        index_bytes_per_example=path.stat().st_size / n,
+                        extra={
+                            "code_bytes_per_example": code_bytes(index),
+                            "ann_recall_vs_flat": search.ann_recall,
+                            "search_ms_per_query": search.ms_per_query,
+                            "train_add_seconds": seconds,
+                        },
+                    )
+                )
     engine.close()
     return rows
 
 
-def measure_projected(setup: Setup, reference: Reference, config: SweepConfig) -> list[Measured]:
-    """The full-space-preconditioned, projected alternative, per rank (influence)."""
+def search_knobs(index: faiss.Index, n: int, config: SweepConfig) -> Iterator[dict]:
+    """Set each search-time setting on `index` in turn and yield it: IVF nprobe (the sweep and
+    every list), HNSW efSearch; one empty setting for the others."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else None
+    if ivf is not None:
+        for nprobe in sorted({*(p for p in config.nprobes if p < ivf.nlist), ivf.nlist}):
+            ivf.nprobe = nprobe
+            yield {"nprobe": nprobe}
+    elif isinstance(inner, faiss.IndexHNSW):
+        for ef in config.ef_searches:
+            inner.hnsw.efSearch = ef
+            yield {"efSearch": ef}
+    else:
+        yield {}
+
+
+def measure_schemes(setup: Setup, reference: Reference, config: SweepConfig) -> list[Measured]:
+    """The full-space alternatives, per rank (influence kind, default damping)."""
     exact = reference.exact[config.default_damping]["influence"]
     return [
         measure(
-            {"rank": f"{rank}x{rank}", "scheme": "precondition-full-then-project"},
+            {"rank": f"{rank}x{rank}", "scheme": scheme},
             scores,
             exact,
             setup,
             config.k,
             vectors_bytes_per_example=2.0 * rank * rank * reference.n_modules,
         )
-        for rank, scores in reference.projected.items()
+        for scheme, by_rank in reference.schemes.items()
+        for rank, scores in by_rank.items()
     ]
 
 
@@ -429,9 +521,23 @@ def exact_fact_recall(setup: Setup, reference: Reference, k: int) -> list[dict]:
     ]
 
 
+def reference_agreement(reference: Reference, config: SweepConfig) -> list[dict]:
+    """Exact EK-FAC at another damping against exact at the default one: how far a reasonable
+    change of the reference itself moves the ranking (a yardstick for the fidelity goals)."""
+    base = reference.exact[config.default_damping]
+    rows = []
+    for damping, kinds in reference.exact.items():
+        if damping == config.default_damping:
+            continue
+        for kind, scores in kinds.items():
+            spearman, recall = fidelity(scores, base[kind], config.k)
+            rows.append({"damping": damping, "score": kind, "spearman": spearman, "recall": recall})
+    return rows
+
+
 def run(config: SweepConfig) -> dict:
     started = time.perf_counter()
-    setup = load_setup(config)
+    setup = load_setup()
     reference = exact_reference(setup, config)
     log.info("exact reference: %.1f s", reference.seconds)
     ranks: list[Measured] = []
@@ -454,25 +560,13 @@ def run(config: SweepConfig) -> dict:
         },
         "exact_reference_seconds": reference.seconds,
         "exact": exact_fact_recall(setup, reference, config.k),
+        "exact_vs_exact_at_default_damping": reference_agreement(reference, config),
         "ranks": [asdict(m) for m in ranks],
         "dampings": [asdict(m) for m in dampings],
         "factories": [asdict(m) for m in factory_rows],
-        "full_space_preconditioned": [
-            asdict(m) for m in measure_projected(setup, reference, config)
-        ],
+        "full_space_schemes": [asdict(m) for m in measure_schemes(setup, reference, config)],
         "seconds": time.perf_counter() - started,
     }
-
-
-def _json_safe(value: object) -> object:
-    """NaN (not measured) becomes null, so the output is strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _numbers(kind: type):
@@ -485,10 +579,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=_numbers(int), default=SweepConfig.ranks)
     parser.add_argument("--dampings", type=_numbers(float), default=SweepConfig.dampings)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = SweepConfig(ranks=args.ranks, dampings=args.dampings, progress=not args.quiet)
-    emit(_json_safe(run(config)), args.out)
+    emit(json_safe(run(config)), args.out)
     return 0
 
 

@@ -17,6 +17,8 @@ from rank_bm25 import BM25Okapi
 from torch import Tensor
 
 from indexer.corpus import Example
+from indexer.errors import ResourceLimitError
+from indexer.exact import DEFAULT_MEMORY_LIMIT, required_bytes
 from indexer.model import LoadedModel, tracked_modules
 from indexer.passes import ExamplePass
 from indexer.query import EncodedQuery, query_capture
@@ -96,6 +98,7 @@ def flat_gradients(capture: Capture, names: Sequence[str]) -> Tensor:
 class GradientCosineConfig:
     modules: str | None = None  # the index's module pattern, so both track the same weights
     batch_size: int = 32
+    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT
     progress: bool = False
 
 
@@ -108,11 +111,19 @@ class GradientCosine:
 
     def __init__(self, loaded: LoadedModel, examples: list[Example], config: GradientCosineConfig):
         modules = tracked_modules(loaded.model, config.modules)
+        # Full per-example gradients, like the exact scorer's (whose bound also counts factors).
+        need = required_bytes(loaded.model, modules, config.batch_size, n_queries=64)
+        if need > config.memory_limit_bytes:
+            raise ResourceLimitError(
+                f"gradient cosine needs ~{need / 2**30:.1f} GiB of full gradients, over the limit "
+                f"of {config.memory_limit_bytes / 2**30:.1f} GiB: it is a baseline for small models"
+            )
         identity = {name: Projection(None, None) for name in modules}
         self.sketcher = GradientSketcher(loaded.model, modules, identity)
         self.pad_id = loaded.tokenizer.pad_token_id
+        no_sampling = 0  # the pass uses the data's labels, so the label-sampling seed is unused
         self.pass_ = ExamplePass(
-            self.sketcher, examples, self.pad_id, config.batch_size, 0, config.progress
+            self.sketcher, examples, self.pad_id, config.batch_size, no_sampling, config.progress
         )
 
     def score(self, queries: list[EncodedQuery]) -> np.ndarray:

@@ -36,7 +36,7 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="index ROOT (versions + CURRENT)")
     parser.add_argument("--rank-in", type=int, default=32)
     parser.add_argument("--rank-out", type=int, default=32)
-    parser.add_argument("--score", choices=["influence", "cosine"], default="influence")
+    parser.add_argument("--score", choices=["influence", "cosine"], default="cosine")
     parser.add_argument("--index-factory", help="FAISS factory (default: by corpus size)")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists scanned per query")
     parser.add_argument("--no-vectors", action="store_true", help="do not keep vectors.f16")

@@ -41,7 +41,7 @@ class CurvatureConfig:
 class StoreConfig:
     """How vectors are indexed and kept."""
 
-    score: str = "influence"
+    score: str = "cosine"  # retrieval by cosine traces facts better (benchmarks/RESULTS.md)
     index_factory: str | None = None  # None = chosen from the corpus size
     nprobe: int = 32  # inverted lists scanned per query (IVF indexes only)
     keep_vectors: bool = True  # vectors.f16, for exact rescoring and layer-wise scores

@@ -164,17 +164,17 @@ class EvalReport:
     def to_dict(self) -> dict:
         data = asdict(self)
         del data["scores"]
-        return _json_safe(data)
+        return json_safe(data)
 
 
-def _json_safe(value: object) -> object:
+def json_safe(value: object) -> object:
     """NaN (an undefined metric) becomes null, so the output is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -276,13 +276,13 @@ class _Session:
             raise InvalidInputError(f"query {query.id!r}: {e}") from e
 
     def run(self) -> EvalReport:
-        index_run = self._timed("index", self._run_index)
-        self._trace_facts("index", index_run.docs)
-        sketch = self._sketch_scores()
-        if self.config.exact and sketch is None:
+        if self.config.exact and self.engine.vectors is None:
             raise InvalidInputError(
                 "this index was built without vectors.f16 (--no-vectors): fidelity needs them"
             )
+        index_run = self._timed("index", self._run_index)
+        self._trace_facts("index", index_run.docs)
+        sketch = self._sketch_scores()
         exact = None
         if self.config.exact or self.config.baselines:
             examples = matching_corpus(self.engine, self.config.data)
@@ -355,7 +355,10 @@ class _Session:
             bm25 = BM25Scorer([e.text for e in examples])
             return bm25.score([f"{q.prompt} {q.completion}" for q in self.queries])
         gradient_config = GradientCosineConfig(
-            self.engine.manifest["sketch"]["modules"], self.config.batch_size, self.config.progress
+            modules=self.engine.manifest["sketch"]["modules"],
+            batch_size=self.config.batch_size,
+            memory_limit_bytes=self.config.memory_limit_bytes,
+            progress=self.config.progress,
         )
         return GradientCosine(self.engine.loaded, examples, gradient_config).score(self.encoded)
 
@@ -525,7 +528,7 @@ def _plot_fact_recall(report: EvalReport, path: Path) -> Path:
         ylim=(0, 1.02),
     )
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -551,7 +554,7 @@ def _plot_fidelity_recall(report: EvalReport, path: Path) -> Path:
         title=f"fidelity, {report.n_queries} queries",
     )
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -565,7 +568,9 @@ def _plot_scatter(report: EvalReport, directory: Path) -> list[Path]:
     paths = []
     for page, start in enumerate(range(0, report.n_queries, SCATTER_PER_PAGE), start=1):
         indices = range(start, min(start + SCATTER_PER_PAGE, report.n_queries))
-        fig, axes = plt.subplots(4, 4, figsize=(14, 13), squeeze=False)
+        cols = min(4, len(indices))
+        rows = math.ceil(len(indices) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 3.2 * rows + 0.6), squeeze=False)
         for ax, i in zip(axes.flat, indices, strict=False):
             query = report.queries[i]
             ax.scatter(report.scores["exact"][i], report.scores["index-sketch"][i], s=3, alpha=0.4)

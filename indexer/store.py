@@ -48,6 +48,14 @@ def default_factory(n_examples: int) -> str:
     return f"IVF{nlist},SQ8"
 
 
+def _n_lists(index: faiss.Index) -> int:
+    """Inverted lists of an IVF index; 1 for indexes without lists (e.g. `IDMap,SQ8`)."""
+    try:
+        return faiss.extract_index_ivf(index).nlist
+    except RuntimeError:
+        return 1
+
+
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     """Inverted lists scanned per search; a no-op for indexes without lists."""
     try:
@@ -79,7 +87,7 @@ def write_faiss(
     except RuntimeError as e:
         raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
     if not index.is_trained:
-        sample = min(n, max(TRAIN_ROWS_PER_LIST * faiss.extract_index_ivf(index).nlist, 10_000))
+        sample = min(n, max(TRAIN_ROWS_PER_LIST * _n_lists(index), 10_000))
         rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
         index.train(_as_search_vectors(vectors[rows], normalize))
     for start in range(0, n, ADD_CHUNK_ROWS):

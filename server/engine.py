@@ -76,7 +76,7 @@ class QueryResult:
 
 @dataclass(frozen=True)
 class TokenAttribution:
-    """Per-token influence of one training example on the query; sums to its index score."""
+    """Per-token influence of one training example on the query; sums to its influence."""
 
     example_id: int
     doc_id: str

@@ -35,7 +35,7 @@ def tiny_config(model_dir: Path, corpus: Path, out: Path, **store) -> BuildConfi
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, tiny_model_dir, small_corpus_path) -> Path:
     root = tmp_path_factory.mktemp("index")
-    build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, root, score="influence"))
     return root
 
 
@@ -72,13 +72,13 @@ def test_token_attribution_sums_to_the_score(published):
     attributions = engine.attribute_tokens(query, [h.example_id for h in hits])
     for hit, attribution in zip(hits, attributions, strict=True):
         assert len(attribution.tokens) == len(attribution.scores)
-        assert attribution.total == pytest.approx(hit.score, rel=2e-2, abs=1e-3)
-        assert sum(hit.layer_scores.values()) == pytest.approx(hit.score, rel=2e-2, abs=1e-3)
+        assert attribution.total == pytest.approx(hit.influence, rel=2e-2, abs=1e-3)
+        assert sum(hit.layer_scores.values()) == pytest.approx(hit.influence, rel=2e-2, abs=1e-3)
 
 
 def test_builds_are_deterministic(tmp_path, published, tiny_model_dir, small_corpus_path):
     again = tmp_path / "again"
-    build_index(tiny_config(tiny_model_dir, small_corpus_path, again))
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, again, score="influence"))
     roots = [published, again]
     manifests = [verify_version(version_dir(r)) for r in roots]
     for name in ("curvature.safetensors", VECTORS_FILE, INDEX_FILE):

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
+from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 
 from indexer.cli import main
 from indexer.errors import InvalidInputError
-from indexer.evaluate import read_queries
+from indexer.evaluate import (
+    EvalReport,
+    MethodReport,
+    QueryReport,
+    read_queries,
+    render_json,
+    render_table,
+)
 
 N_QUERIES = 12
 
@@ -49,13 +60,36 @@ def test_read_queries_rejects_missing_and_empty_files(tmp_path):
         read_queries(tmp_path / "empty.jsonl")
 
 
+def test_report_renders_as_table_and_strict_json():
+    report = EvalReport(
+        index="ROOT",
+        version="v1",
+        score_kind="influence",
+        faiss_factory="IDMap,Flat",
+        n_examples=3,
+        dim=8,
+        depth=10,
+        ks=[10],
+        n_queries=1,
+        n_with_gold=1,
+        fidelity={"spearman": math.nan, "ann_recall@10": 1.0},
+        methods={"index": MethodReport(0.5, 0.5, {"recall@1": 0.0, "recall@10": 1.0, "mrr": 0.25})},
+        queries=[QueryReport("q1", True, {"ann_recall@10": 1.0}, {"index": 4})],
+    )
+    table = render_table(report)
+    assert "q1" in table and "rank:index" in table
+    assert "0.250" in table  # MRR
+    assert json.loads(render_json(report))["fidelity"]["spearman"] is None  # NaN -> null
+
+
 @pytest.fixture(scope="session")
-def eval_output(demo_artifacts, demo_index_root, tmp_path_factory):
-    """One CLI eval run with every method on a slice of the demo queries: (JSON, plot dir)."""
+def eval_run(demo_artifacts, demo_index_root, tmp_path_factory) -> tuple[int, dict, Path]:
+    """One CLI eval with every method on a spread of the demo queries (every relation):
+    (exit code, JSON report, plot directory)."""
     work = tmp_path_factory.mktemp("eval")
-    lines = demo_artifacts.queries_path.read_text().splitlines()[:N_QUERIES]
+    lines = [line for line in demo_artifacts.queries_path.read_text().splitlines() if line]
     queries = work / "queries.jsonl"
-    queries.write_text("\n".join(lines) + "\n")
+    queries.write_text("\n".join(lines[:: max(1, len(lines) // N_QUERIES)][:N_QUERIES]) + "\n")
     plots = work / "plots"
     argv = [
         "-q",
@@ -71,25 +105,28 @@ def eval_output(demo_artifacts, demo_index_root, tmp_path_factory):
         str(plots),
         "--json",
     ]
-    return argv, plots
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(argv)
+    return code, json.loads(out.getvalue()), plots
 
 
 @pytest.mark.slow
-def test_eval_end_to_end(eval_output, capsys):
-    argv, plots = eval_output
-    assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
+def test_eval_end_to_end(eval_run):
+    code, report, plots = eval_run
+    assert code == 0
     assert report["n_queries"] == N_QUERIES
-    # Floors the current code clears by a wide margin on the demo model; 0 would mean broken.
+    # Floors well under what the current code measures on the demo model (benchmarks/RESULTS.md);
+    # near 0 would mean broken.
     fidelity = report["fidelity"]
-    assert fidelity["spearman"] > 0.5
-    assert fidelity["sketch_recall@10"] > 0.4
+    assert fidelity["spearman"] > 0.2
+    assert fidelity["sketch_recall@10"] > 0.2
     assert fidelity["ann_recall@10"] > 0.95  # the default index is flat for the demo corpus
+    floors = {"index": 0.4, "exact": 0.7, "bm25": 0.8, "grad-cosine": 0.6}
     methods = report["methods"]
-    assert set(methods) == {"index", "exact", "bm25", "grad-cosine"}
-    assert methods["index"]["fact"]["recall@10"] > 0.5
-    assert methods["exact"]["fact"]["recall@10"] > 0.5
-    assert methods["bm25"]["fact"]["recall@10"] > 0.5
-    assert all(m["seconds"] > 0 for m in methods.values())
+    assert set(methods) == set(floors)
+    for name, floor in floors.items():
+        assert methods[name]["fact"]["recall@10"] > floor, name
+        assert methods[name]["seconds"] > 0
     assert len(report["fidelity_curves"]["sketch"]) == report["depth"]
     assert {p.name for p in plots.iterdir()} >= {"fact-recall.png", "scatter-1.png"}
