@@ -113,8 +113,8 @@ def test_fact_queries_find_documents_stating_the_fact(served, demo_queries) -> N
         assert scores == sorted(scores, reverse=True)
         assert all(i.text for i in response.influences)
         found += any(i.doc_id in query["gold"] for i in response.influences)
-    # Retrieval quality is measured by the evaluation; here one fact found shows the wiring.
-    assert found >= 1, f"no gold document in the top 10 of {len(checked)} fact queries"
+    # The default (cosine) index traced all 48 demo facts in benchmarks/RESULTS.md; allow a miss.
+    assert found >= len(checked) - 1, f"gold in the top 10 of only {found}/{len(checked)} queries"
 
 
 def test_health_and_info(served) -> None:
