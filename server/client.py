@@ -205,7 +205,7 @@ def format_token_attribution(attribution: pb.TokenAttribution, *, color: bool = 
     """
     header = (
         f"example {attribution.example_id} (doc {attribution.doc_id}), "
-        f"total {attribution.total:+.4g}"
+        f"influence {attribution.total:+.4g} (sum over its tokens)"
     )
     peak = max((abs(s) for s in attribution.scores), default=0.0)
     pieces = [
