@@ -175,3 +175,8 @@ def test_killed_build_leaves_current_serving(tmp_path, tiny_model_dir, small_cor
     build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
     assert read_current(root) != before[0]
     assert not list((root / VERSIONS).glob(".staging-*"))
+
+
+def test_threads_must_be_positive(tmp_path, capsys):
+    assert main(["--threads", "0", "info", "--index", str(tmp_path)]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
