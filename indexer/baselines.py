@@ -112,7 +112,7 @@ class GradientCosine:
     def __init__(self, loaded: LoadedModel, examples: list[Example], config: GradientCosineConfig):
         modules = tracked_modules(loaded.model, config.modules)
         # Full per-example gradients, like the exact scorer's (whose bound also counts factors).
-        need = required_bytes(loaded.model, modules, config.batch_size, n_queries=64)
+        need = required_bytes(modules, config.batch_size, n_queries=64)
         if need > config.memory_limit_bytes:
             raise ResourceLimitError(
                 f"gradient cosine needs ~{need / 2**30:.1f} GiB of full gradients, over the limit "

@@ -33,7 +33,7 @@ class ExactConfig:
     progress: bool = False
 
 
-def required_bytes(model: torch.nn.Module, modules: dict, batch_size: int, n_queries: int) -> int:
+def required_bytes(modules: dict, batch_size: int, n_queries: int) -> int:
     """float32 bytes for full factors, a batch of per-example gradients (x3 in flight), queries."""
     total = 0
     for module in modules.values():
@@ -51,7 +51,7 @@ class ExactScorer:
         self.loaded = loaded
         self.config = config
         modules = tracked_modules(loaded.model, config.modules)
-        need = required_bytes(loaded.model, modules, config.batch_size, n_queries=64)
+        need = required_bytes(modules, config.batch_size, n_queries=64)
         if need > config.memory_limit_bytes:
             raise ResourceLimitError(
                 f"exact EK-FAC factors need ~{need / 2**30:.1f} GiB, over the limit of "
