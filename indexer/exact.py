@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from indexer.config import CurvatureConfig
 from indexer.corpus import Example
