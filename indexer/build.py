@@ -117,11 +117,12 @@ def _write_vectors(
     norms, losses = np.zeros(n), np.zeros(n)
     for rows, capture in example_pass.run(list(range(n)), "data", "sketch corpus"):
         block = curvature.vectors(capture).cpu()
-        vectors[rows] = block.numpy().astype(np.float16)
+        stored = block.numpy().astype(np.float16)
+        if not np.isfinite(stored).all():
+            raise InvalidInputError("preconditioned vectors overflow float16: raise --damping")
+        vectors[rows] = stored
         norms[rows] = block.double().norm(dim=1).numpy()
         losses[rows] = capture.losses.cpu().numpy()
-    if not np.isfinite(vectors).all():
-        raise InvalidInputError("preconditioned vectors overflow float16: raise --damping")
     vectors.flush()
     return vectors, norms, losses
 
