@@ -49,7 +49,7 @@ def bare_forward_backward_seconds(model_dir: Path, corpus: Path, batch_size: int
 def build_with_cli(
     model_dir: Path, corpus: Path, out: Path, batch_size: int, threads: int, extra: list[str]
 ):
-    command = [sys.executable, "-m", "indexer.cli", "--quiet", "build", "--model", str(model_dir),
+    command = [sys.executable, "-m", "server.cli", "--quiet", "build", "--model", str(model_dir),
                "--data", str(corpus), "--out", str(out), "--batch-size", str(batch_size),
                "--json", *extra]  # fmt: skip
     start = time.perf_counter()

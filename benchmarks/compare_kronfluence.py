@@ -24,7 +24,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +40,13 @@ from transformers.pytorch_utils import Conv1D
 from benchmarks.common import demo_artifacts, emit, synthetic_corpus
 from indexer import metrics
 from indexer.build import build_index
-from indexer.config import BuildConfig, CorpusConfig, CurvatureConfig
+from indexer.config import BuildConfig, CorpusConfig
 from indexer.corpus import Example
-from indexer.evaluate import matching_corpus, read_queries, sketch_scores
+from indexer.engine import QueryEngine
+from indexer.evaluate import matching_corpus, sketch_scores
 from indexer.exact import ExactConfig, ExactScorer
-from indexer.query import EncodedQuery
+from indexer.query import Query, TokenizedQuery, read_queries
 from indexer.sketch import IGNORE, make_batch, summed_nll
-from server.engine import QueryEngine, QueryInput
 
 log = logging.getLogger("compare_kronfluence")
 
@@ -158,15 +158,15 @@ def timed(fn, *args, **kwargs) -> Timed:
 def kronfluence_scores(
     engine: QueryEngine,
     examples: list[Example],
-    encoded: list[EncodedQuery],
+    encoded: list[TokenizedQuery],
     work: Path,
     config: CompareConfig,
 ) -> dict:
     """Fit kronfluence's EK-FAC on the corpus, then a pairwise pass for all queries (scores
     `[Q, N]`) and one for a single query; their times."""
     loaded = engine.loaded
-    names = [m["name"] for m in engine.manifest["modules"]]
-    fit_examples = engine.manifest["curvature"]["fit_examples"]
+    names = [m.name for m in engine.manifest.modules]
+    fit_examples = engine.manifest.curvature.fit_examples
     task = LanguageModelTask(names)
     model = prepare_model(linear_copy(loaded.model, names), task)
     analyzer = Analyzer(
@@ -217,12 +217,12 @@ def kronfluence_scores(
 def exact_scores(
     engine: QueryEngine,
     examples: list[Example],
-    encoded: list[EncodedQuery],
+    encoded: list[TokenizedQuery],
     seed: int,
     config: CompareConfig,
 ) -> np.ndarray:
     """Exact EK-FAC scores `[Q, N]` with the index's curvature settings and this label seed."""
-    curvature = CurvatureConfig(**{**engine.manifest["curvature"], "seed": seed})
+    curvature = replace(engine.manifest.curvature, seed=seed)
     exact_config = ExactConfig(curvature, batch_size=config.batch_size, progress=config.progress)
     return ExactScorer(engine.loaded, examples, exact_config).score(encoded)
 
@@ -237,16 +237,16 @@ def agreement(a: np.ndarray, b: np.ndarray, k: int) -> dict[str, float]:
     }
 
 
-def query_latency(engine: QueryEngine, queries: list[QueryInput], k: int) -> list[float]:
+def query_latency(engine: QueryEngine, queries: list[Query]) -> list[float]:
     """Seconds per query through the service path, one query at a time, after a warm-up."""
-    engine.query(queries[:1], top_k=k)
-    return [timed(engine.query, [q], top_k=k).seconds for q in queries]
+    engine.query(queries[:1])
+    return [timed(engine.query, [q]).seconds for q in queries]
 
 
 def run(config: CompareConfig) -> dict:
     artifacts = demo_artifacts()
     queries = read_queries(artifacts.queries_path)
-    inputs = [QueryInput(q.prompt, q.completion) for q in queries]
+    inputs = [replace(q.query, top_k=config.k) for q in queries]
     with tempfile.TemporaryDirectory(prefix="kronfluence-") as tmp:
         work = Path(tmp)
         corpus = artifacts.corpus_path
@@ -264,11 +264,11 @@ def run(config: CompareConfig) -> dict:
         )
         engine = QueryEngine.open(work / "index")
         examples = matching_corpus(engine, None)
-        encoded = [engine.encode(q) for q in inputs]
-        latency = query_latency(engine, inputs, config.k)
+        encoded = [engine.prepare(q) for q in inputs]
+        latency = query_latency(engine, inputs)
         index_scores = sketch_scores(engine.vectors, engine.query_vectors(encoded)).dots
         kron = kronfluence_scores(engine, examples, encoded, work / "kronfluence", config)
-        seed = engine.manifest["curvature"]["seed"]
+        seed = engine.manifest.curvature.seed
         exact = [
             timed(exact_scores, engine, examples, encoded, s, config)
             for s in ((seed, seed + 1) if config.with_exact else ())
@@ -278,7 +278,7 @@ def run(config: CompareConfig) -> dict:
     result = {
         "n_examples": len(examples),
         "n_queries": len(queries),
-        "modules": len(engine.manifest["modules"]),
+        "modules": len(engine.manifest.modules),
         "index": {
             "build_seconds": build.seconds,
             "build_phases": build.value.seconds,

@@ -26,18 +26,18 @@ import numpy as np
 import torch
 
 from benchmarks.common import CACHE, demo_artifacts, emit, synthetic_corpus
-from indexer.evaluate import QuerySpec, read_queries
+from indexer.engine import QueryEngine
 from indexer.publish import read_current
+from indexer.query import LabeledQuery, read_queries
 from indexer.sketch import summed_nll
 from server.client import InfluenceClient
-from server.engine import QueryEngine, QueryInput
 
 
 def ensure_index(documents: int, batch_size: int) -> Path:
     root = CACHE / f"bench-index-{documents}"
     if read_current(root) is None:
         corpus = synthetic_corpus(CACHE / f"bench-corpus-{documents}.jsonl", documents)
-        command = [sys.executable, "-m", "indexer.cli", "build", "--model",
+        command = [sys.executable, "-m", "server.cli", "build", "--model",
                    str(demo_artifacts().model_dir), "--data", str(corpus), "--out", str(root),
                    "--batch-size", str(batch_size), "--no-vectors"]  # fmt: skip
         subprocess.run(command, check=True)
@@ -50,14 +50,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bare_floor_ms(root: Path, queries: list[QuerySpec]) -> dict:
+def bare_floor_ms(root: Path, queries: list[LabeledQuery]) -> dict:
     """Per query: forward/backward with parameter gradients, and the FAISS search alone."""
     engine = QueryEngine.open(root)
     model = engine.loaded.model
     model.requires_grad_(True)
     gradient_ms, search_ms = [], []
     for query in queries:
-        encoded = engine.encode(QueryInput(query.prompt, query.completion))
+        encoded = engine.prepare(query.query)
         ids = torch.tensor([encoded.token_ids])
         targets = torch.full_like(ids, -100)
         targets[0, encoded.loss_start :] = ids[0, encoded.loss_start :]
@@ -66,9 +66,7 @@ def bare_floor_ms(root: Path, queries: list[QuerySpec]) -> dict:
         gradient_ms.append((time.perf_counter() - start) * 1e3)
         model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
-    vectors = engine.query_vectors(
-        [engine.encode(QueryInput(q.prompt, q.completion)) for q in queries]
-    )
+    vectors = engine.query_vectors([engine.prepare(q.query) for q in queries])
     for row in vectors:
         start = time.perf_counter()
         engine.index.search(row[None, :], 10)
@@ -80,18 +78,20 @@ def bare_floor_ms(root: Path, queries: list[QuerySpec]) -> dict:
     }
 
 
-def timed_queries(target: str, queries: list[QuerySpec], n: int, offset: int) -> list[float]:
+def timed_queries(target: str, queries: list[LabeledQuery], n: int, offset: int) -> list[float]:
     with InfluenceClient(target) as client:
         latencies = []
         for i in range(n):
             q = queries[(offset + i) % len(queries)]
             start = time.perf_counter()
-            client.query(q.prompt, q.completion, top_k=10, include_text=False)
+            client.query(q.query.prompt, q.query.completion, top_k=10, include_text=False)
             latencies.append((time.perf_counter() - start) * 1e3)
     return latencies
 
 
-def concurrent_rate(target: str, queries: list[QuerySpec], clients: int, per_client: int) -> dict:
+def concurrent_rate(
+    target: str, queries: list[LabeledQuery], clients: int, per_client: int
+) -> dict:
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         runs = list(pool.map(lambda c: timed_queries(target, queries, per_client, c * 7),
@@ -140,7 +140,7 @@ def main() -> None:
     queries = read_queries(demo_artifacts().queries_path)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "indexer.cli", "serve", "--index", str(root), "--port", str(port)],
+        [sys.executable, "-m", "server.cli", "serve", "--index", str(root), "--port", str(port)],
         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
     )
     target = f"127.0.0.1:{port}"

@@ -42,22 +42,27 @@ from benchmarks.common import demo_artifacts, emit
 from indexer import metrics
 from indexer.baselines import ScoreTarget, StreamedScores, flat_gradients, stream_scores
 from indexer.build import build_index
-from indexer.config import BuildConfig, CorpusConfig, CurvatureConfig, SketchConfig, StoreConfig
+from indexer.config import (
+    BuildConfig,
+    CorpusConfig,
+    CurvatureConfig,
+    SketchConfig,
+    StoreConfig,
+    example_max_length,
+)
 from indexer.corpus import Example, load_corpus
-from indexer.curvature import Curvature
+from indexer.curvature import Curvature, rotate
+from indexer.engine import QueryEngine
 from indexer.evaluate import (
-    QuerySpec,
     exact_influence_target,
     json_safe,
-    read_queries,
     sketch_scores,
 )
 from indexer.exact import ExactConfig, ExactScorer
-from indexer.model import DEFAULT_MAX_LENGTH, LoadedModel, load_model
-from indexer.query import EncodedQuery, encode_query, query_capture
+from indexer.model import LoadedModel, load_model
+from indexer.query import LabeledQuery, TokenizedQuery, query_capture, read_queries, tokenize_query
 from indexer.sketch import Capture, gaussian_projection
 from indexer.store import write_faiss
-from server.engine import QueryEngine
 
 log = logging.getLogger("sweep")
 
@@ -92,8 +97,8 @@ class Setup:
     corpus_path: Path
     loaded: LoadedModel
     examples: list[Example]
-    queries: list[QuerySpec]
-    encoded: list[EncodedQuery]
+    queries: list[LabeledQuery]
+    encoded: list[TokenizedQuery]
 
     @property
     def doc_ids(self) -> list[str]:
@@ -127,13 +132,10 @@ class Measured:
 def load_setup() -> Setup:
     artifacts = demo_artifacts()
     loaded = load_model(artifacts.model_dir)
-    max_length = min(loaded.context_length, DEFAULT_MAX_LENGTH)
+    max_length = example_max_length(None, loaded.context_length)
     corpus = load_corpus(CorpusConfig(str(artifacts.corpus_path)), loaded.tokenizer, max_length)
     queries = read_queries(artifacts.queries_path)
-    encoded = [
-        encode_query(loaded.tokenizer, q.prompt, q.completion, loaded.context_length)
-        for q in queries
-    ]
+    encoded = [tokenize_query(loaded.tokenizer, q.query, loaded.context_length) for q in queries]
     return Setup(
         artifacts.model_dir, artifacts.corpus_path, loaded, corpus.examples, queries, encoded
     )
@@ -194,7 +196,8 @@ def whitened_fold(
         p = gaussian_projection(name, named[name], rank, rank, SketchConfig.seed)
         rotated = exact_queries[:, slices[name]].view(-1, *module.eigvals.shape)
         whitened = module.eigvecs_b @ rotated @ module.eigvecs_a.T
-        parts.append(module.rotate(p.P.T @ p.P @ whitened @ p.R.T @ p.R).flatten(1))
+        projected = p.P.T @ p.P @ whitened @ p.R.T @ p.R
+        parts.append(rotate(projected, module.eigvecs_a, module.eigvecs_b).flatten(1))
     return torch.cat(parts, dim=1)
 
 
@@ -265,7 +268,7 @@ def fidelity(scores: np.ndarray, exact: np.ndarray, k: int) -> tuple[float, floa
     return spearman, recall
 
 
-def fact_recall(rankings: list[list[str]], queries: list[QuerySpec], k: int) -> float:
+def fact_recall(rankings: list[list[str]], queries: list[LabeledQuery], k: int) -> float:
     """Mean recall@k of the first gold document over the queries that have gold."""
     return metrics.mean(
         metrics.recall_at_k(metrics.first_gold_rank(r, q.gold), k)

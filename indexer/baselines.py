@@ -13,16 +13,14 @@ from functools import partial
 
 import numpy as np
 import torch
-from rank_bm25 import BM25Okapi
 from torch import Tensor
 
 from indexer.corpus import Example
-from indexer.errors import ResourceLimitError
-from indexer.exact import DEFAULT_MEMORY_LIMIT, required_bytes
-from indexer.model import LoadedModel, tracked_modules
+from indexer.exact import DEFAULT_MEMORY_LIMIT, full_gradient_sketcher
+from indexer.model import LoadedModel
 from indexer.passes import ExamplePass
-from indexer.query import EncodedQuery, query_capture
-from indexer.sketch import Capture, GradientSketcher, Projection
+from indexer.query import TokenizedQuery, query_capture
+from indexer.sketch import Capture
 
 _WORD = re.compile(r"\w+")
 
@@ -36,6 +34,8 @@ class BM25Scorer:
     """Okapi BM25 over the examples' texts (one chunk = one BM25 document)."""
 
     def __init__(self, texts: Sequence[str]):
+        from rank_bm25 import BM25Okapi  # the `eval` extra; the serving install leaves it out
+
         self._bm25 = BM25Okapi([words(t) for t in texts])
 
     def score(self, queries: Sequence[str]) -> np.ndarray:
@@ -110,23 +110,16 @@ class GradientCosine:
     """
 
     def __init__(self, loaded: LoadedModel, examples: list[Example], config: GradientCosineConfig):
-        modules = tracked_modules(loaded.model, config.modules)
-        # Full per-example gradients, like the exact scorer's (whose bound also counts factors).
-        need = required_bytes(modules, config.batch_size, n_queries=64)
-        if need > config.memory_limit_bytes:
-            raise ResourceLimitError(
-                f"gradient cosine needs ~{need / 2**30:.1f} GiB of full gradients, over the limit "
-                f"of {config.memory_limit_bytes / 2**30:.1f} GiB: it is a baseline for small models"
-            )
-        identity = {name: Projection(None, None) for name in modules}
-        self.sketcher = GradientSketcher(loaded.model, modules, identity)
+        self.sketcher = full_gradient_sketcher(
+            loaded, config.modules, config.batch_size, config.memory_limit_bytes, "gradient cosine"
+        )
         self.pad_id = loaded.tokenizer.pad_token_id
         no_sampling = 0  # the pass uses the data's labels, so the label-sampling seed is unused
         self.pass_ = ExamplePass(
             self.sketcher, examples, self.pad_id, config.batch_size, no_sampling, config.progress
         )
 
-    def score(self, queries: list[EncodedQuery]) -> np.ndarray:
+    def score(self, queries: list[TokenizedQuery]) -> np.ndarray:
         """Cosine similarities `[n_queries, N]`."""
         names = list(self.sketcher.modules)
         q = flat_gradients(query_capture(self.sketcher, queries, self.pad_id), names)

@@ -6,18 +6,28 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from indexer import __version__
-from indexer.config import SCORE_KINDS, BuildConfig
+from indexer.config import BuildConfig, ScoreKind, example_max_length
 from indexer.corpus import Corpus, load_corpus
 from indexer.curvature import Curvature, fit_curvature, subsample
 from indexer.errors import InvalidInputError
-from indexer.model import DEFAULT_MAX_LENGTH, LoadedModel, load_model, module_shape, tracked_modules
+from indexer.manifest import (
+    CURVATURE_FILE,
+    INDEX_FILE,
+    METADATA_FILE,
+    VECTORS_FILE,
+    Counts,
+    Manifest,
+    ModelIdentity,
+    ModuleLayout,
+)
+from indexer.model import LoadedModel, load_model, module_shape, tracked_modules
 from indexer.passes import ExamplePass
 from indexer.publish import (
     build_lock,
@@ -28,16 +38,7 @@ from indexer.publish import (
     write_manifest,
 )
 from indexer.sketch import GradientSketcher, gaussian_projection
-from indexer.store import (
-    CURVATURE_FILE,
-    INDEX_FILE,
-    METADATA_FILE,
-    VECTORS_FILE,
-    default_factory,
-    open_vectors,
-    write_faiss,
-    write_metadata,
-)
+from indexer.store import default_factory, open_vectors, write_faiss, write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,15 @@ def _timed(seconds: dict[str, float], phase: str):
 
 def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
     """Validate options against the model; return the max example length in tokens."""
-    if config.store.score not in SCORE_KINDS:
-        raise InvalidInputError(f"--score must be one of {', '.join(SCORE_KINDS)}")
+    if config.store.score not in tuple(ScoreKind):
+        raise InvalidInputError(f"--score must be one of {', '.join(map(str, ScoreKind))}")
     if config.batch_size < 1:
         raise InvalidInputError("--batch-size must be at least 1")
     if min(config.sketch.rank_in, config.sketch.rank_out) < 1:
         raise InvalidInputError("--rank-in and --rank-out must be at least 1")
     if config.curvature.damping <= 0:
         raise InvalidInputError("--damping must be positive")
-    max_length = config.corpus.max_length or min(loaded.context_length, DEFAULT_MAX_LENGTH)
+    max_length = example_max_length(config.corpus.max_length, loaded.context_length)
     if not 2 <= max_length <= loaded.context_length:
         raise InvalidInputError(
             f"--max-length {max_length} must be between 2 and the model's context "
@@ -128,40 +129,38 @@ def _write_vectors(
 
 
 def _manifest(
-    state: _BuildState, curvature: Curvature, factory: str, version: str, summary: BuildSummary
-) -> dict:
+    state: _BuildState, curvature: Curvature, factory: str, summary: BuildSummary
+) -> Manifest:
     config, loaded, corpus = state.config, state.loaded, state.corpus
-    slices = curvature.layer_slices()
-    return {
-        "version": version,
-        "created": datetime.now(timezone.utc).isoformat(),
-        "code_version": __version__,
-        "model": {
-            "path": str(loaded.model_dir.resolve()),
-            "weights_sha256": loaded.weights_sha256,
-            "tokenizer_sha256": loaded.tokenizer_sha256,
-            "context_length": loaded.context_length,
-        },
-        "modules": [
-            {"name": n, "start": s.start, "stop": s.stop, **asdict(module_shape(state.modules[n]))}
-            for n, s in slices.items()
-        ],
-        "sketch": asdict(config.sketch),
-        "curvature": asdict(config.curvature),
-        "corpus": {**asdict(config.corpus), "max_length": state.max_length},
-        "score": config.store.score,
-        "index_factory": factory,
-        "nprobe": config.store.nprobe,
-        "dim": curvature.dim,
-        "vectors_stored": config.store.keep_vectors,
-        "counts": {
-            "documents": corpus.n_documents,
-            "examples": len(corpus.examples),
-            "empty_skipped": corpus.n_empty_skipped,
-            "tokens": summary.n_tokens,
-        },
-        "build_seconds": summary.seconds,
-    }
+    return Manifest(
+        created=datetime.now(timezone.utc).isoformat(),
+        code_version=__version__,
+        model=ModelIdentity(
+            path=str(loaded.model_dir.resolve()),
+            weights_sha256=loaded.weights_sha256,
+            tokenizer_sha256=loaded.tokenizer_sha256,
+            context_length=loaded.context_length,
+        ),
+        modules=tuple(
+            ModuleLayout(n, s.start, s.stop, **asdict(module_shape(state.modules[n])))
+            for n, s in curvature.layer_slices().items()
+        ),
+        corpus=replace(config.corpus, max_length=state.max_length),
+        sketch=config.sketch,
+        curvature=config.curvature,
+        score=ScoreKind(config.store.score),
+        index_factory=factory,
+        nprobe=config.store.nprobe,
+        dim=curvature.dim,
+        vectors_stored=config.store.keep_vectors,
+        counts=Counts(
+            documents=corpus.n_documents,
+            examples=len(corpus.examples),
+            empty_skipped=corpus.n_empty_skipped,
+            tokens=summary.n_tokens,
+        ),
+        build_seconds=summary.seconds,
+    )
 
 
 @dataclass
@@ -230,7 +229,9 @@ def _write_version(state: _BuildState, staging: Path, version: str) -> BuildSumm
     ids = np.array([e.example_id for e in corpus.examples], dtype=np.int64)
     with _timed(seconds, "index"):
         try:
-            write_faiss(vectors, ids, factory, config.store.score == "cosine", staging / INDEX_FILE)
+            write_faiss(
+                vectors, ids, factory, config.store.score == ScoreKind.COSINE, staging / INDEX_FILE
+            )
         except ValueError as e:
             raise InvalidInputError(str(e)) from e
         write_metadata(
@@ -252,5 +253,5 @@ def _write_version(state: _BuildState, staging: Path, version: str) -> BuildSumm
         vectors_bytes_per_example=2.0 * curvature.dim if config.store.keep_vectors else 0.0,
         seconds=seconds,
     )
-    write_manifest(staging, _manifest(state, curvature, factory, version, summary))
+    write_manifest(staging, _manifest(state, curvature, factory, summary))
     return summary

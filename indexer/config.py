@@ -1,11 +1,35 @@
-"""Configuration dataclasses: what defines an index (stored in its manifest) and how to build it."""
+"""Configuration dataclasses: what defines an index (stored in its manifest) and how to build it.
+
+The command line takes its defaults from these classes, so a default is stated once.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 
-SCORE_KINDS = ("influence", "cosine")
+DEFAULT_MAX_LENGTH = 512  # tokens per example when the model's context is longer
+
+
+class ScoreKind(str, Enum):
+    """How hits are ranked: raw EK-FAC influence (inner product) or cosine of the sketches."""
+
+    INFLUENCE = "influence"
+    COSINE = "cosine"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def default_of(cls: type, name: str) -> object:
+    """The declared default of dataclass field `name` (for command-line defaults)."""
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def example_max_length(requested: int | None, context_length: int) -> int:
+    """Tokens per example: `requested`, or the model's context capped at DEFAULT_MAX_LENGTH."""
+    return requested or min(context_length, DEFAULT_MAX_LENGTH)
 
 
 @dataclass(frozen=True)
@@ -41,7 +65,7 @@ class CurvatureConfig:
 class StoreConfig:
     """How vectors are indexed and kept."""
 
-    score: str = "cosine"  # retrieval by cosine traces facts better (benchmarks/RESULTS.md)
+    score: ScoreKind = ScoreKind.COSINE  # traces facts better (benchmarks/RESULTS.md)
     index_factory: str | None = None  # None = chosen from the corpus size
     nprobe: int = 32  # inverted lists scanned per query (IVF indexes only)
     keep_vectors: bool = True  # vectors.f16, for exact rescoring and layer-wise scores
@@ -59,8 +83,3 @@ class BuildConfig:
     batch_size: int = 16
     device: str = "cpu"
     progress: bool = True
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["model"], d["out"] = str(self.model), str(self.out)
-        return d

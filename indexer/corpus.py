@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from indexer.config import CorpusConfig
 from indexer.errors import InvalidInputError
+from indexer.hashing import int63
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ class Corpus:
 
 def example_id(doc_id: str, chunk: int) -> int:
     """A stable non-negative int63 id: the same document chunk keeps its id across rebuilds."""
-    digest = hashlib.sha256(f"{doc_id}\x1f{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return int63(doc_id, chunk)
 
 
 def _matching_files(pattern: str) -> list[Path]:

@@ -22,6 +22,11 @@ from indexer.passes import ExamplePass
 from indexer.sketch import Capture, Projection
 
 
+def rotate(sketches: Tensor, eigvecs_a: Tensor, eigvecs_b: Tensor) -> Tensor:
+    """`U_Bᵀ S U_A` for `S [batch, r_out, r_in]`: sketches in the Kronecker eigenbasis."""
+    return eigvecs_b.T @ sketches @ eigvecs_a
+
+
 @dataclass
 class ModuleCurvature:
     """EK-FAC factors of one module: `U_A [r_in, r_in]`, `U_B [r_out, r_out]`, `Λ [r_out, r_in]`."""
@@ -40,13 +45,9 @@ class ModuleCurvature:
     def inverse_sqrt(self) -> Tensor:
         return (self.eigvals + self.damping).rsqrt()
 
-    def rotate(self, sketches: Tensor) -> Tensor:
-        """`U_Bᵀ S U_A` for `S [batch, r_out, r_in]`."""
-        return self.eigvecs_b.T @ sketches @ self.eigvecs_a
-
     def precondition(self, sketches: Tensor) -> Tensor:
         """`[batch, r_out, r_in]` -> `[batch, r_out * r_in]`, rotated and scaled by `(Λ+λ)^-1/2`."""
-        return (self.rotate(sketches) * self.inverse_sqrt).flatten(1)
+        return (rotate(sketches, self.eigvecs_a, self.eigvecs_b) * self.inverse_sqrt).flatten(1)
 
     def unrotate(self, vectors: Tensor) -> Tensor:
         """Map preconditioned vectors `[batch, r_out * r_in]` back to `U_B (v / sqrt(Λ+λ)) U_Aᵀ`.
@@ -167,8 +168,8 @@ class EigenvalueAccumulator:
     def add(self, capture: Capture) -> None:
         for name, sketch in capture.sketches().items():
             eig_a, eig_b = self.bases[name]
-            rotated = eig_b.T @ sketch @ eig_a
-            self.sums[name] = self.sums.get(name, 0) + rotated.double().pow(2).sum(dim=0)
+            rotated = rotate(sketch, eig_a, eig_b).double()
+            self.sums[name] = self.sums.get(name, 0) + rotated.pow(2).sum(dim=0)
         self.examples += next(iter(capture.activations.values())).shape[0]
 
     def finish(self, projections: dict[str, Projection], damping: float) -> Curvature:

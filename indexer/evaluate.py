@@ -11,13 +11,12 @@ exact) and *compression* error (FAISS vs exhaustive search over the stored sketc
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -36,13 +35,13 @@ from indexer.baselines import (
     flat_gradients,
     stream_scores,
 )
-from indexer.config import CorpusConfig, CurvatureConfig
+from indexer.config import ScoreKind
 from indexer.corpus import Example, load_corpus
 from indexer.curvature import Curvature
+from indexer.engine import QueryEngine
 from indexer.errors import InvalidInputError
 from indexer.exact import DEFAULT_MEMORY_LIMIT, ExactConfig, ExactScorer
-from indexer.query import EncodedQuery, query_vectors
-from server.engine import QueryEngine, QueryInput
+from indexer.query import LabeledQuery, TokenizedQuery, query_vectors
 
 log = logging.getLogger(__name__)
 
@@ -52,60 +51,11 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class QuerySpec:
-    """One evaluation query; `gold` lists the documents known to teach the fact (may be empty)."""
-
-    id: str
-    prompt: str
-    completion: str
-    gold: list[str] = field(default_factory=list)
-
-
-def _query_from_json(record: object, where: str) -> QuerySpec:
-    if not isinstance(record, dict):
-        raise InvalidInputError(f"{where}: expected a JSON object")
-    for key in ("id", "prompt", "completion"):
-        if not isinstance(record.get(key), str | int) or isinstance(record.get(key), bool):
-            raise InvalidInputError(f"{where}: missing or non-string {key!r}")
-    gold = record.get("gold") or []
-    if not isinstance(gold, list) or not all(isinstance(g, str | int) for g in gold):
-        raise InvalidInputError(f"{where}: 'gold' must be a list of document ids")
-    return QuerySpec(
-        str(record["id"]), str(record["prompt"]), str(record["completion"]), [str(g) for g in gold]
-    )
-
-
-def read_queries(path: Path) -> list[QuerySpec]:
-    """Queries from JSONL: `{"id", "prompt", "completion", "gold": [doc ids, optional]}` a line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise InvalidInputError(f"cannot read queries file {path}: {e.strerror}") from e
-    queries, seen = [], set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"{where}: not valid JSON ({e.msg})") from e
-        query = _query_from_json(record, where)
-        if query.id in seen:
-            raise InvalidInputError(f"{where}: duplicate query id {query.id!r}")
-        seen.add(query.id)
-        queries.append(query)
-    if not queries:
-        raise InvalidInputError(f"queries file has no queries: {path}")
-    return queries
-
-
-@dataclass(frozen=True)
 class EvalConfig:
     """What to evaluate and against what."""
 
     index: Path
-    queries: tuple[QuerySpec, ...]
+    queries: tuple[LabeledQuery, ...]
     exact: bool = False
     baselines: tuple[str, ...] = ()
     ks: tuple[int, ...] = (10, 100)  # fidelity: recall of the exact top-k within the top-k
@@ -147,7 +97,7 @@ class EvalReport:
 
     index: str
     version: str
-    score_kind: str
+    score_kind: ScoreKind
     faiss_factory: str
     n_examples: int
     dim: int
@@ -199,9 +149,9 @@ def sketch_scores(
     return StreamedScores(dots, norms)
 
 
-def in_kind(streamed: StreamedScores, query_norms: np.ndarray, kind: str) -> np.ndarray:
+def in_kind(streamed: StreamedScores, query_norms: np.ndarray, kind: ScoreKind) -> np.ndarray:
     """Scores `[Q, N]` in the index's score kind: raw influence or cosine."""
-    return streamed.dots if kind == "influence" else streamed.cosine(query_norms)
+    return streamed.dots if kind == ScoreKind.INFLUENCE else streamed.cosine(query_norms)
 
 
 def exact_influence_target(curvature: Curvature, queries: Tensor) -> ScoreTarget:
@@ -219,9 +169,8 @@ def exact_influence_target(curvature: Curvature, queries: Tensor) -> ScoreTarget
 def matching_corpus(engine: QueryEngine, data: str | None) -> list[Example]:
     """The build's corpus (from the manifest, or `data`), checked row by row against metadata."""
     manifest = engine.manifest
-    corpus_config = CorpusConfig(**{**manifest["corpus"], **({"data": data} if data else {})})
-    max_length = manifest["corpus"]["max_length"]
-    examples = load_corpus(corpus_config, engine.loaded.tokenizer, max_length).examples
+    corpus_config = replace(manifest.corpus, data=data) if data else manifest.corpus
+    examples = load_corpus(corpus_config, engine.loaded.tokenizer, manifest.max_length).examples
     if len(examples) != engine.info.n_examples:
         raise InvalidInputError(
             f"corpus {corpus_config.data} has {len(examples)} examples but the index has "
@@ -254,7 +203,7 @@ class _Session:
         self.config = config
         self.engine = engine
         self.queries = list(config.queries)
-        self.encoded = [self._encode(q) for q in self.queries]
+        self.tokenized = [self._prepare(q) for q in self.queries]
         self.report = EvalReport(
             index=str(config.index),
             version=engine.version,
@@ -269,11 +218,12 @@ class _Session:
             queries=[QueryReport(q.id, bool(q.gold)) for q in self.queries],
         )
 
-    def _encode(self, query: QuerySpec) -> EncodedQuery:
+    def _prepare(self, labeled: LabeledQuery) -> TokenizedQuery:
+        query = replace(labeled.query, top_k=self.config.depth)
         try:
-            return self.engine.encode(QueryInput(query.prompt, query.completion))
+            return self.engine.prepare(query)
         except InvalidInputError as e:
-            raise InvalidInputError(f"query {query.id!r}: {e}") from e
+            raise InvalidInputError(f"query {labeled.id!r}: {e}") from e
 
     def run(self) -> EvalReport:
         if self.config.exact and self.engine.vectors is None:
@@ -305,11 +255,7 @@ class _Session:
 
     def _run_index(self) -> _IndexRun:
         """Each query alone through the service path, as a client would send it."""
-        depth = self.config.depth
-        results = [
-            self.engine.query([QueryInput(q.prompt, q.completion)], top_k=depth)[0]
-            for q in self.queries
-        ]
+        results = [self.engine.answer([tq])[0] for tq in self.tokenized]
         ids = sorted({h.example_id for r in results for h in r.hits})
         row_of = {i: record.row for i, record in self.engine.metadata.lookup(ids).items()}
         return _IndexRun(
@@ -321,7 +267,7 @@ class _Session:
         """The stored sketches' scores `[Q, N]` (what a flat index would return), if stored."""
         if self.engine.vectors is None:
             return None
-        q = self.engine.query_vectors(self.encoded)
+        q = self.engine.query_vectors(self.tokenized)
         streamed = sketch_scores(self.engine.vectors, q)
         scores = in_kind(streamed, np.linalg.norm(q, axis=1), self.report.score_kind)
         self.report.scores["index-sketch"] = scores
@@ -334,16 +280,16 @@ class _Session:
             self.engine.loaded,
             examples,
             ExactConfig(
-                curvature=CurvatureConfig(**manifest["curvature"]),
-                modules=manifest["sketch"]["modules"],
+                curvature=manifest.curvature,
+                modules=manifest.sketch.modules,
                 batch_size=self.config.batch_size,
                 memory_limit_bytes=self.config.memory_limit_bytes,
                 progress=self.config.progress,
             ),
         )
         curvature = scorer.curvature
-        q = query_vectors(scorer.sketcher, curvature, self.encoded, self.engine.pad_id)
-        if self.report.score_kind == "influence":
+        q = query_vectors(scorer.sketcher, curvature, self.tokenized, self.engine.pad_id)
+        if self.report.score_kind == ScoreKind.INFLUENCE:
             target = exact_influence_target(curvature, q)
         else:  # cosine needs every example's preconditioned norm, so precondition each one
             target = ScoreTarget(curvature.vectors, q)
@@ -353,14 +299,14 @@ class _Session:
     def _baseline(self, name: str, examples: list[Example]) -> np.ndarray:
         if name == "bm25":
             bm25 = BM25Scorer([e.text for e in examples])
-            return bm25.score([f"{q.prompt} {q.completion}" for q in self.queries])
+            return bm25.score([f"{q.query.prompt} {q.query.completion}" for q in self.queries])
         gradient_config = GradientCosineConfig(
-            modules=self.engine.manifest["sketch"]["modules"],
+            modules=self.engine.manifest.sketch.modules,
             batch_size=self.config.batch_size,
             memory_limit_bytes=self.config.memory_limit_bytes,
             progress=self.config.progress,
         )
-        return GradientCosine(self.engine.loaded, examples, gradient_config).score(self.encoded)
+        return GradientCosine(self.engine.loaded, examples, gradient_config).score(self.tokenized)
 
     def _full_method(
         self, name: str, compute: Callable[[], np.ndarray], examples: list[Example]
@@ -587,87 +533,3 @@ def _plot_scatter(report: EvalReport, directory: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _baseline_list(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [n for n in names if n not in BASELINES]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown baseline {unknown[0]!r} (choose from {', '.join(BASELINES)})"
-        )
-    return names
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", type=Path, required=True, help="index ROOT")
-    parser.add_argument(
-        "--queries", type=Path, required=True, help="JSONL: id, prompt, completion, gold"
-    )
-    parser.add_argument("--version", help="a version id (default: CURRENT)")
-    parser.add_argument(
-        "--exact", action="store_true", help="compare with exact EK-FAC (small models)"
-    )
-    parser.add_argument(
-        "--baselines",
-        type=_baseline_list,
-        default=(),
-        help="comma list of: " + ", ".join(BASELINES),
-    )
-    parser.add_argument(
-        "-k",
-        "--k",
-        dest="ks",
-        type=_int_list,
-        default=(10, 100),
-        help="fidelity ks (default 10,100)",
-    )
-    parser.add_argument(
-        "--fact-k",
-        dest="fact_ks",
-        type=_int_list,
-        default=(1, 10),
-        help="fact-tracing ks (default 1,10)",
-    )
-    parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG figures into DIR")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--data", help="corpus path or glob, if it moved since the build")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per pass batch")
-    parser.add_argument("--memory-limit-gb", type=float, default=DEFAULT_MEMORY_LIMIT / 2**30)
-    parser.add_argument("--device", default="cpu")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    config = EvalConfig(
-        index=args.index,
-        queries=tuple(read_queries(args.queries)),
-        exact=args.exact,
-        baselines=args.baselines,
-        ks=args.ks,
-        fact_ks=args.fact_ks,
-        version=args.version,
-        data=args.data,
-        batch_size=args.batch_size,
-        memory_limit_bytes=int(args.memory_limit_gb * 2**30),
-        device=args.device,
-        progress=not args.quiet,
-    )
-    report = evaluate(config)
-    plots = write_plots(report, args.plot) if args.plot else []
-    if args.json:
-        print(json.dumps({**report.to_dict(), "plots": [str(p) for p in plots]}, indent=2))
-    else:
-        print(render_table(report))
-        for path in plots:
-            print(f"wrote {path}")
-    return 0

@@ -17,7 +17,7 @@ from indexer.curvature import Curvature, fit_curvature, subsample
 from indexer.errors import ResourceLimitError
 from indexer.model import LoadedModel, module_shape, tracked_modules
 from indexer.passes import ExamplePass
-from indexer.query import EncodedQuery, query_vectors
+from indexer.query import TokenizedQuery, query_vectors
 from indexer.sketch import GradientSketcher, Projection
 
 DEFAULT_MEMORY_LIMIT = 8 << 30
@@ -43,23 +43,31 @@ def required_bytes(modules: dict, batch_size: int, n_queries: int) -> int:
     return 4 * total
 
 
+def full_gradient_sketcher(
+    loaded: LoadedModel, pattern: str | None, batch_size: int, limit_bytes: int, what: str
+) -> GradientSketcher:
+    """A sketcher with identity projections, whose sketches are the full per-example gradients
+    `G`; ResourceLimitError (naming `what`) when those and full factors would not fit."""
+    modules = tracked_modules(loaded.model, pattern)
+    need = required_bytes(modules, batch_size, n_queries=64)
+    if need > limit_bytes:
+        raise ResourceLimitError(
+            f"{what} needs ~{need / 2**30:.1f} GiB for full gradients and factors, over the "
+            f"limit of {limit_bytes / 2**30:.1f} GiB: it is for small models (use the index, or "
+            "fewer modules with --modules)"
+        )
+    return GradientSketcher(loaded.model, modules, {n: Projection(None, None) for n in modules})
+
+
 class ExactScorer:
     """Full-space EK-FAC influence of queries on every example of a corpus."""
 
     def __init__(self, loaded: LoadedModel, examples: list[Example], config: ExactConfig):
         self.loaded = loaded
         self.config = config
-        modules = tracked_modules(loaded.model, config.modules)
-        need = required_bytes(modules, config.batch_size, n_queries=64)
-        if need > config.memory_limit_bytes:
-            raise ResourceLimitError(
-                f"exact EK-FAC factors need ~{need / 2**30:.1f} GiB, over the limit of "
-                f"{config.memory_limit_bytes / 2**30:.1f} GiB: the exact scorer is for small "
-                "models "
-                "(use the index, or fewer modules with --modules)"
-            )
-        identity = {name: Projection(None, None) for name in modules}
-        self.sketcher = GradientSketcher(loaded.model, modules, identity)
+        self.sketcher = full_gradient_sketcher(
+            loaded, config.modules, config.batch_size, config.memory_limit_bytes, "exact EK-FAC"
+        )
         self.pass_ = ExamplePass(
             self.sketcher,
             examples,
@@ -82,7 +90,7 @@ class ExactScorer:
             self._curvature = fit_curvature(self.pass_, rows, self.config.curvature.damping)
         return self._curvature
 
-    def score(self, queries: list[EncodedQuery], rows: list[int] | None = None) -> np.ndarray:
+    def score(self, queries: list[TokenizedQuery], rows: list[int] | None = None) -> np.ndarray:
         """Influence `[n_queries, n_rows]` of each example row (default: all) on each query."""
         curvature = self.curvature
         q = query_vectors(self.sketcher, curvature, queries, self.loaded.tokenizer.pad_token_id)

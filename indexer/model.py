@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -14,12 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
+from indexer.config import DEFAULT_MAX_LENGTH
 from indexer.errors import InvalidInputError
+from indexer.hashing import sha256_files
 
 log = logging.getLogger(__name__)
 
 TRACKABLE_TYPES = (nn.Linear, Conv1D)
-DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,6 @@ class LoadedModel:
     context_length: int
 
 
-def _sha256_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def weight_files(model_dir: Path) -> list[Path]:
     """The model's safetensors files; refuses directories that only hold pickled weights."""
     if not model_dir.is_dir():
@@ -66,12 +57,12 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def weights_sha256(model_dir: Path) -> str:
     """sha256 over the model's safetensors files in name order: the identity of its weights."""
-    return _sha256_files(weight_files(model_dir))
+    return sha256_files(weight_files(model_dir))
 
 
 def tokenizer_sha256(model_dir: Path) -> str:
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
-    return _sha256_files([model_dir / n for n in names if (model_dir / n).is_file()])
+    return sha256_files([model_dir / n for n in names if (model_dir / n).is_file()])
 
 
 def load_model(model_dir: Path | str, device: str = "cpu") -> LoadedModel:

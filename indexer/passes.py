@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from indexer.corpus import Example
-from indexer.sketch import Capture, GradientSketcher, LabelMode, make_batch, stable_seed
+from indexer.hashing import int63
+from indexer.sketch import Capture, GradientSketcher, LabelMode, make_batch
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ExamplePass:
                     [self.examples[r].token_ids for r in chunk],
                     [1] * len(chunk),
                     self.pad_id,
-                    [stable_seed(self.seed, self.examples[r].example_id) for r in chunk],
+                    [int63(self.seed, self.examples[r].example_id) for r in chunk],
                 )
                 yield chunk, self.sketcher.run(batch, labels)
                 bar.update(len(chunk))

@@ -3,46 +3,36 @@
 A reader only ever sees complete versions: the version directory appears by one rename after
 every file and the manifest are written and fsynced, and CURRENT changes by one more rename.
 A build that dies at any point leaves CURRENT and every published version untouched.
+
+Verification starts from the version format, not from what the manifest claims: every file
+the format requires must be listed and match its sha256, listed names stay inside the version
+directory, nothing is a symlink, and the version's id is its directory's name.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
 import secrets
 import shutil
-import time
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
-from indexer.store import MANIFEST_FILE
+from indexer.hashing import sha256_file
+from indexer.manifest import MANIFEST_FILE, FileRecord, Manifest
 
-FORMAT_VERSION = 1
 CURRENT = "CURRENT"
 VERSIONS = "versions"
 STAGING_PREFIX = ".staging-"
-REQUIRED_MANIFEST_KEYS = (
-    "format_version", "version", "created", "model", "modules", "sketch", "curvature", "corpus",
-    "score", "index_factory", "nprobe", "dim", "vectors_stored", "counts", "files",
-)  # fmt: skip
 
 
 def new_version_id() -> str:
     """Sortable by time: `20261128T010203123456Z-1a2b3c`."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,20 +73,17 @@ def staging_dir(root: Path, version_id: str) -> Path:
     return path
 
 
-def write_manifest(staging: Path, manifest: dict) -> dict:
-    """Add the sha256 of every file in `staging` and write manifest.json (fsynced)."""
+def write_manifest(staging: Path, manifest: Manifest) -> Manifest:
+    """Record the sha256 of every file in `staging` and write manifest.json (all fsynced)."""
     files = sorted(p for p in staging.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
     for path in files:
         with path.open("rb") as f:
             os.fsync(f.fileno())
-    full = {
-        **manifest,
-        "format_version": FORMAT_VERSION,
-        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
-    }
-    target = staging / MANIFEST_FILE
-    with target.open("w") as f:
-        json.dump(full, f, indent=2, sort_keys=True)
+    full = manifest.with_files(
+        {p.name: FileRecord(sha256_file(p), p.stat().st_size) for p in files}
+    )
+    with (staging / MANIFEST_FILE).open("w") as f:
+        f.write(full.to_json())
         f.flush()
         os.fsync(f.fileno())
     return full
@@ -148,37 +135,54 @@ def version_dir(root: Path, version_id: str | None = None) -> Path:
     version_id = version_id or read_current(root)
     if version_id is None:
         raise NotFoundError(f"no published index in {root} (no CURRENT file)")
+    if Path(version_id).name != version_id or version_id.startswith("."):
+        raise NotFoundError(f"{version_id!r} is not a version id")
     path = Path(root) / VERSIONS / version_id
     if not path.is_dir():
         raise NotFoundError(f"version {version_id} not found in {root}")
     return path
 
 
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> Manifest:
+    """The manifest of the version in `path`, checked for form (not against the files)."""
     try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
-    except (OSError, ValueError) as e:
+        text = _regular_file(path, MANIFEST_FILE).read_text()
+    except OSError as e:
         raise IndexVerificationError(f"{path.name}: unreadable manifest ({e})") from e
-    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise IndexVerificationError(f"{path.name}: manifest lacks {', '.join(missing)}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexVerificationError(
-            f"{path.name}: format version {manifest.get('format_version')} is not "
-            f"{FORMAT_VERSION}, which this code reads"
-        )
-    return manifest
+    try:
+        return Manifest.from_json(text)
+    except IndexVerificationError as e:
+        raise IndexVerificationError(f"{path.name}: {e}") from e
 
 
-def verify_version(path: Path) -> dict:
-    """Check every file against the manifest's sha256; return the manifest."""
-    started = time.monotonic()
+def verify_version(path: Path) -> Manifest:
+    """Check the version against its format: the manifest is well formed, lists every file the
+    format requires, and every listed file is a regular file inside `path` matching its sha256."""
+    if path.is_symlink() or not path.is_dir():
+        raise IndexVerificationError(f"{path.name}: not a version directory (or a symlink)")
     manifest = read_manifest(path)
-    for name, expected in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise IndexVerificationError(f"{path.name}: {name} is missing")
-        if sha256_file(file) != expected["sha256"]:
+    unlisted = [name for name in manifest.required_files() if name not in manifest.files]
+    if unlisted:
+        raise IndexVerificationError(
+            f"{path.name}: manifest does not list {', '.join(unlisted)}, which the format requires"
+        )
+    for name, expected in manifest.files.items():
+        file = _regular_file(path, name)
+        if file.stat().st_size != expected.bytes or sha256_file(file) != expected.sha256:
             raise IndexVerificationError(f"{path.name}: {name} does not match its sha256")
-    manifest["verify_seconds"] = time.monotonic() - started
     return manifest
+
+
+def _regular_file(version: Path, name: str) -> Path:
+    """`version/name`, refused unless `name` is a plain file name and the file is a regular,
+    non-symlinked file."""
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise IndexVerificationError(f"{version.name}: file name {name!r} leaves the version")
+    file = version / name
+    try:
+        mode = file.lstat().st_mode
+    except FileNotFoundError:
+        raise IndexVerificationError(f"{version.name}: {name} is missing") from None
+    if not stat.S_ISREG(mode):
+        raise IndexVerificationError(f"{version.name}: {name} is not a regular file (symlink?)")
+    return file

@@ -6,7 +6,6 @@ exactly what the exact reference scorer asks for). The same code serves the buil
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from indexer.hashing import int63
 from indexer.model import module_shape
 
 IGNORE = -100
@@ -30,12 +30,6 @@ class Projection:
     R: Tensor | None
 
 
-def stable_seed(*parts: object) -> int:
-    """A seed that depends only on its parts (Python's hash() is salted per process)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
 def gaussian_projection(
     name: str, module: nn.Module, rank_in: int, rank_out: int, seed: int
 ) -> Projection:
@@ -45,7 +39,7 @@ def gaussian_projection(
     """
     shape = module_shape(module)
     device = module.weight.device
-    generator = torch.Generator().manual_seed(stable_seed(seed, name))
+    generator = torch.Generator().manual_seed(int63(seed, name))
     P = torch.randn(rank_out, shape.d_out, generator=generator) / rank_out**0.5
     R = torch.randn(rank_in, shape.d_in, generator=generator) / rank_in**0.5
     return Projection(P.to(device), R.to(device))

@@ -14,12 +14,6 @@ import numpy as np
 
 from indexer.corpus import Example
 
-INDEX_FILE = "index.faiss"
-VECTORS_FILE = "vectors.f16"
-METADATA_FILE = "metadata.duckdb"
-CURVATURE_FILE = "curvature.safetensors"
-MANIFEST_FILE = "manifest.json"
-
 EXACT_INDEX_LIMIT = 50_000  # up to this many examples a flat (exact) index is cheap enough
 ADD_CHUNK_ROWS = 8192
 TRAIN_ROWS_PER_LIST = 40  # k-means training sample per inverted list (FAISS asks for 30-256)

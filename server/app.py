@@ -15,12 +15,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from indexer.engine import QueryEngine
 from indexer.errors import InvalidInputError
 from influence.v1 import influence_pb2, influence_pb2_grpc
 from server.auth import BearerTokenInterceptor, TlsFiles, load_token, server_credentials
 from server.batching import BatcherConfig, MicroBatcher
 from server.dispatch import Dispatcher, WorkItem
-from server.engine import QueryEngine
 from server.metrics import ServerMetrics
 from server.reload import EngineHolder, EngineOpener, Reloader
 from server.servicer import InfluenceServicer, Served, ServiceLimits

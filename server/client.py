@@ -8,11 +8,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from indexer.config import ScoreKind
+from indexer.query import Query
 from influence.v1 import influence_pb2 as pb
 from influence.v1 import influence_pb2_grpc
 from server.auth import read_pem
+from server.messages import query_request
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TARGET = "127.0.0.1:50051"
 
 # Token shading thresholds, as fractions of the largest |score| among the tokens.
 _STRONG = 0.5
@@ -25,32 +30,6 @@ _ANSI = {
     (False, False): "\x1b[31m",
 }
 _ANSI_RESET = "\x1b[0m"
-
-
-def score_kind_value(kind: str | None) -> int:
-    """'influence' / 'cosine' / None (the index's kind) as the proto enum value."""
-    if kind is None:
-        return pb.SCORE_KIND_UNSPECIFIED
-    return pb.ScoreKind.Value(f"SCORE_KIND_{kind.upper()}")
-
-
-def query_request(
-    prompt: str,
-    completion: str,
-    *,
-    top_k: int = 10,
-    score_kind: str | None = None,
-    include_text: bool = True,
-    include_layer_scores: bool = False,
-) -> pb.QueryRequest:
-    return pb.QueryRequest(
-        prompt=prompt,
-        completion=completion,
-        top_k=top_k,
-        score_kind=score_kind_value(score_kind),
-        include_text=include_text,
-        include_layer_scores=include_layer_scores,
-    )
 
 
 class InfluenceClient:
@@ -70,7 +49,7 @@ class InfluenceClient:
         tls_cert_file: Path | None = None,
         tls_key_file: Path | None = None,
         tls_server_name: str | None = None,
-        timeout_s: float | None = 60.0,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         options: list[tuple[str, str | int]] = [
@@ -108,18 +87,13 @@ class InfluenceClient:
         completion: str,
         *,
         top_k: int = 10,
-        score_kind: str | None = None,
+        score_kind: ScoreKind | str | None = None,
         include_text: bool = True,
         include_layer_scores: bool = False,
         timeout_s: float | None = None,
     ) -> pb.QueryResponse:
         request = query_request(
-            prompt,
-            completion,
-            top_k=top_k,
-            score_kind=score_kind,
-            include_text=include_text,
-            include_layer_scores=include_layer_scores,
+            _query(prompt, completion, top_k, score_kind, include_text, include_layer_scores)
         )
         return self._stub.Query(request, **self._call_options(timeout_s))
 
@@ -128,7 +102,7 @@ class InfluenceClient:
         queries: Sequence[tuple[str, str]],
         *,
         top_k: int = 10,
-        score_kind: str | None = None,
+        score_kind: ScoreKind | str | None = None,
         include_text: bool = True,
         include_layer_scores: bool = False,
         timeout_s: float | None = None,
@@ -136,15 +110,8 @@ class InfluenceClient:
         """(prompt, completion) pairs, all with the same options; answers in the same order."""
         request = pb.QueryBatchRequest(
             queries=[
-                query_request(
-                    prompt,
-                    completion,
-                    top_k=top_k,
-                    score_kind=score_kind,
-                    include_text=include_text,
-                    include_layer_scores=include_layer_scores,
-                )
-                for prompt, completion in queries
+                query_request(_query(p, c, top_k, score_kind, include_text, include_layer_scores))
+                for p, c in queries
             ]
         )
         return self._stub.QueryBatch(request, **self._call_options(timeout_s))
@@ -177,6 +144,18 @@ class InfluenceClient:
             "timeout": timeout_s if timeout_s is not None else self._timeout_s,
             "metadata": self._metadata,
         }
+
+
+def _query(
+    prompt: str,
+    completion: str,
+    top_k: int,
+    score_kind: ScoreKind | str | None,
+    include_text: bool,
+    include_layer_scores: bool,
+) -> Query:
+    kind = None if score_kind is None else ScoreKind(score_kind)
+    return Query(prompt, completion, top_k, kind, include_text, include_layer_scores)
 
 
 def format_query_table(response: pb.QueryResponse, *, excerpt_chars: int = 72) -> str:

@@ -22,7 +22,7 @@ from indexer.errors import InfluenceIndexError
 from indexer.publish import read_current
 
 if TYPE_CHECKING:
-    from server.engine import QueryEngine
+    from indexer.engine import QueryEngine
 
 log = logging.getLogger(__name__)
 

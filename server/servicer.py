@@ -1,6 +1,7 @@
-"""gRPC InfluenceService: converts messages, queues work on the batcher, maps errors to codes.
+"""gRPC InfluenceService: validates and converts requests, has the engine prepare each query,
+queues the work on the batcher, converts results back and maps errors to status codes.
 
-No math here: queries run in server.dispatch on the batcher's worker thread.
+No math here: passes through the model run in server.dispatch on the batcher's worker thread.
 """
 
 from __future__ import annotations
@@ -10,37 +11,31 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from indexer.errors import InvalidInputError, NotFoundError, ResourceLimitError
+from indexer.query import Query, TokenizedQuery
 from influence.v1 import influence_pb2 as pb
 from influence.v1 import influence_pb2_grpc
+from server import messages
 from server.batching import BatcherClosed, DeadlineExceeded, MicroBatcher, Overloaded
 from server.dispatch import (
     AttributionWork,
-    QueryOptions,
     QueryWork,
     ServedAttribution,
     ServedQuery,
     WorkItem,
 )
-from server.engine import Hit, QueryInput, TokenAttribution
 from server.metrics import ServerMetrics
 from server.reload import EngineHolder, NoEngineError, Reloader
-
-if TYPE_CHECKING:
-    from server.engine import IndexInfo
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 Served = ServedQuery | ServedAttribution
-
-SCORE_KINDS = {"influence": pb.SCORE_KIND_INFLUENCE, "cosine": pb.SCORE_KIND_COSINE}
-_KIND_NAMES = {value: name for name, value in SCORE_KINDS.items()}
 
 # gRPC reports "no deadline" as about 2**63 seconds away, beyond what a wait accepts.
 _NO_DEADLINE_S = 1e9
@@ -127,9 +122,8 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
 
     def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         start = time.monotonic()
-        work = self._query_work(request, label="")
-        (served,) = self._run([work], context)
-        return self._query_response(served, work.options, start)
+        (served,) = self._run([QueryWork(self._prepare(request, label=""))], context)
+        return self._query_response(served, start)
 
     def _query_batch(
         self, request: pb.QueryBatchRequest, context: grpc.ServicerContext
@@ -138,13 +132,12 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         n, limit = len(request.queries), self._limits.max_queries_per_batch
         if not 1 <= n <= limit:
             raise InvalidInputError(f"QueryBatch takes 1 to {limit} queries, got {n}")
-        work = [self._query_work(q, label=f"queries[{i}]: ") for i, q in enumerate(request.queries)]
+        work = [
+            QueryWork(self._prepare(q, label=f"queries[{i}]: "))
+            for i, q in enumerate(request.queries)
+        ]
         served = self._run(work, context)
-        return pb.QueryBatchResponse(
-            responses=[
-                self._query_response(s, w.options, start) for s, w in zip(served, work, strict=True)
-            ]
-        )
+        return pb.QueryBatchResponse(responses=[self._query_response(s, start) for s in served])
 
     def _attribute(
         self, request: pb.AttributeTokensRequest, context: grpc.ServicerContext
@@ -152,12 +145,10 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         n, limit = len(request.example_ids), self._limits.max_attribution_examples
         if not 1 <= n <= limit:
             raise InvalidInputError(f"AttributeTokens takes 1 to {limit} example_ids, got {n}")
-        work = AttributionWork(
-            QueryInput(request.prompt, request.completion), tuple(request.example_ids)
-        )
-        (served,) = self._run([work], context)
+        query = self._tokenize(Query(request.prompt, request.completion), label="")
+        (served,) = self._run([AttributionWork(query, tuple(request.example_ids))], context)
         return pb.AttributeTokensResponse(
-            attributions=[_attribution_message(a) for a in served.attributions],
+            attributions=[messages.attribution_message(a) for a in served.attributions],
             index_version=served.version,
         )
 
@@ -172,27 +163,28 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         }
         engine = self._holder.current
         if engine is not None:
-            fields.update(_index_fields(engine.info))
+            fields.update(messages.index_info_fields(engine.info))
         return pb.GetIndexInfoResponse(**fields)
 
-    def _query_work(self, request: pb.QueryRequest, label: str) -> QueryWork:
+    def _prepare(self, request: pb.QueryRequest, label: str) -> TokenizedQuery:
         k, limit = request.top_k, self._limits.max_top_k
         if not 1 <= k <= limit:
             raise InvalidInputError(
                 f"{label}top_k must be between 1 and {limit} (the server's --max-top-k), got {k}"
             )
-        if (
-            request.score_kind != pb.SCORE_KIND_UNSPECIFIED
-            and request.score_kind not in _KIND_NAMES
-        ):
-            raise InvalidInputError(f"{label}unknown score_kind {request.score_kind}")
-        options = QueryOptions(
-            top_k=k,
-            score_kind=_KIND_NAMES.get(request.score_kind),
-            include_text=request.include_text,
-            include_layer_scores=request.include_layer_scores,
-        )
-        return QueryWork(QueryInput(request.prompt, request.completion), options, label)
+        try:
+            query = messages.query_from_request(request)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{label}{exc}") from exc
+        return self._tokenize(query, label)
+
+    def _tokenize(self, query: Query, label: str) -> TokenizedQuery:
+        """Validate and tokenize the query with the served version (on this request thread)."""
+        with self._holder.lease() as engine:
+            try:
+                return engine.prepare(query)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{label}{exc}") from exc
 
     def _run(self, work: list[WorkItem], context: grpc.ServicerContext) -> list[Served]:
         """Queue the items as one job (one batch) and wait for them within the RPC's deadline."""
@@ -208,71 +200,18 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         except futures.TimeoutError:
             raise DeadlineExceeded("deadline passed before the query was answered") from None
 
-    def _query_response(
-        self, served: ServedQuery, options: QueryOptions, start: float
-    ) -> pb.QueryResponse:
-        result = served.result
+    def _query_response(self, served: ServedQuery, start: float) -> pb.QueryResponse:
+        timings = served.result.timings
         stage_us = {
             "queue": served.queue_us,
-            "tokenize": result.timings.tokenize_us,
-            "gradient": result.timings.gradient_us,
-            "search": result.timings.search_us,
-            "lookup": result.timings.lookup_us,
+            "tokenize": timings.tokenize_us,
+            "gradient": timings.gradient_us,
+            "search": timings.search_us,
+            "lookup": timings.lookup_us,
             "total": int((time.monotonic() - start) * 1e6),
         }
         self._metrics.observe_stages(stage_us)
-        return pb.QueryResponse(
-            influences=[_influence_message(hit, options) for hit in result.hits[: options.top_k]],
-            index_version=served.version,
-            timings=pb.Timings(**{f"{stage}_us": us for stage, us in stage_us.items()}),
-            n_completion_tokens=result.n_completion_tokens,
-            score_kind=SCORE_KINDS[served.score_kind],
-        )
-
-
-def _index_fields(info: IndexInfo) -> dict[str, object]:
-    return {
-        "serving": True,
-        "version": info.version,
-        "model_path": str(info.model_path),
-        "model_sha256": info.model_sha256,
-        "n_examples": info.n_examples,
-        "dim": info.dim,
-        "score_kind": SCORE_KINDS[info.score_kind],
-        "faiss_factory": info.faiss_factory,
-        "build_time": info.build_time,
-        "tracked_modules": info.tracked_modules,
-        "rank_in": info.rank_in,
-        "rank_out": info.rank_out,
-        "damping": info.damping,
-        "max_length": info.max_length,
-    }
-
-
-def _influence_message(hit: Hit, options: QueryOptions) -> pb.Influence:
-    message = pb.Influence(
-        example_id=hit.example_id,
-        doc_id=hit.doc_id,
-        chunk=hit.chunk,
-        score=hit.score,
-        influence=hit.influence,
-        cosine=hit.cosine,
-    )
-    if options.include_text and hit.text is not None:
-        message.text = hit.text
-    if options.include_layer_scores and hit.layer_scores:
-        message.layer_scores.update(hit.layer_scores)
-    return message
-
-
-def _attribution_message(attribution: TokenAttribution) -> pb.TokenAttribution:
-    return pb.TokenAttribution(
-        example_id=attribution.example_id,
-        doc_id=attribution.doc_id,
-        tokens=attribution.tokens,
-        scores=attribution.scores,
-        total=attribution.total,
-    )
+        return messages.query_response(served.result, served.version, stage_us)
 
 
 def _describe(response: Message) -> str:

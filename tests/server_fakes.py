@@ -11,18 +11,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from indexer.config import ScoreKind
+from indexer.engine import Hit, IndexInfo, QueryResult, StageTimings, TokenAttribution
 from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
 from indexer.publish import read_current
+from indexer.query import Query, TokenizedQuery
 from server.app import InfluenceServer, ServerConfig
 from server.client import InfluenceClient
-from server.engine import (
-    Hit,
-    IndexInfo,
-    QueryInput,
-    QueryResult,
-    StageTimings,
-    TokenAttribution,
-)
 
 N_EXAMPLES = 100
 MAX_LENGTH = 64
@@ -35,7 +30,7 @@ INFO = IndexInfo(
     model_sha256="0" * 64,
     n_examples=N_EXAMPLES,
     dim=8,
-    score_kind="influence",
+    score_kind=ScoreKind.INFLUENCE,
     faiss_factory="Flat",
     build_time="2026-01-01T00:00:00+00:00",
     tracked_modules=["transformer.h.0.mlp.c_fc"],
@@ -57,40 +52,34 @@ class FakeEngine:
         self.busy = threading.Event()
         self.closed = False
 
-    def check_query(self, query: QueryInput) -> None:
+    def prepare(self, query: Query) -> TokenizedQuery:
         if not query.completion:
             raise InvalidInputError("the completion is empty: its tokens carry the query loss")
         if len(query.prompt) + len(query.completion) > MAX_LENGTH:
             raise InvalidInputError(
                 f"prompt + completion exceed the context of {MAX_LENGTH} tokens"
             )
-
-    def query(
-        self,
-        queries: list[QueryInput],
-        *,
-        top_k: int,
-        score_kind: str | None = None,
-        include_text: bool = False,
-        include_layer_scores: bool = False,
-    ) -> list[QueryResult]:
-        assert not self.closed, "query on a closed engine"
-        if (score_kind or self.info.score_kind) != self.info.score_kind:
+        if (query.score_kind or self.info.score_kind) != self.info.score_kind:
             raise InvalidInputError(f"this index ranks by {self.info.score_kind}")
+        characters = [ord(c) for c in query.prompt + query.completion]
+        return TokenizedQuery(query, characters, len(query.prompt), self.version)
+
+    def answer(self, queries: list[TokenizedQuery]) -> list[QueryResult]:
+        assert not self.closed, "query on a closed engine"
         self.busy.set()
         time.sleep(self.delay_s)
         self.batches.append(len(queries))
-        if any(q.completion == EXPLODE for q in queries):
+        if any(q.query.completion == EXPLODE for q in queries):
             raise RuntimeError("simulated engine bug")
         timings = StageTimings(tokenize_us=1, gradient_us=2, search_us=3, lookup_us=4)
         return [
-            QueryResult(
-                self._hits(q, top_k, include_text, include_layer_scores), len(q.completion), timings
-            )
+            QueryResult(self._hits(q.query), q.n_completion_tokens, self.info.score_kind, timings)
             for q in queries
         ]
 
-    def attribute_tokens(self, query: QueryInput, example_ids: list[int]) -> list[TokenAttribution]:
+    def attribute_tokens(
+        self, query: TokenizedQuery, example_ids: list[int]
+    ) -> list[TokenAttribution]:
         unknown = [i for i in example_ids if not 0 <= i < N_EXAMPLES]
         if unknown:
             raise NotFoundError(f"unknown example ids: {unknown}")
@@ -102,8 +91,8 @@ class FakeEngine:
     def close(self) -> None:
         self.closed = True
 
-    def _hits(self, query: QueryInput, top_k: int, text: bool, layers: bool) -> list[Hit]:
-        seed = zlib.crc32(f"{query.prompt}|{query.completion}".encode())
+    def _hits(self, query: Query) -> list[Hit]:
+        seed, top_k = zlib.crc32(f"{query.prompt}|{query.completion}".encode()), query.top_k
         return [
             Hit(
                 example_id=(seed + 7 * rank) % N_EXAMPLES,
@@ -112,8 +101,12 @@ class FakeEngine:
                 score=float(top_k - rank),
                 influence=float(top_k - rank),
                 cosine=0.5,
-                text=f"text of example {(seed + 7 * rank) % N_EXAMPLES}" if text else None,
-                layer_scores={"transformer.h.0.mlp.c_fc": float(top_k - rank)} if layers else None,
+                text=f"text of example {(seed + 7 * rank) % N_EXAMPLES}"
+                if query.include_text
+                else None,
+                layer_scores={"transformer.h.0.mlp.c_fc": float(top_k - rank)}
+                if query.include_layer_scores
+                else None,
             )
             for rank in range(min(top_k, N_EXAMPLES))
         ]

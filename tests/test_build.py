@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from indexer.build import build_index
-from indexer.cli import main
 from indexer.config import BuildConfig, CorpusConfig, SketchConfig, StoreConfig
+from indexer.engine import QueryEngine
+from indexer.manifest import INDEX_FILE, METADATA_FILE, VECTORS_FILE
 from indexer.publish import VERSIONS, read_current, verify_version, version_dir
-from indexer.store import INDEX_FILE, METADATA_FILE, VECTORS_FILE, MetadataReader
-from server.engine import QueryEngine, QueryInput
+from indexer.query import Query
+from indexer.store import MetadataReader
+from server.cli import main
 from tests.conftest import write_jsonl
 
 
@@ -42,24 +44,25 @@ def published(tmp_path_factory, tiny_model_dir, small_corpus_path) -> Path:
 def test_round_trip_search_and_metadata(published, small_corpus):
     path = version_dir(published)
     manifest = verify_version(path)
-    assert set(manifest["files"]) == {
+    assert set(manifest.files) == {
         "curvature.safetensors",
         INDEX_FILE,
         METADATA_FILE,
         VECTORS_FILE,
     }
     engine = QueryEngine.open(published)
-    n = manifest["counts"]["examples"]
-    assert n > len(small_corpus) == manifest["counts"]["documents"]  # the long doc was chunked
+    n = manifest.counts.examples
+    assert n > len(small_corpus) == manifest.counts.documents  # the long doc was chunked
     assert engine.index.ntotal == engine.metadata.count() == n
     first = small_corpus[0]
     words = first["text"].split()
-    result = engine.query([QueryInput(" ".join(words[:4]), " " + words[4])], top_k=5)[0]
+    query = Query(" ".join(words[:4]), " " + words[4], top_k=5)
+    result = engine.query([query])[0]
     assert len(result.hits) == 5
     assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
     # the index's score is the inner product of the stored vectors
     record = engine.metadata.lookup([result.hits[0].example_id])[result.hits[0].example_id]
-    q = engine.query_vectors([engine.encode(QueryInput(" ".join(words[:4]), " " + words[4]))])[0]
+    q = engine.query_vectors([engine.prepare(query)])[0]
     stored = np.asarray(engine.vectors[record.row], dtype=np.float32)
     assert result.hits[0].score == pytest.approx(float(q @ stored), rel=1e-4)
     assert record.norm == pytest.approx(float(np.linalg.norm(stored)), rel=1e-2)
@@ -67,8 +70,8 @@ def test_round_trip_search_and_metadata(published, small_corpus):
 
 def test_token_attribution_sums_to_the_score(published):
     engine = QueryEngine.open(published)
-    query = QueryInput("The market", " was busy")
-    hits = engine.query([query], top_k=3, include_layer_scores=True)[0].hits
+    query = engine.prepare(Query("The market", " was busy", top_k=3, include_layer_scores=True))
+    hits = engine.answer([query])[0].hits
     attributions = engine.attribute_tokens(query, [h.example_id for h in hits])
     for hit, attribution in zip(hits, attributions, strict=True):
         assert len(attribution.tokens) == len(attribution.scores)
@@ -82,7 +85,7 @@ def test_builds_are_deterministic(tmp_path, published, tiny_model_dir, small_cor
     roots = [published, again]
     manifests = [verify_version(version_dir(r)) for r in roots]
     for name in ("curvature.safetensors", VECTORS_FILE, INDEX_FILE):
-        assert manifests[0]["files"][name] == manifests[1]["files"][name], name
+        assert manifests[0].files[name] == manifests[1].files[name], name
     rows = [
         MetadataReader(version_dir(r) / METADATA_FILE)
         ._con.execute('SELECT id, doc_id, chunk, norm, loss FROM examples ORDER BY "row"')
@@ -100,13 +103,13 @@ def test_cosine_index_and_retention(tmp_path, tiny_model_dir, small_corpus_path)
     versions = sorted(p.name for p in (root / VERSIONS).iterdir())
     assert len(versions) == 1 and read_current(root) == versions[0]
     engine = QueryEngine.open(root)
-    hits = engine.query([QueryInput("The market", " was busy")], top_k=4)[0].hits
+    hits = engine.query([Query("The market", " was busy", top_k=4)])[0].hits
     assert all(-1.0 - 1e-3 <= h.score <= 1.0 + 1e-3 and h.score == h.cosine for h in hits)
 
 
 def _snapshot(root: Path) -> tuple[str | None, dict]:
     current = read_current(root)
-    return current, verify_version(version_dir(root))["files"]
+    return current, verify_version(version_dir(root)).files
 
 
 def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
@@ -156,7 +159,7 @@ def test_killed_build_leaves_current_serving(tmp_path, tiny_model_dir, small_cor
     big = write_jsonl(tmp_path / "big.jsonl", [
         {"id": f"{i}", "text": f"Document {i} repeats the market story. " * 8} for i in range(3000)
     ])  # fmt: skip
-    command = [sys.executable, "-m", "indexer.cli", "--quiet", "build", "--model",
+    command = [sys.executable, "-m", "server.cli", "--quiet", "build", "--model",
                str(tiny_model_dir), "--data", str(big), "--out", str(root), "--max-length", "64",
                "--rank-in", "8", "--rank-out", "8"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -171,7 +174,7 @@ def test_killed_build_leaves_current_serving(tmp_path, tiny_model_dir, small_cor
     assert _snapshot(root) == before
     engine = QueryEngine.open(root)
     assert engine.version == before[0]
-    assert engine.query([QueryInput("The market", " was busy")], top_k=2)[0].hits
+    assert engine.query([Query("The market", " was busy", top_k=2)])[0].hits
     build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
     assert read_current(root) != before[0]
     assert not list((root / VERSIONS).glob(".staging-*"))

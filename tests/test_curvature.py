@@ -16,16 +16,16 @@ from indexer.config import CurvatureConfig
 from indexer.corpus import Example
 from indexer.curvature import Curvature, fit_curvature
 from indexer.exact import ExactConfig, ExactScorer
+from indexer.hashing import int63
 from indexer.model import LoadedModel, tracked_modules
 from indexer.passes import ExamplePass
-from indexer.query import EncodedQuery, query_vectors
+from indexer.query import Query, TokenizedQuery, query_vectors
 from indexer.sketch import (
     GradientSketcher,
     Projection,
     gaussian_projection,
     make_batch,
     sample_targets,
-    stable_seed,
 )
 from tests.test_sketch import autograd_gradients
 from tests.tiny import random_sequences, tiny_gpt2
@@ -39,13 +39,13 @@ def examples_from(sequences: list[list[int]]) -> list[Example]:
 
 def sampled_gradients(model, example: Example) -> dict[str, torch.Tensor]:
     """Autograd weight gradients of one example's loss under labels sampled from the model."""
-    batch = make_batch([example.token_ids], [1], 0, [stable_seed(SEED, example.example_id)])
+    batch = make_batch([example.token_ids], [1], 0, [int63(SEED, example.example_id)])
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return autograd_gradients(model, example.token_ids, targets=sample_targets(logits, batch))
 
 
-def dense_check(model, curvature: Curvature, examples, query: EncodedQuery, scores) -> None:
+def dense_check(model, curvature: Curvature, examples, query: TokenizedQuery, scores) -> None:
     assert set(curvature.modules) == set(tracked_modules(model))
     sampled = [sampled_gradients(model, ex) for ex in examples]
     data = [autograd_gradients(model, ex.token_ids) for ex in examples]
@@ -76,7 +76,7 @@ def dense_check(model, curvature: Curvature, examples, query: EncodedQuery, scor
 def setting():
     model = tiny_gpt2(n_embd=8)
     sequences = random_sequences([9, 6, 12, 4, 10, 7, 11, 5], seed=1)
-    query = EncodedQuery(random_sequences([8], seed=2)[0], loss_start=5)
+    query = TokenizedQuery(Query("", ""), random_sequences([8], seed=2)[0], loss_start=5)
     return model, examples_from(sequences), query
 
 

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from indexer.cli import main
 from indexer.errors import InvalidInputError
-from indexer.evaluate import (
-    EvalReport,
-    MethodReport,
-    QueryReport,
-    read_queries,
-    render_json,
-    render_table,
-)
+from indexer.evaluate import EvalReport, MethodReport, QueryReport, render_json, render_table
+from indexer.query import read_queries
+from server.cli import main
 
 N_QUERIES = 12
 

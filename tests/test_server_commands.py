@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from server.cli import add_query_arguments, add_serve_arguments, run_query
 from server.client import InfluenceClient
-from server.commands import add_query_arguments, add_serve_arguments, run_query
 from tests.server_fakes import FakeOpener, publish, running_server
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -33,7 +32,7 @@ LOAD_TIMEOUT_S = 120
 
 SERVE = """
 import argparse, sys
-from server.commands import add_serve_arguments, run_serve
+from server.cli import add_serve_arguments, run_serve
 parser = argparse.ArgumentParser()
 add_serve_arguments(parser)
 sys.exit(run_serve(parser.parse_args(sys.argv[1:])))
@@ -45,9 +44,6 @@ def clone_version(root: Path, source: Path, *, corrupt: bool = False) -> str:
     version = new_version_id()
     target = root / "versions" / version
     shutil.copytree(source / "versions" / read_current(source), target)
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["version"] = version
-    (target / "manifest.json").write_text(json.dumps(manifest))
     if corrupt:
         with (target / "index.faiss").open("r+b") as f:
             f.seek(-1, os.SEEK_END)

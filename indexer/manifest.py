@@ -1,0 +1,129 @@
+"""The typed manifest of a published version, and the file names of the version format.
+
+`manifest.json` describes one version: the model and settings it was built with, the layout
+of its vectors, its counts, and the sha256 of every file. A version's id is its directory's
+name, never a field of the manifest, so a copied version cannot claim to be another.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+from indexer.config import CorpusConfig, CurvatureConfig, ScoreKind, SketchConfig
+from indexer.errors import IndexVerificationError
+
+FORMAT_VERSION = 2
+
+MANIFEST_FILE = "manifest.json"
+CURVATURE_FILE = "curvature.safetensors"
+INDEX_FILE = "index.faiss"
+VECTORS_FILE = "vectors.f16"
+METADATA_FILE = "metadata.duckdb"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model a version was built from; a server refuses other weights."""
+
+    path: str
+    weights_sha256: str
+    tokenizer_sha256: str
+    context_length: int  # tokens: the limit on a query's prompt plus completion
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    """A tracked module and its columns `[start, stop)` in every stored vector."""
+
+    name: str
+    start: int
+    stop: int
+    d_in: int  # counts the appended 1 of a bias
+    d_out: int
+    has_bias: bool
+
+
+@dataclass(frozen=True)
+class Counts:
+    documents: int
+    examples: int
+    empty_skipped: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a reader needs to trust and use a version. `files` is filled at publishing."""
+
+    created: str  # ISO 8601, UTC
+    code_version: str
+    model: ModelIdentity
+    modules: tuple[ModuleLayout, ...]
+    corpus: CorpusConfig  # max_length resolved to the tokens per example actually used
+    sketch: SketchConfig
+    curvature: CurvatureConfig
+    score: ScoreKind
+    index_factory: str
+    nprobe: int
+    dim: int
+    vectors_stored: bool
+    counts: Counts
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per example."""
+        assert self.corpus.max_length is not None
+        return self.corpus.max_length
+
+    def required_files(self) -> tuple[str, ...]:
+        """The files the format requires of this version, whatever `files` lists."""
+        names = (CURVATURE_FILE, INDEX_FILE, METADATA_FILE)
+        return (*names, VECTORS_FILE) if self.vectors_stored else names
+
+    def with_files(self, files: dict[str, FileRecord]) -> Manifest:
+        return replace(self, files=dict(files))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        """Parse a manifest; IndexVerificationError names what is missing or malformed."""
+        try:
+            data = json.loads(text)
+            found = data.get("format_version") if isinstance(data, dict) else None
+            if found != FORMAT_VERSION:
+                raise IndexVerificationError(
+                    f"format version {found} is not {FORMAT_VERSION}, which this code reads"
+                )
+            return cls(
+                created=data["created"],
+                code_version=data["code_version"],
+                model=ModelIdentity(**data["model"]),
+                modules=tuple(ModuleLayout(**m) for m in data["modules"]),
+                corpus=CorpusConfig(**data["corpus"]),
+                sketch=SketchConfig(**data["sketch"]),
+                curvature=CurvatureConfig(**data["curvature"]),
+                score=ScoreKind(data["score"]),
+                index_factory=data["index_factory"],
+                nprobe=data["nprobe"],
+                dim=data["dim"],
+                vectors_stored=data["vectors_stored"],
+                counts=Counts(**data["counts"]),
+                build_seconds=dict(data["build_seconds"]),
+                files={name: FileRecord(**f) for name, f in data["files"].items()},
+            )
+        except KeyError as e:
+            raise IndexVerificationError(f"manifest lacks {e.args[0]}") from e
+        except (TypeError, ValueError, AttributeError) as e:
+            raise IndexVerificationError(f"malformed manifest ({e})") from e

@@ -1,0 +1,68 @@
+"""The one command-line layer: global options anywhere, one log level, --version, defaults."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from indexer import __version__
+from indexer.config import CurvatureConfig, SketchConfig, StoreConfig
+from server import cli
+
+
+def test_global_options_go_before_or_after_the_subcommand() -> None:
+    parser = cli.build_parser()
+    before = parser.parse_args(
+        ["--log-level", "debug", "-q", "--threads", "1", "info", "--index", "x"]
+    )
+    after = parser.parse_args(
+        ["info", "--index", "x", "--log-level", "debug", "-q", "--threads", "1"]
+    )
+    for args in (before, after):
+        assert (args.log_level, args.quiet, args.threads) == ("DEBUG", True, 1)
+
+
+def test_one_log_level_whatever_the_subcommand(monkeypatch, tmp_path) -> None:
+    levels = {}
+
+    def fake_serve(args):
+        levels["serve"] = logging.getLogger().level
+        return 0
+
+    serve = cli.Command("serve", cli.add_serve_arguments, fake_serve, log_level="INFO")
+    monkeypatch.setitem(cli.COMMANDS, "serve", serve)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(root, "handlers", [])
+    assert cli.main(["--log-level", "DEBUG", "serve", "--index", str(tmp_path)]) == 0
+    assert levels["serve"] == logging.DEBUG
+    monkeypatch.setattr(root, "handlers", [])
+    assert cli.main(["serve", "--index", str(tmp_path)]) == 0
+    assert levels["serve"] == logging.INFO
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_build_defaults_come_from_the_config_dataclasses(capsys) -> None:
+    args = cli.build_parser().parse_args(["build", "--model", "m", "--data", "d", "--out", "o"])
+    assert (args.rank_in, args.rank_out) == (SketchConfig().rank_in, SketchConfig().rank_out)
+    assert (args.damping, args.fit_examples) == (
+        CurvatureConfig().damping,
+        CurvatureConfig().fit_examples,
+    )
+    assert (args.score, args.nprobe) == (StoreConfig().score, StoreConfig().nprobe)
+    with pytest.raises(SystemExit):
+        cli.main(["build", "--help"])
+    assert f"(default: {SketchConfig().rank_in})" in capsys.readouterr().out
+
+
+def test_library_errors_are_one_line_with_exit_2(tmp_path, capsys) -> None:
+    assert cli.main(["info", "--index", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no published index") and err.count("\n") == 1

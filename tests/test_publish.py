@@ -1,0 +1,86 @@
+"""A published version is verified from its format, not from what its manifest claims."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from indexer.build import build_index
+from indexer.engine import QueryEngine
+from indexer.errors import IndexVerificationError
+from indexer.hashing import sha256_file
+from indexer.manifest import INDEX_FILE, MANIFEST_FILE, Manifest
+from indexer.publish import CURRENT, VERSIONS, read_current, read_manifest, verify_version
+from tests.test_build import tiny_config
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, tiny_model_dir, small_corpus_path) -> Path:
+    root = tmp_path_factory.mktemp("index")
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
+    return root
+
+
+@pytest.fixture
+def copy(published: Path, tmp_path: Path) -> Path:
+    """A private copy of the published version, under another name."""
+    target = tmp_path / VERSIONS / "copied-version"
+    shutil.copytree(published / VERSIONS / read_current(published), target)
+    (tmp_path / CURRENT).write_text("copied-version\n")
+    return target
+
+
+def _edit_manifest(version: Path, edit) -> None:
+    data = json.loads((version / MANIFEST_FILE).read_text())
+    edit(data)
+    (version / MANIFEST_FILE).write_text(json.dumps(data))
+
+
+def test_manifest_round_trips_through_json(published: Path) -> None:
+    manifest = read_manifest(published / VERSIONS / read_current(published))
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert set(manifest.required_files()) <= set(manifest.files)
+
+
+def test_the_version_id_is_the_directory_name(copy: Path) -> None:
+    engine = QueryEngine.open(copy.parent.parent)
+    assert engine.version == engine.info.version == "copied-version"
+    engine.close()
+
+
+def test_a_required_file_left_out_of_the_manifest_is_refused(copy: Path) -> None:
+    _edit_manifest(copy, lambda data: data["files"].pop(INDEX_FILE))
+    with (copy / INDEX_FILE).open("r+b") as f:
+        f.write(b"corrupt")
+    with pytest.raises(IndexVerificationError, match=r"does not list index\.faiss"):
+        verify_version(copy)
+
+
+def test_names_that_leave_the_version_are_refused(copy: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    record = {"sha256": sha256_file(outside), "bytes": outside.stat().st_size}
+    _edit_manifest(copy, lambda data: data["files"].update({"../../outside.txt": record}))
+    with pytest.raises(IndexVerificationError, match="leaves the version"):
+        verify_version(copy)
+
+
+def test_symlinked_files_are_refused(copy: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "index-elsewhere.faiss"
+    shutil.move(copy / INDEX_FILE, moved)
+    os.symlink(moved, copy / INDEX_FILE)
+    with pytest.raises(IndexVerificationError, match="not a regular file"):
+        verify_version(copy)
+
+
+def test_a_manifest_of_another_format_is_refused(copy: Path) -> None:
+    _edit_manifest(copy, lambda data: data.update({"format_version": 1}))
+    with pytest.raises(IndexVerificationError, match="format version 1"):
+        verify_version(copy)
+    _edit_manifest(copy, lambda data: data.update({"format_version": 2}) or data.pop("model"))
+    with pytest.raises(IndexVerificationError, match="lacks model"):
+        verify_version(copy)
