@@ -22,7 +22,14 @@ from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundEr
 from indexer.manifest import CURVATURE_FILE, INDEX_FILE, METADATA_FILE, VECTORS_FILE, Manifest
 from indexer.model import LoadedModel, load_model
 from indexer.publish import verify_version, version_dir
-from indexer.query import Query, TokenizedQuery, query_vectors, token_influence, tokenize_query
+from indexer.query import (
+    Query,
+    TokenizedQuery,
+    max_query_chars,
+    query_vectors,
+    token_influence,
+    tokenize_query,
+)
 from indexer.sketch import GradientSketcher, make_batch
 from indexer.store import ExampleRecord, MetadataReader, open_vectors, set_nprobe
 
@@ -160,6 +167,7 @@ class QueryEngine:
             model.loaded.model, {n: named[n] for n in curvature.modules}, curvature.projections()
         )
         self.pad_id = model.loaded.tokenizer.pad_token_id
+        self._max_query_chars = max_query_chars(model.loaded.tokenizer, self.info.max_length)
 
     @classmethod
     def open(
@@ -207,7 +215,11 @@ class QueryEngine:
             raise InvalidInputError("this index was built without vectors.f16: no layer scores")
         with self._model.tokenizer_lock:
             return tokenize_query(
-                self.loaded.tokenizer, query, self.info.max_length, tokenized_by=self.version
+                self.loaded.tokenizer,
+                query,
+                self.info.max_length,
+                tokenized_by=self.version,
+                max_chars=self._max_query_chars,
             )
 
     def _prepared(self, queries: list[TokenizedQuery]) -> list[TokenizedQuery]:

@@ -50,14 +50,37 @@ class TokenizedQuery:
         return len(self.token_ids) - self.loss_start
 
 
+# A token's text may grow under normalisation (e.g. accents stripped); this much slack keeps
+# the character bound a bound.
+_CHARS_PER_TOKEN_SLACK = 4
+
+
+def max_query_chars(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """Characters beyond which a text surely has more than `max_length` tokens: each token
+    covers at most as many characters as the longest vocabulary entry (times some slack)."""
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return max_length * longest * _CHARS_PER_TOKEN_SLACK
+
+
 def tokenize_query(
-    tokenizer: PreTrainedTokenizerBase, query: Query, max_length: int, tokenized_by: str = ""
+    tokenizer: PreTrainedTokenizerBase,
+    query: Query,
+    max_length: int,
+    tokenized_by: str = "",
+    max_chars: int | None = None,
 ) -> TokenizedQuery:
     """Tokenize prompt (with the tokenizer's special prefix) and completion separately.
 
     Separate tokenization keeps the prompt/completion boundary exact: no completion token ever
-    merges with the prompt's last characters.
+    merges with the prompt's last characters. A text longer than `max_chars` (see
+    `max_query_chars`) is refused before any tokenization, so a huge request costs nothing.
     """
+    chars = len(query.prompt) + len(query.completion)
+    if max_chars is not None and chars > max_chars:
+        raise InvalidInputError(
+            f"prompt + completion is {chars} characters, surely more than this index's limit "
+            f"of {max_length} tokens"
+        )
     prompt_ids = list(tokenizer(query.prompt, add_special_tokens=True)["input_ids"])
     completion_ids = list(tokenizer(query.completion, add_special_tokens=False)["input_ids"])
     if not completion_ids:

@@ -15,6 +15,7 @@ import pytest
 from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
+from indexer.errors import InvalidInputError
 from indexer.manifest import INDEX_FILE, METADATA_FILE, VECTORS_FILE
 from indexer.publish import VERSIONS, read_current, verify_version, version_dir
 from indexer.query import Query
@@ -183,3 +184,13 @@ def test_killed_build_leaves_current_serving(tmp_path, tiny_model_dir, small_cor
 def test_threads_must_be_positive(tmp_path, capsys):
     assert main(["--threads", "0", "info", "--index", str(tmp_path)]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_a_huge_query_is_refused_before_tokenization(published, monkeypatch):
+    engine = QueryEngine.open(published)
+    calls = []
+    tokenizer = engine.loaded.tokenizer
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: calls.append(1))
+    with pytest.raises(InvalidInputError, match="characters, surely more than"):
+        engine.prepare(Query("word " * 3_000_000, " x"))
+    assert calls == []
