@@ -15,10 +15,12 @@ import numpy as np
 from indexer import __version__
 from indexer.config import BuildConfig, ScoreKind, example_max_length
 from indexer.corpus import Corpus, load_corpus
-from indexer.curvature import Curvature, fit_curvature, subsample
+from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
 from indexer.errors import InvalidInputError
+from indexer.exact import DEFAULT_MEMORY_LIMIT, required_bytes
 from indexer.manifest import (
     CURVATURE_FILE,
+    FULL_CURVATURE_FILE,
     INDEX_FILE,
     METADATA_FILE,
     VECTORS_FILE,
@@ -55,6 +57,7 @@ class BuildSummary:
     index_factory: str
     index_bytes_per_example: float
     vectors_bytes_per_example: float
+    full_curvature_bytes: int  # the exact re-rank factors; 0 when not stored
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -128,8 +131,22 @@ def _write_vectors(
     return vectors, norms, losses
 
 
+def _exact_rerank(config: BuildConfig, modules: dict) -> bool:
+    """Whether to fit and store full-space factors: as asked, or (auto) when they fit."""
+    need = required_bytes(modules, config.batch_size, n_queries=0)
+    if config.store.exact_rerank is None:
+        if need > DEFAULT_MEMORY_LIMIT:
+            log.warning(
+                "not storing exact re-rank factors: they need ~%.1f GiB (over %.0f GiB)",
+                need / 2**30,
+                DEFAULT_MEMORY_LIMIT / 2**30,
+            )
+        return need <= DEFAULT_MEMORY_LIMIT
+    return config.store.exact_rerank
+
+
 def _manifest(
-    state: _BuildState, curvature: Curvature, factory: str, summary: BuildSummary
+    state: _BuildState, curvature: FittedCurvature, factory: str, summary: BuildSummary
 ) -> Manifest:
     config, loaded, corpus = state.config, state.loaded, state.corpus
     return Manifest(
@@ -143,7 +160,7 @@ def _manifest(
         ),
         modules=tuple(
             ModuleLayout(n, s.start, s.stop, **asdict(module_shape(state.modules[n])))
-            for n, s in curvature.layer_slices().items()
+            for n, s in curvature.sketch.layer_slices().items()
         ),
         corpus=replace(config.corpus, max_length=state.max_length),
         sketch=config.sketch,
@@ -151,8 +168,9 @@ def _manifest(
         score=ScoreKind(config.store.score),
         index_factory=factory,
         nprobe=config.store.nprobe,
-        dim=curvature.dim,
+        dim=curvature.sketch.dim,
         vectors_stored=config.store.keep_vectors,
+        exact_rerank=curvature.full is not None,
         counts=Counts(
             documents=corpus.n_documents,
             examples=len(corpus.examples),
@@ -220,7 +238,9 @@ def _write_version(state: _BuildState, staging: Path, version: str) -> BuildSumm
     n = len(corpus.examples)
     with _timed(seconds, "curvature"):
         rows = subsample(n, config.curvature.fit_examples, config.curvature.seed)
-        curvature = fit_curvature(state.example_pass, rows, config.curvature.damping)
+        full = _exact_rerank(config, state.modules)
+        fitted = fit_curvature(state.example_pass, rows, config.curvature.damping, full=full)
+    curvature = fitted.sketch
     with _timed(seconds, "sketch"):
         vectors, norms, losses = _write_vectors(
             state.example_pass, curvature, staging / VECTORS_FILE
@@ -238,6 +258,8 @@ def _write_version(state: _BuildState, staging: Path, version: str) -> BuildSumm
             staging / METADATA_FILE, corpus.examples, norms, losses, staging / "metadata.jsonl"
         )
         curvature.save(staging / CURVATURE_FILE)
+        if fitted.full is not None:
+            fitted.full.save(staging / FULL_CURVATURE_FILE)
         if not config.store.keep_vectors:
             (staging / VECTORS_FILE).unlink()
     summary = BuildSummary(
@@ -251,7 +273,13 @@ def _write_version(state: _BuildState, staging: Path, version: str) -> BuildSumm
         index_factory=factory,
         index_bytes_per_example=(staging / INDEX_FILE).stat().st_size / n,
         vectors_bytes_per_example=2.0 * curvature.dim if config.store.keep_vectors else 0.0,
+        full_curvature_bytes=_size(staging / FULL_CURVATURE_FILE),
         seconds=seconds,
     )
-    write_manifest(staging, _manifest(state, curvature, factory, summary))
+    write_manifest(staging, _manifest(state, fitted, factory, summary))
     return summary
+
+
+def _size(path: Path) -> int:
+    """Bytes of `path`, 0 when it does not exist."""
+    return path.stat().st_size if path.exists() else 0

@@ -70,6 +70,8 @@ class StoreConfig:
     nprobe: int = 32  # inverted lists scanned per query (IVF indexes only)
     keep_vectors: bool = True  # vectors.f16, for exact rescoring and layer-wise scores
     keep_versions: int = 3
+    # Full-space EK-FAC factors for exact re-ranking; None: stored when they fit in memory.
+    exact_rerank: bool | None = None
 
 
 @dataclass(frozen=True)

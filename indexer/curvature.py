@@ -49,6 +49,17 @@ class ModuleCurvature:
         """`[batch, r_out, r_in]` -> `[batch, r_out * r_in]`, rotated and scaled by `(Λ+λ)^-1/2`."""
         return (rotate(sketches, self.eigvecs_a, self.eigvecs_b) * self.inverse_sqrt).flatten(1)
 
+    def precondition_tokens(self, gradients: Tensor, activations: Tensor) -> Tensor:
+        """`precondition(Σ_t g_t a_tᵀ)` from the tokens `g [batch, tokens, r_out]`, `a [batch,
+        tokens, r_in]`: rotates the tokens first when that is cheaper than rotating the sums."""
+        tokens, d_out, d_in = gradients.shape[1], *self.eigvals.shape
+        if tokens * (d_out**2 + d_in**2) < d_out * d_in * (d_out + d_in):
+            rotated = torch.einsum(
+                "bto,bti->boi", gradients @ self.eigvecs_b, activations @ self.eigvecs_a
+            )
+            return (rotated * self.inverse_sqrt).flatten(1)
+        return self.precondition(torch.einsum("bto,bti->boi", gradients, activations))
+
     def unrotate(self, vectors: Tensor) -> Tensor:
         """Map preconditioned vectors `[batch, r_out * r_in]` back to `U_B (v / sqrt(Λ+λ)) U_Aᵀ`.
 
@@ -188,12 +199,35 @@ def subsample(n_examples: int, size: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_examples), size))
 
 
-def fit_curvature(example_pass: ExamplePass, rows: list[int], damping: float) -> Curvature:
+@dataclass
+class FittedCurvature:
+    """The sketch-space factors, and (when asked) the full-space ones (P = R = I) fitted in the
+    same passes with the same sampled labels: what exact re-ranking needs."""
+
+    sketch: Curvature
+    full: Curvature | None = None
+
+
+def fit_curvature(
+    example_pass: ExamplePass, rows: list[int], damping: float, full: bool = False
+) -> FittedCurvature:
     """Two passes over `rows` with sampled labels: covariances -> eigenbases, then Λ in them."""
-    covariance = CovarianceAccumulator()
-    for _, capture in example_pass.run(rows, "sampled", "curvature: covariances"):
-        covariance.add(capture)
-    eigenvalues = EigenvalueAccumulator(covariance.eigenbases())
-    for _, capture in example_pass.run(rows, "sampled", "curvature: eigenvalues"):
-        eigenvalues.add(capture)
-    return eigenvalues.finish(example_pass.sketcher.projections, damping)
+    views = ("sketch", "full") if full else ("sketch",)
+    covariances = {view: CovarianceAccumulator() for view in views}
+    for _, capture in example_pass.run(rows, "sampled", "curvature: covariances", keep_full=full):
+        for view in views:
+            covariances[view].add(_view(capture, view))
+    eigenvalues = {view: EigenvalueAccumulator(covariances[view].eigenbases()) for view in views}
+    for _, capture in example_pass.run(rows, "sampled", "curvature: eigenvalues", keep_full=full):
+        for view in views:
+            eigenvalues[view].add(_view(capture, view))
+    projections = example_pass.sketcher.projections
+    identity = {name: Projection(None, None) for name in projections}
+    return FittedCurvature(
+        eigenvalues["sketch"].finish(projections, damping),
+        eigenvalues["full"].finish(identity, damping) if full else None,
+    )
+
+
+def _view(capture: Capture, view: str) -> Capture:
+    return capture.full if view == "full" else capture

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -18,27 +18,52 @@ import numpy as np
 
 from indexer.config import ScoreKind
 from indexer.curvature import Curvature
-from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
-from indexer.manifest import CURVATURE_FILE, INDEX_FILE, METADATA_FILE, VECTORS_FILE, Manifest
+from indexer.errors import (
+    IndexVerificationError,
+    InvalidInputError,
+    NotFoundError,
+    PreconditionError,
+)
+from indexer.exact import ExactReranker, ExactScores
+from indexer.manifest import (
+    CURVATURE_FILE,
+    FULL_CURVATURE_FILE,
+    INDEX_FILE,
+    METADATA_FILE,
+    VECTORS_FILE,
+    Manifest,
+)
 from indexer.model import LoadedModel, load_model
 from indexer.publish import verify_version, version_dir
 from indexer.query import (
     Query,
     TokenizedQuery,
     max_query_chars,
+    query_capture,
     query_vectors,
     token_influence,
     tokenize_query,
 )
-from indexer.sketch import GradientSketcher, make_batch
+from indexer.sketch import Capture, GradientSketcher, make_batch
 from indexer.store import ExampleRecord, MetadataReader, open_vectors, set_nprobe
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """How a served engine answers: the default exact re-rank depth and the budget guarding it."""
+
+    rerank_depth: int = 200  # candidates re-ranked exactly when a query does not say; 0: off
+    max_rerank_tokens: int = 131_072  # re-rank depth x tokens per example, at most
+    rerank_batch_size: int = 32  # candidates per forward/backward of the re-rank pass
+
+
+@dataclass(frozen=True)
 class Hit:
-    """One retrieved training example. `score` is in the query's score kind."""
+    """One retrieved training example. `score` is in the query's score kind; `exact` says
+    whether it is exact EK-FAC (re-ranked) or the sketch's estimate. A re-ranked hit's
+    `influence` is exact too, its `cosine` only for a cosine index."""
 
     example_id: int
     doc_id: str
@@ -46,6 +71,7 @@ class Hit:
     score: float
     influence: float
     cosine: float
+    exact: bool = False
     text: str | None = None
     layer_scores: dict[str, float] | None = None
 
@@ -58,6 +84,7 @@ class StageTimings:
     gradient_us: int = 0
     search_us: int = 0
     lookup_us: int = 0
+    rerank_us: int = 0
 
 
 @dataclass
@@ -98,9 +125,14 @@ class IndexInfo:
     rank_out: int
     damping: float
     max_length: int  # tokens: the limit on a query's prompt plus completion
+    rerank_available: bool = False
+    rerank_depth: int = 0  # the default depth; 0: no re-ranking unless asked
+    max_rerank_depth: int = 0
 
     @classmethod
-    def from_manifest(cls, version: str, manifest: Manifest) -> IndexInfo:
+    def from_manifest(
+        cls, version: str, manifest: Manifest, options: EngineOptions | None = None
+    ) -> IndexInfo:
         return cls(
             version=version,
             model_path=manifest.model.path,
@@ -115,7 +147,36 @@ class IndexInfo:
             rank_out=manifest.sketch.rank_out,
             damping=manifest.curvature.damping,
             max_length=manifest.model.context_length,
+            rerank_available=manifest.exact_rerank,
+            rerank_depth=options.rerank_depth if options and manifest.exact_rerank else 0,
+            max_rerank_depth=(
+                options.max_rerank_tokens // manifest.max_length
+                if options and manifest.exact_rerank
+                else 0
+            ),
         )
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    """A query's preconditioned sketch vector `[D]` and its norm."""
+
+    vector: np.ndarray
+    norm: float
+
+
+@dataclass(frozen=True)
+class _ExactRow:
+    """A query's re-ranked candidates: ids `[n]`, the sketch's scores `[n]`, exact scores."""
+
+    ids: list[int]
+    estimates: np.ndarray
+    exact: ExactScores
+
+
+def _candidates(query: Query) -> int:
+    """How many candidates the query's exact re-rank scores (0: none); at least its top_k."""
+    return max(query.rerank_depth, query.top_k) if query.rerank_depth else 0
 
 
 class _Clock:
@@ -152,11 +213,15 @@ class QueryEngine:
         index: faiss.Index,
         metadata: MetadataReader,
         vectors: np.ndarray | None,
+        reranker: ExactReranker | None = None,
+        options: EngineOptions | None = None,
     ):
         self.path = path
         self.version = path.name
         self.manifest = manifest
-        self.info = IndexInfo.from_manifest(self.version, manifest)
+        self.options = options or EngineOptions()
+        self.info = IndexInfo.from_manifest(self.version, manifest, self.options)
+        self.reranker = reranker
         self._model = model
         self.curvature = curvature
         self.index = index
@@ -178,6 +243,7 @@ class QueryEngine:
         model_dir: Path | None = None,
         reuse_model_from: QueryEngine | None = None,
         version: str | None = None,
+        options: EngineOptions | None = None,
     ) -> QueryEngine:
         """Load and verify a version (default: CURRENT's). Raises IndexVerificationError when a
         file fails its sha256 or the model's weights are not the ones the index was built from."""
@@ -194,9 +260,15 @@ class QueryEngine:
         vectors = None
         if manifest.vectors_stored:
             vectors = open_vectors(path / VECTORS_FILE, manifest.counts.examples, manifest.dim)
+        reranker = None
+        if manifest.exact_rerank:
+            options = options or EngineOptions()
+            full = Curvature.load(path / FULL_CURVATURE_FILE, device)
+            pad_id = model.loaded.tokenizer.pad_token_id
+            reranker = ExactReranker(model.loaded.model, full, pad_id, options.rerank_batch_size)
         metadata = MetadataReader(path / METADATA_FILE)
         log.info("opened index version %s (%d examples)", path.name, metadata.count())
-        return cls(path, manifest, model, curvature, index, metadata, vectors)
+        return cls(path, manifest, model, curvature, index, metadata, vectors, reranker, options)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -213,6 +285,7 @@ class QueryEngine:
             )
         if query.include_layer_scores and self.vectors is None:
             raise InvalidInputError("this index was built without vectors.f16: no layer scores")
+        query = replace(query, rerank_depth=self._rerank_depth(query))
         with self._model.tokenizer_lock:
             return tokenize_query(
                 self.loaded.tokenizer,
@@ -221,6 +294,25 @@ class QueryEngine:
                 tokenized_by=self.version,
                 max_chars=self._max_query_chars,
             )
+
+    def _rerank_depth(self, query: Query) -> int:
+        """The query's re-rank depth (its own or the default), checked against the budget."""
+        if query.rerank_depth is None:
+            return self.info.rerank_depth
+        if query.rerank_depth == 0:
+            return 0
+        if not self.info.rerank_available:
+            raise PreconditionError(
+                f"index version {self.version} was built without exact re-rank factors: "
+                "rebuild with --exact-rerank on to re-rank"
+            )
+        if query.rerank_depth > self.info.max_rerank_depth:
+            raise InvalidInputError(
+                f"rerank_depth {query.rerank_depth} is over this server's limit of "
+                f"{self.info.max_rerank_depth} ({self.options.max_rerank_tokens} tokens, "
+                f"--max-rerank-tokens, at {self.manifest.max_length} tokens per example)"
+            )
+        return query.rerank_depth
 
     def _prepared(self, queries: list[TokenizedQuery]) -> list[TokenizedQuery]:
         """The queries, tokenized again only if another version prepared them."""
@@ -238,34 +330,81 @@ class QueryEngine:
 
     def answer(self, queries: list[TokenizedQuery]) -> list[QueryResult]:
         """Top-k influencers of each prepared query: one batched forward/backward, one search,
-        one metadata lookup. Each query gets its own top_k and include flags."""
+        one metadata lookup, and for queries with a re-rank depth K′ one batched
+        forward/backward over their K′ candidates that scores them exactly. Each query gets its
+        own top_k, depth and include flags."""
         clock = _Clock()
         queries = self._prepared(queries)
         timings = StageTimings(tokenize_us=clock.lap())
-        q = self.query_vectors(queries)
+        depths = [_candidates(tq.query) for tq in queries]
+        with self._model.lock:
+            capture = query_capture(self.sketcher, queries, self.pad_id, keep_full=any(depths))
+            q = self.curvature.vectors(capture).cpu().numpy().astype(np.float32)
         timings.gradient_us = clock.lap()
         q_norms = np.linalg.norm(q, axis=1)
         kind = self.info.score_kind
         search = q / np.maximum(q_norms[:, None], 1e-30) if kind == ScoreKind.COSINE else q
-        depth = max(tq.query.top_k for tq in queries)
+        depth = max(max(tq.query.top_k, d) for tq, d in zip(queries, depths, strict=True))
         scores, ids = self.index.search(np.ascontiguousarray(search), depth)
         timings.search_us = clock.lap()
         records = self.metadata.lookup(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        timings.lookup_us = clock.lap()
+        candidates, estimates = [], []
+        for row, d in enumerate(depths):
+            kept = ids[row][:d] >= 0
+            candidates.append(ids[row][:d][kept].tolist())
+            estimates.append(scores[row][:d][kept])
+        exact = self._rerank(capture.full, candidates, records) if any(depths) else None
+        timings.rerank_us = clock.lap()
         results = []
         for row, tq in enumerate(queries):
-            ranked = [(float(s), int(i)) for s, i in zip(scores[row], ids[row], strict=True)]
-            hits = [
-                self._hit(records[i], s, q[row], float(q_norms[row]), tq.query)
-                for s, i in ranked[: tq.query.top_k]
-                if i >= 0
-            ]
+            sketch = _Scoring(q[row], float(q_norms[row]))
+            if depths[row]:
+                exact_row = _ExactRow(candidates[row], estimates[row], exact[row])
+                hits = self._exact_hits(records, exact_row, sketch, tq.query)
+            else:
+                ranked = zip(scores[row][: tq.query.top_k], ids[row][: tq.query.top_k], strict=True)
+                hits = [
+                    self._hit(records[int(i)], float(s), sketch, tq.query)
+                    for s, i in ranked
+                    if i >= 0
+                ]
             results.append(QueryResult(hits, tq.n_completion_tokens, kind, timings))
-        timings.lookup_us = clock.lap()
         return results
 
-    def _hit(
-        self, record: ExampleRecord, score: float, q: np.ndarray, q_norm: float, query: Query
-    ) -> Hit:
+    def _rerank(
+        self, full: Capture, candidates: list[list[int]], records: dict[int, ExampleRecord]
+    ) -> list[ExactScores]:
+        tokens = {i: records[i].token_ids for ids in candidates for i in ids}
+        with self._model.lock:
+            return self.reranker.score(full, candidates, tokens, self.info.score_kind)
+
+    def _exact_hits(
+        self, records: dict[int, ExampleRecord], row: _ExactRow, sketch: _Scoring, query: Query
+    ) -> list[Hit]:
+        """The query's candidates ranked by exact score, best `top_k` first. The exact scores
+        replace the sketch's estimates; a cosine the re-rank did not compute stays estimated."""
+        exact = row.exact
+        scores = exact.influence if exact.cosine is None else exact.cosine
+        hits = []
+        for i in np.argsort(-scores, kind="stable")[: query.top_k]:
+            estimated = self._hit(records[row.ids[i]], float(row.estimates[i]), sketch, query)
+            cosine = estimated.cosine if exact.cosine is None else float(exact.cosine[i])
+            influence = float(exact.influence[i])
+            hits.append(
+                replace(
+                    estimated,
+                    score=float(scores[i]),
+                    influence=influence,
+                    cosine=cosine,
+                    exact=True,
+                )
+            )
+        return hits
+
+    def _hit(self, record: ExampleRecord, score: float, sketch: _Scoring, query: Query) -> Hit:
+        """A hit whose other score is estimated from the sketch norms."""
+        q, q_norm = sketch.vector, sketch.norm
         scale = max(q_norm * record.norm, 1e-30)
         if self.info.score_kind == ScoreKind.COSINE:
             influence, cosine = score * scale, score

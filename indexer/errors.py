@@ -13,6 +13,10 @@ class NotFoundError(InfluenceIndexError):
     """A named thing (example id, version) does not exist. gRPC NOT_FOUND."""
 
 
+class PreconditionError(InfluenceIndexError):
+    """The request needs something this index version was built without. FAILED_PRECONDITION."""
+
+
 class IndexVerificationError(InfluenceIndexError):
     """A published version fails its checksums or does not match the model. Never served."""
 

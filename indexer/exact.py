@@ -1,8 +1,10 @@
-"""The exact reference scorer: EK-FAC influence with no projection (P = R = I).
+"""Exact EK-FAC influence, with no projection (P = R = I).
 
-It fits full EK-FAC factors on the same subsample and with the same sampled labels as a build,
-then streams the corpus and scores a batch of queries against every example. It is the ground
-truth for fidelity and the engine of optional exact re-ranking; practical for small models only.
+`ExactScorer` fits full EK-FAC factors on the same subsample and with the same sampled labels
+as a build, then streams the corpus and scores a batch of queries against every example: the
+ground truth for fidelity, practical for small models only. `ExactReranker` scores only a
+query's retrieved candidates, with the full factors a build stored: the second stage of an
+answer.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch import Tensor, nn
 
-from indexer.config import CurvatureConfig
+from indexer.config import CurvatureConfig, ScoreKind
 from indexer.corpus import Example
 from indexer.curvature import Curvature, fit_curvature, subsample
 from indexer.errors import ResourceLimitError
 from indexer.model import LoadedModel, module_shape, tracked_modules
 from indexer.passes import ExamplePass
 from indexer.query import TokenizedQuery, query_vectors
-from indexer.sketch import GradientSketcher, Projection
+from indexer.sketch import Capture, GradientSketcher, Projection, make_batch
 
 DEFAULT_MEMORY_LIMIT = 8 << 30
 
@@ -62,7 +66,14 @@ def full_gradient_sketcher(
 class ExactScorer:
     """Full-space EK-FAC influence of queries on every example of a corpus."""
 
-    def __init__(self, loaded: LoadedModel, examples: list[Example], config: ExactConfig):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        examples: list[Example],
+        config: ExactConfig,
+        curvature: Curvature | None = None,
+    ):
+        """`curvature`: full factors fitted already (e.g. a version's); default: fit them."""
         self.loaded = loaded
         self.config = config
         self.sketcher = full_gradient_sketcher(
@@ -76,7 +87,7 @@ class ExactScorer:
             config.curvature.seed,
             config.progress,
         )
-        self._curvature: Curvature | None = None
+        self._curvature = curvature
 
     @property
     def curvature(self) -> Curvature:
@@ -87,7 +98,7 @@ class ExactScorer:
                 self.config.curvature.fit_examples,
                 self.config.curvature.seed,
             )
-            self._curvature = fit_curvature(self.pass_, rows, self.config.curvature.damping)
+            self._curvature = fit_curvature(self.pass_, rows, self.config.curvature.damping).sketch
         return self._curvature
 
     def score(self, queries: list[TokenizedQuery], rows: list[int] | None = None) -> np.ndarray:
@@ -101,3 +112,119 @@ class ExactScorer:
             block = (q @ curvature.vectors(capture).T).double().numpy()
             scores[:, [column[r] for r in batch_rows]] = block
         return scores
+
+
+@dataclass(frozen=True)
+class ExactScores:
+    """Exact scores of one query's candidates, in the order given: `influence [n]`, and
+    `cosine [n]` when the score kind asked for the candidates' preconditioned norms."""
+
+    influence: np.ndarray
+    cosine: np.ndarray | None = None
+
+
+class ExactReranker:
+    """Exact EK-FAC scores of retrieved candidates: one batched forward/backward over their
+    tokens (training loss) with identity projections.
+
+    Influence contracts every token with the query's preconditioned full-space gradient,
+    `Σ_l Σ_t g_tᵀ M_l a_t` with `M_l = (H_l + λ)⁻¹ G_q,l`, and never forms a per-example
+    gradient. Cosine needs each candidate's preconditioned norm too, so it forms the candidate's
+    rotated gradient `U_Bᵀ G_n U_A` (module by module, batch by batch).
+    """
+
+    def __init__(self, model: nn.Module, curvature: Curvature, pad_id: int, batch_size: int):
+        named = dict(model.named_modules())
+        modules = {name: named[name] for name in curvature.modules}
+        self.sketcher = GradientSketcher(model, modules, curvature.projections())
+        self.curvature = curvature
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+
+    def score(
+        self,
+        queries: Capture,
+        wanted: list[list[int]],
+        tokens: dict[int, list[int]],
+        kind: ScoreKind,
+    ) -> list[ExactScores]:
+        """`queries`: the unprojected capture of the queries' pass (`Capture.full`);
+        `wanted[q]`: ids of query q's candidates; `tokens`: every candidate's token ids."""
+        targets = self._query_targets(queries, kind)
+        dots = [np.zeros(len(ids)) for ids in wanted]
+        norms = [np.zeros(len(ids)) for ids in wanted]
+        where = _positions(wanted)
+        ordered = sorted(tokens, key=lambda i: len(tokens[i]))
+        for start in range(0, len(ordered), self.batch_size):
+            chunk = ordered[start : start + self.batch_size]
+            sequences = [tokens[i] for i in chunk]
+            batch = make_batch(sequences, [1] * len(chunk), self.pad_id, [0] * len(chunk))
+            capture = self.sketcher.run(batch, "data")
+            batch_dots, batch_norms = self._score_batch(capture, targets, kind)
+            for b, example_id in enumerate(chunk):
+                for q, position in where[example_id]:
+                    dots[q][position] = batch_dots[q, b]
+                    norms[q][position] = batch_norms[b]
+        if kind == ScoreKind.INFLUENCE:
+            return [ExactScores(d) for d in dots]
+        q_norms = targets.norms
+        return [
+            ExactScores(d, d / np.maximum(q_norms[q] * n, 1e-30))
+            for q, (d, n) in enumerate(zip(dots, norms, strict=True))
+        ]
+
+    def _query_targets(self, queries: Capture, kind: ScoreKind) -> _QueryTargets:
+        gradients = queries.sketches()  # full query gradients `G_q`, [Q, d_out, d_in] per module
+        preconditioned = {
+            name: module.precondition(gradients[name])
+            for name, module in self.curvature.modules.items()
+        }
+        if kind == ScoreKind.COSINE:
+            vectors = torch.cat(list(preconditioned.values()), dim=1)
+            return _QueryTargets(vectors=vectors, norms=vectors.double().norm(dim=1).cpu().numpy())
+        folded = {
+            name: module.unrotate(preconditioned[name])
+            for name, module in self.curvature.modules.items()
+        }
+        return _QueryTargets(folded=folded)
+
+    def _score_batch(
+        self, capture: Capture, targets: _QueryTargets, kind: ScoreKind
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Inner products `[Q, batch]` with every query, and the candidates' norms `[batch]`
+        (zero for influence, which does not need them)."""
+        batch = capture.losses.shape[0]
+        if kind == ScoreKind.INFLUENCE:
+            dots: Tensor = 0
+            for name, folded in targets.folded.items():
+                projected = torch.einsum("bto,qoi->qbti", capture.gradients[name], folded)
+                dots = dots + torch.einsum("qbti,bti->qb", projected, capture.activations[name])
+            return dots.double().cpu().numpy(), np.zeros(batch)
+        vectors = torch.cat(
+            [
+                module.precondition_tokens(capture.gradients[name], capture.activations[name])
+                for name, module in self.curvature.modules.items()
+            ],
+            dim=1,
+        )
+        dots = (targets.vectors @ vectors.T).double().cpu().numpy()
+        return dots, vectors.double().norm(dim=1).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _QueryTargets:
+    """What candidates are scored against: per module `M_l [Q, d_out, d_in]` (influence), or
+    the preconditioned query vectors `[Q, D]` and their norms `[Q]` (cosine)."""
+
+    folded: dict[str, Tensor] = field(default_factory=dict)
+    vectors: Tensor | None = None
+    norms: np.ndarray | None = None
+
+
+def _positions(wanted: list[list[int]]) -> dict[int, list[tuple[int, int]]]:
+    """Example id -> every (query, position) that asked for it."""
+    where: dict[int, list[tuple[int, int]]] = {}
+    for q, ids in enumerate(wanted):
+        for position, example_id in enumerate(ids):
+            where.setdefault(example_id, []).append((q, position))
+    return where

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field, replace
 from indexer.config import CorpusConfig, CurvatureConfig, ScoreKind, SketchConfig
 from indexer.errors import IndexVerificationError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 MANIFEST_FILE = "manifest.json"
 CURVATURE_FILE = "curvature.safetensors"
+FULL_CURVATURE_FILE = "curvature-full.safetensors"
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.f16"
 METADATA_FILE = "metadata.duckdb"
@@ -74,6 +75,7 @@ class Manifest:
     nprobe: int
     dim: int
     vectors_stored: bool
+    exact_rerank: bool  # full-space factors stored (FULL_CURVATURE_FILE)
     counts: Counts
     build_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
@@ -87,8 +89,12 @@ class Manifest:
 
     def required_files(self) -> tuple[str, ...]:
         """The files the format requires of this version, whatever `files` lists."""
-        names = (CURVATURE_FILE, INDEX_FILE, METADATA_FILE)
-        return (*names, VECTORS_FILE) if self.vectors_stored else names
+        names = [CURVATURE_FILE, INDEX_FILE, METADATA_FILE]
+        if self.vectors_stored:
+            names.append(VECTORS_FILE)
+        if self.exact_rerank:
+            names.append(FULL_CURVATURE_FILE)
+        return tuple(names)
 
     def with_files(self, files: dict[str, FileRecord]) -> Manifest:
         return replace(self, files=dict(files))
@@ -119,6 +125,7 @@ class Manifest:
                 nprobe=data["nprobe"],
                 dim=data["dim"],
                 vectors_stored=data["vectors_stored"],
+                exact_rerank=data["exact_rerank"],
                 counts=Counts(**data["counts"]),
                 build_seconds=dict(data["build_seconds"]),
                 files={name: FileRecord(**f) for name, f in data["files"].items()},

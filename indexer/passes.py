@@ -24,7 +24,7 @@ class ExamplePass:
     progress: bool = True
 
     def run(
-        self, rows: list[int], labels: LabelMode, desc: str
+        self, rows: list[int], labels: LabelMode, desc: str, keep_full: bool = False
     ) -> Iterator[tuple[list[int], Capture]]:
         """Yield `(rows of the batch, capture)`; rows go in length order to waste little padding."""
         ordered = sorted(rows, key=lambda r: len(self.examples[r].token_ids))
@@ -37,5 +37,5 @@ class ExamplePass:
                     self.pad_id,
                     [int63(self.seed, self.examples[r].example_id) for r in chunk],
                 )
-                yield chunk, self.sketcher.run(batch, labels)
+                yield chunk, self.sketcher.run(batch, labels, keep_full)
                 bar.update(len(chunk))

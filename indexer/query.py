@@ -21,7 +21,8 @@ from indexer.sketch import Capture, GradientSketcher, TokenBatch, make_batch
 class Query:
     """One question: which training examples made `completion` likely after `prompt`?
 
-    The completion's tokens carry the query loss. `score_kind` None means the index's own kind.
+    The completion's tokens carry the query loss. `score_kind` None means the index's own kind;
+    `rerank_depth` None means the engine's default (0: no exact re-ranking).
     """
 
     prompt: str
@@ -30,6 +31,7 @@ class Query:
     score_kind: ScoreKind | None = None
     include_text: bool = False
     include_layer_scores: bool = False
+    rerank_depth: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,10 @@ def query_token_batch(queries: list[TokenizedQuery], pad_id: int) -> TokenBatch:
 
 
 def query_capture(
-    sketcher: GradientSketcher, queries: list[TokenizedQuery], pad_id: int
+    sketcher: GradientSketcher, queries: list[TokenizedQuery], pad_id: int, keep_full: bool = False
 ) -> Capture:
     """One forward/backward of the completion-only loss for the whole batch of queries."""
-    return sketcher.run(query_token_batch(queries, pad_id), "data")
+    return sketcher.run(query_token_batch(queries, pad_id), "data", keep_full)
 
 
 def query_vectors(

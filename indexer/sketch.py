@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -107,12 +107,17 @@ def sample_targets(logits: Tensor, batch: TokenBatch) -> Tensor:
 
 @dataclass
 class Capture:
-    """Per module: projected inputs `a [batch, tokens, r_in]`, output grads `g [.., r_out]`."""
+    """Per module: projected inputs `a [batch, tokens, r_in]`, output grads `g [.., r_out]`.
+
+    `full`, when asked for, holds the same pass unprojected: `a [batch, tokens, d_in]` (bias
+    column included) and `g [batch, tokens, d_out]`, as identity projections would give.
+    """
 
     activations: dict[str, Tensor]
     gradients: dict[str, Tensor]
     losses: Tensor  # [batch], the loss that was back-propagated, per example
     n_tokens: int  # non-padding tokens in the batch
+    full: Capture | None = None
 
     def sketches(self) -> dict[str, Tensor]:
         """`S = sum_t g_t a_t^T` per module: `[batch, r_out, r_in]`."""
@@ -120,6 +125,14 @@ class Capture:
             name: torch.einsum("bto,bti->boi", self.gradients[name], a)
             for name, a in self.activations.items()
         }
+
+
+@dataclass
+class _Tensors:
+    """What the hooks of one pass collect, per module name."""
+
+    activations: dict[str, Tensor] = field(default_factory=dict)
+    gradients: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _project(x: Tensor, matrix: Tensor | None) -> Tensor:
@@ -152,7 +165,7 @@ class GradientSketcher:
         self.device = next(model.parameters()).device
 
     @contextmanager
-    def _hooks(self, mask: Tensor, activations: dict, gradients: dict):
+    def _hooks(self, mask: Tensor, projected: _Tensors, full: _Tensors | None):
         handles = [
             self.model.get_input_embeddings().register_forward_hook(
                 lambda _m, _i, out: out.requires_grad_(True)
@@ -161,9 +174,7 @@ class GradientSketcher:
         token_mask = mask.unsqueeze(-1).to(torch.float32)
         for name, module in self.modules.items():
             handles.append(
-                module.register_forward_hook(
-                    self._forward_hook(name, token_mask, activations, gradients)
-                )
+                module.register_forward_hook(self._forward_hook(name, token_mask, projected, full))
             )
         try:
             yield
@@ -172,33 +183,47 @@ class GradientSketcher:
                 handle.remove()
 
     def _forward_hook(
-        self, name: str, token_mask: Tensor, activations: dict, gradients: dict
+        self, name: str, token_mask: Tensor, projected: _Tensors, full: _Tensors | None
     ) -> Callable:
         projection = self.projections[name]
         has_bias = module_shape(self.modules[name]).has_bias
 
         def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            a = _project_inputs(inputs[0].detach().float(), projection.R, has_bias)
-            activations[name] = a * token_mask
+            a = inputs[0].detach().float()
+            projected.activations[name] = _project_inputs(a, projection.R, has_bias) * token_mask
+            if full is not None:
+                full.activations[name] = _project_inputs(a, None, has_bias) * token_mask
 
             def grad_hook(g: Tensor) -> None:
-                gradients[name] = _project(g.detach().float(), projection.P)
+                g = g.detach().float()
+                projected.gradients[name] = _project(g, projection.P)
+                if full is not None:
+                    full.gradients[name] = g
 
             output.register_hook(grad_hook)
 
         return hook
 
-    def run(self, batch: TokenBatch, labels: LabelMode = "data") -> Capture:
-        """One forward and one backward of the summed per-example loss."""
-        activations: dict[str, Tensor] = {}
-        gradients: dict[str, Tensor] = {}
+    def run(
+        self, batch: TokenBatch, labels: LabelMode = "data", keep_full: bool = False
+    ) -> Capture:
+        """One forward and one backward of the summed per-example loss; `keep_full` also
+        keeps the unprojected activations and output gradients (`Capture.full`)."""
+        projected, full = _Tensors(), _Tensors() if keep_full else None
         input_ids = batch.input_ids.to(self.device)
         attention_mask = batch.attention_mask.to(self.device)
-        with self._hooks(attention_mask, activations, gradients), torch.enable_grad():
+        with self._hooks(attention_mask, projected, full), torch.enable_grad():
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = batch.targets.to(self.device)
             if labels == "sampled":
                 targets = sample_targets(logits, batch)
             losses = summed_nll(logits, targets)
             losses.sum().backward()
-        return Capture(activations, gradients, losses.detach(), int(batch.attention_mask.sum()))
+        losses, n_tokens = losses.detach(), int(batch.attention_mask.sum())
+        return Capture(
+            projected.activations,
+            projected.gradients,
+            losses,
+            n_tokens,
+            None if full is None else Capture(full.activations, full.gradients, losses, n_tokens),
+        )

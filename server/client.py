@@ -90,12 +90,20 @@ class InfluenceClient:
         score_kind: ScoreKind | str | None = None,
         include_text: bool = True,
         include_layer_scores: bool = False,
+        rerank_depth: int | None = None,
         timeout_s: float | None = None,
     ) -> pb.QueryResponse:
-        request = query_request(
-            _query(prompt, completion, top_k, score_kind, include_text, include_layer_scores)
+        """`rerank_depth`: candidates re-ranked exactly (None: the server's default; 0: off)."""
+        query = Query(
+            prompt,
+            completion,
+            top_k,
+            _score_kind(score_kind),
+            include_text,
+            include_layer_scores,
+            rerank_depth,
         )
-        return self._stub.Query(request, **self._call_options(timeout_s))
+        return self._stub.Query(query_request(query), **self._call_options(timeout_s))
 
     def query_batch(
         self,
@@ -105,16 +113,20 @@ class InfluenceClient:
         score_kind: ScoreKind | str | None = None,
         include_text: bool = True,
         include_layer_scores: bool = False,
+        rerank_depth: int | None = None,
         timeout_s: float | None = None,
     ) -> pb.QueryBatchResponse:
         """(prompt, completion) pairs, all with the same options; answers in the same order."""
-        request = pb.QueryBatchRequest(
-            queries=[
-                query_request(_query(p, c, top_k, score_kind, include_text, include_layer_scores))
-                for p, c in queries
-            ]
+        kind = _score_kind(score_kind)
+        requests = [
+            query_request(
+                Query(p, c, top_k, kind, include_text, include_layer_scores, rerank_depth)
+            )
+            for p, c in queries
+        ]
+        return self._stub.QueryBatch(
+            pb.QueryBatchRequest(queries=requests), **self._call_options(timeout_s)
         )
-        return self._stub.QueryBatch(request, **self._call_options(timeout_s))
 
     def attribute_tokens(
         self,
@@ -146,16 +158,8 @@ class InfluenceClient:
         }
 
 
-def _query(
-    prompt: str,
-    completion: str,
-    top_k: int,
-    score_kind: ScoreKind | str | None,
-    include_text: bool,
-    include_layer_scores: bool,
-) -> Query:
-    kind = None if score_kind is None else ScoreKind(score_kind)
-    return Query(prompt, completion, top_k, kind, include_text, include_layer_scores)
+def _score_kind(kind: ScoreKind | str | None) -> ScoreKind | None:
+    return None if kind is None else ScoreKind(kind)
 
 
 def format_query_table(response: pb.QueryResponse, *, excerpt_chars: int = 72) -> str:
@@ -166,12 +170,17 @@ def format_query_table(response: pb.QueryResponse, *, excerpt_chars: int = 72) -
         f"{response.n_completion_tokens} completion tokens, {t.total_us / 1000:.1f} ms "
         f"(gradient {t.gradient_us / 1000:.1f} ms, search {t.search_us / 1000:.1f} ms)"
     ]
+    if t.rerank_us:
+        lines[0] = lines[0][:-1] + f", exact re-rank {t.rerank_us / 1000:.1f} ms)"
     docs = [f"{hit.doc_id}#{hit.chunk}" for hit in response.influences]
     doc_width = max([len("doc id"), *map(len, docs)])
     lines.append(f"{'rank':>4}  {'score':>10}  {'doc id':<{doc_width}}  text")
     for rank, (hit, doc) in enumerate(zip(response.influences, docs, strict=True), start=1):
         excerpt = _excerpt(hit.text, excerpt_chars)
-        lines.append(f"{rank:>4}  {hit.score:>10.4g}  {doc:<{doc_width}}  {excerpt}".rstrip())
+        mark = "*" if hit.exact else " "
+        lines.append(f"{rank:>4}  {hit.score:>10.4g}{mark} {doc:<{doc_width}}  {excerpt}".rstrip())
+    if any(hit.exact for hit in response.influences):
+        lines.append("* exact EK-FAC score (re-ranked); others are sketch estimates")
     return "\n".join(lines)
 
 

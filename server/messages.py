@@ -37,6 +37,7 @@ def query_from_request(request: pb.QueryRequest) -> Query:
         score_kind=score_kind_from_pb(request.score_kind),
         include_text=request.include_text,
         include_layer_scores=request.include_layer_scores,
+        rerank_depth=request.rerank_depth if request.HasField("rerank_depth") else None,
     )
 
 
@@ -48,6 +49,7 @@ def query_request(query: Query) -> pb.QueryRequest:
         score_kind=score_kind_to_pb(query.score_kind),
         include_text=query.include_text,
         include_layer_scores=query.include_layer_scores,
+        rerank_depth=query.rerank_depth,
     )
 
 
@@ -70,6 +72,7 @@ def influence_message(hit: Hit) -> pb.Influence:
         score=hit.score,
         influence=hit.influence,
         cosine=hit.cosine,
+        exact=hit.exact,
     )
     if hit.text is not None:
         message.text = hit.text
@@ -105,4 +108,7 @@ def index_info_fields(info: IndexInfo) -> dict[str, object]:
         "rank_out": info.rank_out,
         "damping": info.damping,
         "max_length": info.max_length,
+        "rerank_available": info.rerank_available,
+        "rerank_depth": info.rerank_depth,
+        "max_rerank_depth": info.max_rerank_depth,
     }

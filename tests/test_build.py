@@ -16,7 +16,7 @@ from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
 from indexer.errors import InvalidInputError
-from indexer.manifest import INDEX_FILE, METADATA_FILE, VECTORS_FILE
+from indexer.manifest import FULL_CURVATURE_FILE, INDEX_FILE, METADATA_FILE, VECTORS_FILE
 from indexer.publish import VERSIONS, read_current, verify_version, version_dir
 from indexer.query import Query
 from indexer.store import MetadataReader
@@ -47,6 +47,7 @@ def test_round_trip_search_and_metadata(published, small_corpus):
     manifest = verify_version(path)
     assert set(manifest.files) == {
         "curvature.safetensors",
+        FULL_CURVATURE_FILE,
         INDEX_FILE,
         METADATA_FILE,
         VECTORS_FILE,
@@ -57,7 +58,7 @@ def test_round_trip_search_and_metadata(published, small_corpus):
     assert engine.index.ntotal == engine.metadata.count() == n
     first = small_corpus[0]
     words = first["text"].split()
-    query = Query(" ".join(words[:4]), " " + words[4], top_k=5)
+    query = Query(" ".join(words[:4]), " " + words[4], top_k=5, rerank_depth=0)  # the sketch
     result = engine.query([query])[0]
     assert len(result.hits) == 5
     assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
@@ -71,7 +72,9 @@ def test_round_trip_search_and_metadata(published, small_corpus):
 
 def test_token_attribution_sums_to_the_score(published):
     engine = QueryEngine.open(published)
-    query = engine.prepare(Query("The market", " was busy", top_k=3, include_layer_scores=True))
+    query = engine.prepare(
+        Query("The market", " was busy", top_k=3, include_layer_scores=True, rerank_depth=0)
+    )
     hits = engine.answer([query])[0].hits
     attributions = engine.attribute_tokens(query, [h.example_id for h in hits])
     for hit, attribution in zip(hits, attributions, strict=True):

@@ -86,12 +86,27 @@ def test_sketch_space_preconditioning_matches_dense_solve(setting):
     projections = {n: gaussian_projection(n, m, 3, 4, seed=5) for n, m in modules.items()}
     sketcher = GradientSketcher(model, modules, projections)
     example_pass = ExamplePass(sketcher, examples, 0, batch_size=3, seed=SEED, progress=False)
-    curvature = fit_curvature(example_pass, list(range(len(examples))), damping=0.1)
+    curvature = fit_curvature(example_pass, list(range(len(examples))), damping=0.1).sketch
     q = query_vectors(sketcher, curvature, [query], 0)[0]
     scores = torch.zeros(len(examples))
     for rows, capture in example_pass.run(list(range(len(examples))), "data", "score"):
         scores[rows] = curvature.vectors(capture) @ q
     dense_check(model, curvature, examples, query, scores)
+
+
+def test_full_factors_fitted_beside_the_sketch_match_dense_solve(setting):
+    model, examples, query = setting
+    modules = tracked_modules(model)
+    projections = {n: gaussian_projection(n, m, 3, 4, seed=5) for n, m in modules.items()}
+    sketcher = GradientSketcher(model, modules, projections)
+    example_pass = ExamplePass(sketcher, examples, 0, batch_size=3, seed=SEED, progress=False)
+    full = fit_curvature(example_pass, list(range(len(examples))), damping=0.1, full=True).full
+    identity = GradientSketcher(model, modules, full.projections())
+    q = query_vectors(identity, full, [query], 0)[0]
+    scores = torch.zeros(len(examples))
+    for rows, capture in example_pass.run(list(range(len(examples))), "data", "s", keep_full=True):
+        scores[rows] = full.vectors(capture.full) @ q
+    dense_check(model, full, examples, query, scores)
 
 
 def test_exact_scorer_matches_brute_force(setting):

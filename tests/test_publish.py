@@ -13,7 +13,7 @@ from indexer.build import build_index
 from indexer.engine import QueryEngine
 from indexer.errors import IndexVerificationError
 from indexer.hashing import sha256_file
-from indexer.manifest import INDEX_FILE, MANIFEST_FILE, Manifest
+from indexer.manifest import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, Manifest
 from indexer.publish import CURRENT, VERSIONS, read_current, read_manifest, verify_version
 from tests.test_build import tiny_config
 
@@ -78,9 +78,12 @@ def test_symlinked_files_are_refused(copy: Path, tmp_path: Path) -> None:
 
 
 def test_a_manifest_of_another_format_is_refused(copy: Path) -> None:
-    _edit_manifest(copy, lambda data: data.update({"format_version": 1}))
-    with pytest.raises(IndexVerificationError, match="format version 1"):
+    old = FORMAT_VERSION - 1
+    _edit_manifest(copy, lambda data: data.update({"format_version": old}))
+    with pytest.raises(IndexVerificationError, match=f"format version {old}"):
         verify_version(copy)
-    _edit_manifest(copy, lambda data: data.update({"format_version": 2}) or data.pop("model"))
+    _edit_manifest(
+        copy, lambda data: data.update({"format_version": FORMAT_VERSION}) or data.pop("model")
+    )
     with pytest.raises(IndexVerificationError, match="lacks model"):
         verify_version(copy)

@@ -17,39 +17,43 @@ SCORE_KIND_INFLUENCE: ScoreKind
 SCORE_KIND_COSINE: ScoreKind
 
 class QueryRequest(_message.Message):
-    __slots__ = ("prompt", "completion", "top_k", "score_kind", "include_text", "include_layer_scores")
+    __slots__ = ("prompt", "completion", "top_k", "score_kind", "include_text", "include_layer_scores", "rerank_depth")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_LAYER_SCORES_FIELD_NUMBER: _ClassVar[int]
+    RERANK_DEPTH_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     completion: str
     top_k: int
     score_kind: ScoreKind
     include_text: bool
     include_layer_scores: bool
-    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., top_k: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., include_text: _Optional[bool] = ..., include_layer_scores: _Optional[bool] = ...) -> None: ...
+    rerank_depth: int
+    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., top_k: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., include_text: _Optional[bool] = ..., include_layer_scores: _Optional[bool] = ..., rerank_depth: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("tokenize_us", "gradient_us", "search_us", "lookup_us", "queue_us", "total_us")
+    __slots__ = ("tokenize_us", "gradient_us", "search_us", "lookup_us", "queue_us", "total_us", "rerank_us")
     TOKENIZE_US_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_US_FIELD_NUMBER: _ClassVar[int]
     SEARCH_US_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_US_FIELD_NUMBER: _ClassVar[int]
     QUEUE_US_FIELD_NUMBER: _ClassVar[int]
     TOTAL_US_FIELD_NUMBER: _ClassVar[int]
+    RERANK_US_FIELD_NUMBER: _ClassVar[int]
     tokenize_us: int
     gradient_us: int
     search_us: int
     lookup_us: int
     queue_us: int
     total_us: int
-    def __init__(self, tokenize_us: _Optional[int] = ..., gradient_us: _Optional[int] = ..., search_us: _Optional[int] = ..., lookup_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
+    rerank_us: int
+    def __init__(self, tokenize_us: _Optional[int] = ..., gradient_us: _Optional[int] = ..., search_us: _Optional[int] = ..., lookup_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., total_us: _Optional[int] = ..., rerank_us: _Optional[int] = ...) -> None: ...
 
 class Influence(_message.Message):
-    __slots__ = ("example_id", "doc_id", "chunk", "score", "influence", "cosine", "text", "layer_scores")
+    __slots__ = ("example_id", "doc_id", "chunk", "score", "influence", "cosine", "text", "layer_scores", "exact")
     class LayerScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +69,7 @@ class Influence(_message.Message):
     COSINE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LAYER_SCORES_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     example_id: int
     doc_id: str
     chunk: int
@@ -73,7 +78,8 @@ class Influence(_message.Message):
     cosine: float
     text: str
     layer_scores: _containers.ScalarMap[str, float]
-    def __init__(self, example_id: _Optional[int] = ..., doc_id: _Optional[str] = ..., chunk: _Optional[int] = ..., score: _Optional[float] = ..., influence: _Optional[float] = ..., cosine: _Optional[float] = ..., text: _Optional[str] = ..., layer_scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    exact: bool
+    def __init__(self, example_id: _Optional[int] = ..., doc_id: _Optional[str] = ..., chunk: _Optional[int] = ..., score: _Optional[float] = ..., influence: _Optional[float] = ..., cosine: _Optional[float] = ..., text: _Optional[str] = ..., layer_scores: _Optional[_Mapping[str, float]] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
     __slots__ = ("influences", "index_version", "timings", "n_completion_tokens", "score_kind")
@@ -138,7 +144,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("version", "model_path", "model_sha256", "n_examples", "dim", "score_kind", "faiss_factory", "build_time", "tracked_modules", "rank_in", "rank_out", "damping", "max_length", "last_reload_error", "pending_version", "serving", "max_top_k", "max_queries_per_batch", "max_attribution_examples")
+    __slots__ = ("version", "model_path", "model_sha256", "n_examples", "dim", "score_kind", "faiss_factory", "build_time", "tracked_modules", "rank_in", "rank_out", "damping", "max_length", "last_reload_error", "pending_version", "serving", "max_top_k", "max_queries_per_batch", "max_attribution_examples", "rerank_available", "rerank_depth", "max_rerank_depth")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +164,9 @@ class GetIndexInfoResponse(_message.Message):
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_QUERIES_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTRIBUTION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RERANK_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_RERANK_DEPTH_FIELD_NUMBER: _ClassVar[int]
     version: str
     model_path: str
     model_sha256: str
@@ -177,4 +186,7 @@ class GetIndexInfoResponse(_message.Message):
     max_top_k: int
     max_queries_per_batch: int
     max_attribution_examples: int
-    def __init__(self, version: _Optional[str] = ..., model_path: _Optional[str] = ..., model_sha256: _Optional[str] = ..., n_examples: _Optional[int] = ..., dim: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., faiss_factory: _Optional[str] = ..., build_time: _Optional[str] = ..., tracked_modules: _Optional[_Iterable[str]] = ..., rank_in: _Optional[int] = ..., rank_out: _Optional[int] = ..., damping: _Optional[float] = ..., max_length: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., pending_version: _Optional[str] = ..., serving: _Optional[bool] = ..., max_top_k: _Optional[int] = ..., max_queries_per_batch: _Optional[int] = ..., max_attribution_examples: _Optional[int] = ...) -> None: ...
+    rerank_available: bool
+    rerank_depth: int
+    max_rerank_depth: int
+    def __init__(self, version: _Optional[str] = ..., model_path: _Optional[str] = ..., model_sha256: _Optional[str] = ..., n_examples: _Optional[int] = ..., dim: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., faiss_factory: _Optional[str] = ..., build_time: _Optional[str] = ..., tracked_modules: _Optional[_Iterable[str]] = ..., rank_in: _Optional[int] = ..., rank_out: _Optional[int] = ..., damping: _Optional[float] = ..., max_length: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., pending_version: _Optional[str] = ..., serving: _Optional[bool] = ..., max_top_k: _Optional[int] = ..., max_queries_per_batch: _Optional[int] = ..., max_attribution_examples: _Optional[int] = ..., rerank_available: _Optional[bool] = ..., rerank_depth: _Optional[int] = ..., max_rerank_depth: _Optional[int] = ...) -> None: ...

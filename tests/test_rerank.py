@@ -1,0 +1,103 @@
+"""Exact re-ranking: the returned scores are the exact EK-FAC scorer's, and bad requests are
+refused with the limit or the build flag they need."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.baselines import ScoreTarget, stream_scores
+from indexer.build import build_index
+from indexer.config import ScoreKind
+from indexer.curvature import Curvature
+from indexer.engine import EngineOptions, QueryEngine
+from indexer.errors import InvalidInputError, PreconditionError
+from indexer.evaluate import matching_corpus
+from indexer.exact import ExactConfig, ExactScorer
+from indexer.manifest import FULL_CURVATURE_FILE
+from indexer.query import Query, query_vectors
+from tests.test_build import tiny_config
+
+QUERY = Query("The market", " was busy", top_k=5)
+
+
+@pytest.fixture(scope="module", params=list(ScoreKind))
+def engine(request, tmp_path_factory, tiny_model_dir, small_corpus_path) -> QueryEngine:
+    root = tmp_path_factory.mktemp(f"rerank-{request.param}")
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, root, score=request.param))
+    engine = QueryEngine.open(root)
+    yield engine
+    engine.close()
+
+
+def exact_scores(engine: QueryEngine, query: Query) -> np.ndarray:
+    """Exact scores `[N]` by corpus row, in the index's kind, from the version's full factors."""
+    examples = matching_corpus(engine, None)
+    full = Curvature.load(engine.path / FULL_CURVATURE_FILE)
+    config = ExactConfig(
+        curvature=engine.manifest.curvature, modules=engine.manifest.sketch.modules
+    )
+    scorer = ExactScorer(engine.loaded, examples, config, curvature=full)
+    tokenized = engine.prepare(replace(query, rerank_depth=0))
+    vectors = query_vectors(scorer.sketcher, full, [tokenized], engine.pad_id)
+    streamed = stream_scores(scorer.pass_, {"exact": ScoreTarget(full.vectors, vectors)}, "exact")
+    streamed = streamed["exact"]
+    if engine.info.score_kind == ScoreKind.INFLUENCE:
+        return streamed.dots[0]
+    return streamed.cosine(vectors.double().norm(dim=1).numpy())[0]
+
+
+def test_reranked_scores_are_the_exact_scorers(engine: QueryEngine) -> None:
+    n = engine.info.n_examples
+    (result,) = engine.query([replace(QUERY, rerank_depth=n)])
+    reference = exact_scores(engine, QUERY)
+    rows = {
+        r.example_id: r.row
+        for r in engine.metadata.lookup([h.example_id for h in result.hits]).values()
+    }
+    assert all(hit.exact for hit in result.hits)
+    returned = np.array([hit.score for hit in result.hits])
+    expected = reference[[rows[hit.example_id] for hit in result.hits]]
+    np.testing.assert_allclose(returned, expected, rtol=1e-3, atol=1e-6 * np.abs(reference).max())
+    # With every example a candidate, the answer is exact EK-FAC's own top k.
+    np.testing.assert_allclose(returned, np.sort(reference)[::-1][: QUERY.top_k], rtol=1e-3)
+
+
+def test_without_rerank_hits_are_sketch_estimates(engine: QueryEngine) -> None:
+    (result,) = engine.query([replace(QUERY, rerank_depth=0)])
+    assert result.hits and not any(hit.exact for hit in result.hits)
+    assert result.timings.rerank_us >= 0
+
+
+def test_a_depth_over_the_budget_names_the_limit(engine: QueryEngine) -> None:
+    limit = engine.info.max_rerank_depth
+    with pytest.raises(InvalidInputError, match=f"limit of {limit}"):
+        engine.prepare(replace(QUERY, rerank_depth=limit + 1))
+
+
+def test_rerank_of_a_version_without_factors_names_the_build_flag(
+    tmp_path: Path, tiny_model_dir: Path, small_corpus_path: Path
+) -> None:
+    config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path)
+    build_index(replace(config, store=replace(config.store, exact_rerank=False)))
+    engine = QueryEngine.open(tmp_path, options=EngineOptions(rerank_depth=50))
+    assert not engine.info.rerank_available and engine.info.rerank_depth == 0
+    assert not engine.query([QUERY])[0].hits[0].exact  # the default depth does not apply
+    with pytest.raises(PreconditionError, match="--exact-rerank on"):
+        engine.prepare(replace(QUERY, rerank_depth=10))
+
+
+def test_tokens_rotated_first_or_last_give_the_same_vectors(engine: QueryEngine) -> None:
+    full = engine.reranker.curvature
+    module = next(iter(full.modules.values()))
+    d_out, d_in = module.eigvals.shape
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (1, 4 * (d_out + d_in)):  # cheaper to rotate the tokens / the sums
+        g = torch.randn(2, tokens, d_out, generator=generator)
+        a = torch.randn(2, tokens, d_in, generator=generator)
+        expected = module.precondition(torch.einsum("bto,bti->boi", g, a))
+        torch.testing.assert_close(module.precondition_tokens(g, a), expected, rtol=1e-4, atol=1e-4)
