@@ -34,12 +34,26 @@ def example_max_length(requested: int | None, context_length: int) -> int:
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """Where the training corpus lives and how its rows become examples."""
+    """Where the training corpus lives and how its rows become examples.
+
+    `prefix_tokens` / `suffix_tokens` frame every sequence as the model saw it in training
+    (e.g. `("<|endoftext|>",)` for a GPT-2-style model trained on separator-delimited
+    documents): special tokens by name. `prefix_tokens` None means the tokenizer's own special
+    tokens (e.g. its BOS). Queries get the same prefix; the suffix ends each document.
+    """
 
     data: str
     id_column: str = "id"
     text_column: str = "text"
     max_length: int | None = None  # tokens per example; None = the model's context, capped at 512
+    prefix_tokens: tuple[str, ...] | None = None
+    suffix_tokens: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; tuples keep the config hashable and comparable.
+        if self.prefix_tokens is not None:
+            object.__setattr__(self, "prefix_tokens", tuple(self.prefix_tokens))
+        object.__setattr__(self, "suffix_tokens", tuple(self.suffix_tokens))
 
 
 @dataclass(frozen=True)

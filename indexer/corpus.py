@@ -115,23 +115,57 @@ def read_documents(config: CorpusConfig) -> list[Document]:
     return documents
 
 
+@dataclass(frozen=True)
+class Framing:
+    """Token ids around every sequence: `prefix` starts each example and each query's prompt,
+    `suffix` ends each document's last chunk."""
+
+    prefix: list[int]
+    suffix: list[int]
+
+
 def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Tokens the tokenizer puts before any text (e.g. BOS); every example starts with them."""
+    """Tokens the tokenizer puts before any text (e.g. BOS)."""
     return list(tokenizer("", add_special_tokens=True)["input_ids"])
 
 
+def framing(tokenizer: PreTrainedTokenizerBase, config: CorpusConfig) -> Framing:
+    """The framing `config` asks for; InvalidInputError names a token the vocabulary lacks."""
+    prefix = (
+        special_prefix(tokenizer)
+        if config.prefix_tokens is None
+        else _token_ids(tokenizer, config.prefix_tokens)
+    )
+    return Framing(prefix, _token_ids(tokenizer, config.suffix_tokens))
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, tokens: tuple[str, ...]) -> list[int]:
+    vocabulary = tokenizer.get_vocab()
+    unknown = [t for t in tokens if t not in vocabulary]
+    if unknown:
+        raise InvalidInputError(f"token {unknown[0]!r} is not in the tokenizer's vocabulary")
+    return [vocabulary[t] for t in tokens]
+
+
 def chunk_document(
-    doc: Document, body: list[int], prefix: list[int], max_length: int, tokenizer
+    doc: Document, body: list[int], frame: Framing, max_length: int, tokenizer
 ) -> list[Example]:
-    """Split a document's tokens into chunks of at most `max_length` tokens, prefix included."""
-    step = max_length - len(prefix)
+    """Split a document's tokens into chunks of at most `max_length` tokens, framing included:
+    every chunk starts with the prefix, the last one ends with the suffix."""
+    step = max_length - len(frame.prefix) - len(frame.suffix)
     pieces = [body[i : i + step] for i in range(0, len(body), step)]
     examples = []
     for chunk, piece in enumerate(pieces):
         text = doc.text if len(pieces) == 1 else tokenizer.decode(piece)
+        end = frame.suffix if chunk == len(pieces) - 1 else []
         examples.append(
             Example(
-                example_id(doc.doc_id, chunk), doc.doc_id, chunk, prefix + piece, text, doc.source
+                example_id(doc.doc_id, chunk),
+                doc.doc_id,
+                chunk,
+                frame.prefix + piece + end,
+                text,
+                doc.source,
             )
         )
     return examples
@@ -142,8 +176,8 @@ def load_corpus(
 ) -> Corpus:
     """Read, tokenize and chunk. Empty texts are skipped and counted, never silently dropped."""
     documents = read_documents(config)
-    prefix = special_prefix(tokenizer)
-    if max_length <= len(prefix):
+    frame = framing(tokenizer, config)
+    if max_length <= len(frame.prefix) + len(frame.suffix):
         raise InvalidInputError(f"--max-length {max_length} leaves no room for text tokens")
     kept = [d for d in documents if d.text.strip()]
     if not kept:
@@ -152,7 +186,7 @@ def load_corpus(
     examples = [
         ex
         for doc, body in zip(kept, bodies, strict=True)
-        for ex in chunk_document(doc, body, prefix, max_length, tokenizer)
+        for ex in chunk_document(doc, body, frame, max_length, tokenizer)
     ]
     ids = [e.example_id for e in examples]
     if len(set(ids)) != len(ids):

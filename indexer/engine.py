@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from indexer.config import ScoreKind
+from indexer.corpus import framing
 from indexer.curvature import Curvature
 from indexer.errors import (
     IndexVerificationError,
@@ -233,6 +234,7 @@ class QueryEngine:
         )
         self.pad_id = model.loaded.tokenizer.pad_token_id
         self._max_query_chars = max_query_chars(model.loaded.tokenizer, self.info.max_length)
+        self._prefix = framing(model.loaded.tokenizer, manifest.corpus).prefix
 
     @classmethod
     def open(
@@ -293,6 +295,7 @@ class QueryEngine:
                 self.info.max_length,
                 tokenized_by=self.version,
                 max_chars=self._max_query_chars,
+                prefix=self._prefix,
             )
 
     def _rerank_depth(self, query: Query) -> int:

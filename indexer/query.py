@@ -70,12 +70,15 @@ def tokenize_query(
     max_length: int,
     tokenized_by: str = "",
     max_chars: int | None = None,
+    prefix: list[int] | None = None,
 ) -> TokenizedQuery:
     """Tokenize prompt (with the tokenizer's special prefix) and completion separately.
 
     Separate tokenization keeps the prompt/completion boundary exact: no completion token ever
-    merges with the prompt's last characters. A text longer than `max_chars` (see
-    `max_query_chars`) is refused before any tokenization, so a huge request costs nothing.
+    merges with the prompt's last characters. The prompt starts with `prefix` (the index's
+    framing, see `indexer.corpus.framing`), or by default with the tokenizer's special tokens.
+    A text longer than `max_chars` (see `max_query_chars`) is refused before any tokenization,
+    so a huge request costs nothing.
     """
     chars = len(query.prompt) + len(query.completion)
     if max_chars is not None and chars > max_chars:
@@ -83,7 +86,10 @@ def tokenize_query(
             f"prompt + completion is {chars} characters, surely more than this index's limit "
             f"of {max_length} tokens"
         )
-    prompt_ids = list(tokenizer(query.prompt, add_special_tokens=True)["input_ids"])
+    if prefix is None:
+        prompt_ids = list(tokenizer(query.prompt, add_special_tokens=True)["input_ids"])
+    else:
+        prompt_ids = prefix + list(tokenizer(query.prompt, add_special_tokens=False)["input_ids"])
     completion_ids = list(tokenizer(query.completion, add_special_tokens=False)["input_ids"])
     if not completion_ids:
         raise InvalidInputError("completion is empty: the query loss needs at least one token")

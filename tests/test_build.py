@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,19 @@ def test_a_huge_query_is_refused_before_tokenization(published, monkeypatch):
     with pytest.raises(InvalidInputError, match="characters, surely more than"):
         engine.prepare(Query("word " * 3_000_000, " x"))
     assert calls == []
+
+
+def test_queries_are_framed_like_the_examples(tmp_path, tiny_model_dir, small_corpus_path):
+    config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path)
+    framed = replace(config.corpus, prefix_tokens=("<|pad|>",))
+    build_index(replace(config, corpus=framed))
+    engine = QueryEngine.open(tmp_path)
+    pad = engine.loaded.tokenizer.pad_token_id
+    tokenized = engine.prepare(Query("The market", " was busy"))
+    prompt = engine.loaded.tokenizer("The market", add_special_tokens=False)["input_ids"]
+    assert tokenized.token_ids[: tokenized.loss_start] == [pad, *prompt]
+    example = engine.metadata.lookup(
+        [engine.query([Query("The market", " was busy")])[0].hits[0].example_id]
+    )
+    assert all(record.token_ids[0] == pad for record in example.values())
+    assert engine.manifest.corpus.prefix_tokens == ("<|pad|>",)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -86,3 +87,21 @@ def test_bad_corpora_name_the_problem(tmp_path, tokenizer, rows, config_kwargs, 
 def test_path_matching_nothing(tmp_path, tokenizer):
     with pytest.raises(InvalidInputError, match="matches no files"):
         load_corpus(CorpusConfig(str(tmp_path / "none-*.jsonl")), tokenizer, 64)
+
+
+def test_framing_tokens_surround_every_document(tmp_path, tokenizer, small_corpus):
+    longest = max(small_corpus, key=lambda d: len(d["text"]))
+    write_jsonl(tmp_path / "long.jsonl", [longest, small_corpus[0]])
+    separator = tokenizer.eos_token
+    config = CorpusConfig(
+        str(tmp_path / "long.jsonl"), prefix_tokens=(separator,), suffix_tokens=(separator,)
+    )
+    examples = load_corpus(config, tokenizer, 32).examples
+    eos = tokenizer.eos_token_id
+    assert all(len(e.token_ids) <= 32 and e.token_ids[0] == eos for e in examples)
+    last_chunks = [
+        e for e in examples if e.chunk == max(x.chunk for x in examples if x.doc_id == e.doc_id)
+    ]
+    assert len(last_chunks) == 2 and all(e.token_ids[-1] == eos for e in last_chunks)
+    with pytest.raises(InvalidInputError, match="not in the tokenizer's vocabulary"):
+        load_corpus(replace(config, prefix_tokens=("<no such token>",)), tokenizer, 32)
