@@ -18,10 +18,12 @@ from indexer.corpus import Corpus, load_corpus
 from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
 from indexer.errors import InvalidInputError
 from indexer.exact import DEFAULT_MEMORY_LIMIT, required_bytes
+from indexer.lexical import write_lexical_index
 from indexer.manifest import (
     CURVATURE_FILE,
     FULL_CURVATURE_FILE,
     INDEX_FILE,
+    LEXICAL_DIR,
     METADATA_FILE,
     VECTORS_FILE,
     Counts,
@@ -171,6 +173,7 @@ def _manifest(
         dim=curvature.sketch.dim,
         vectors_stored=config.store.keep_vectors,
         exact_rerank=curvature.full is not None,
+        lexical_index=config.store.lexical_index,
         counts=Counts(
             documents=corpus.n_documents,
             examples=len(corpus.examples),
@@ -260,6 +263,8 @@ def _write_version(state: _BuildState, staging: Path, version: str) -> BuildSumm
         curvature.save(staging / CURVATURE_FILE)
         if fitted.full is not None:
             fitted.full.save(staging / FULL_CURVATURE_FILE)
+        if config.store.lexical_index:
+            write_lexical_index([e.text for e in corpus.examples], ids, staging / LEXICAL_DIR)
         if not config.store.keep_vectors:
             (staging / VECTORS_FILE).unlink()
     summary = BuildSummary(

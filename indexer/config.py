@@ -86,6 +86,7 @@ class StoreConfig:
     keep_versions: int = 3
     # Full-space EK-FAC factors for exact re-ranking; None: stored when they fit in memory.
     exact_rerank: bool | None = None
+    lexical_index: bool = True  # BM25 over the texts, for lexical candidates
 
 
 @dataclass(frozen=True)

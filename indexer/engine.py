@@ -26,10 +26,12 @@ from indexer.errors import (
     PreconditionError,
 )
 from indexer.exact import ExactReranker, ExactScores
+from indexer.lexical import LexicalIndex
 from indexer.manifest import (
     CURVATURE_FILE,
     FULL_CURVATURE_FILE,
     INDEX_FILE,
+    LEXICAL_DIR,
     METADATA_FILE,
     VECTORS_FILE,
     Manifest,
@@ -127,6 +129,7 @@ class IndexInfo:
     damping: float
     max_length: int  # tokens: the limit on a query's prompt plus completion
     rerank_available: bool = False
+    lexical_available: bool = False
     rerank_depth: int = 0  # the default depth; 0: no re-ranking unless asked
     max_rerank_depth: int = 0
 
@@ -149,6 +152,7 @@ class IndexInfo:
             damping=manifest.curvature.damping,
             max_length=manifest.model.context_length,
             rerank_available=manifest.exact_rerank,
+            lexical_available=manifest.lexical_index,
             rerank_depth=options.rerank_depth if options and manifest.exact_rerank else 0,
             max_rerank_depth=(
                 options.max_rerank_tokens // manifest.max_length
@@ -215,6 +219,7 @@ class QueryEngine:
         metadata: MetadataReader,
         vectors: np.ndarray | None,
         reranker: ExactReranker | None = None,
+        lexical: LexicalIndex | None = None,
         options: EngineOptions | None = None,
     ):
         self.path = path
@@ -223,6 +228,7 @@ class QueryEngine:
         self.options = options or EngineOptions()
         self.info = IndexInfo.from_manifest(self.version, manifest, self.options)
         self.reranker = reranker
+        self.lexical = lexical
         self._model = model
         self.curvature = curvature
         self.index = index
@@ -268,9 +274,12 @@ class QueryEngine:
             full = Curvature.load(path / FULL_CURVATURE_FILE, device)
             pad_id = model.loaded.tokenizer.pad_token_id
             reranker = ExactReranker(model.loaded.model, full, pad_id, options.rerank_batch_size)
+        lexical = LexicalIndex(path / LEXICAL_DIR) if manifest.lexical_index else None
         metadata = MetadataReader(path / METADATA_FILE)
         log.info("opened index version %s (%d examples)", path.name, metadata.count())
-        return cls(path, manifest, model, curvature, index, metadata, vectors, reranker, options)
+        return cls(
+            path, manifest, model, curvature, index, metadata, vectors, reranker, lexical, options
+        )
 
     @property
     def loaded(self) -> LoadedModel:
@@ -299,23 +308,34 @@ class QueryEngine:
             )
 
     def _rerank_depth(self, query: Query) -> int:
-        """The query's re-rank depth (its own or the default), checked against the budget."""
-        if query.rerank_depth is None:
-            return self.info.rerank_depth
-        if query.rerank_depth == 0:
-            return 0
+        """The query's re-rank depth (its own or the default), checked against the budget,
+        which its lexical candidates share."""
+        if query.lexical_candidates and not self.info.lexical_available:
+            raise PreconditionError(
+                f"index version {self.version} was built without a lexical index: rebuild "
+                "with --lexical-index on for lexical candidates"
+            )
+        depth = self.info.rerank_depth if query.rerank_depth is None else query.rerank_depth
+        if query.lexical_candidates and not depth:
+            raise InvalidInputError(
+                "lexical_candidates need exact re-ranking (a rerank_depth above 0) to be "
+                "ranked with the index's candidates"
+            )
+        if query.rerank_depth is None or not depth:
+            return depth
         if not self.info.rerank_available:
             raise PreconditionError(
                 f"index version {self.version} was built without exact re-rank factors: "
                 "rebuild with --exact-rerank on to re-rank"
             )
-        if query.rerank_depth > self.info.max_rerank_depth:
+        if depth + query.lexical_candidates > self.info.max_rerank_depth:
             raise InvalidInputError(
-                f"rerank_depth {query.rerank_depth} is over this server's limit of "
-                f"{self.info.max_rerank_depth} ({self.options.max_rerank_tokens} tokens, "
-                f"--max-rerank-tokens, at {self.manifest.max_length} tokens per example)"
+                f"rerank_depth {depth} + lexical_candidates {query.lexical_candidates} is over "
+                f"this server's limit of {self.info.max_rerank_depth} "
+                f"({self.options.max_rerank_tokens} tokens, --max-rerank-tokens, at "
+                f"{self.manifest.max_length} tokens per example)"
             )
-        return query.rerank_depth
+        return depth
 
     def _prepared(self, queries: list[TokenizedQuery]) -> list[TokenizedQuery]:
         """The queries, tokenized again only if another version prepared them."""
@@ -350,13 +370,15 @@ class QueryEngine:
         depth = max(max(tq.query.top_k, d) for tq, d in zip(queries, depths, strict=True))
         scores, ids = self.index.search(np.ascontiguousarray(search), depth)
         timings.search_us = clock.lap()
-        records = self.metadata.lookup(sorted({int(i) for i in ids.ravel() if i >= 0}))
-        timings.lookup_us = clock.lap()
         candidates, estimates = [], []
         for row, d in enumerate(depths):
             kept = ids[row][:d] >= 0
             candidates.append(ids[row][:d][kept].tolist())
             estimates.append(scores[row][:d][kept])
+        self._add_lexical(queries, candidates, estimates, q)
+        wanted = {int(i) for i in ids.ravel() if i >= 0} | {i for c in candidates for i in c}
+        records = self.metadata.lookup(sorted(wanted))
+        timings.lookup_us = clock.lap()
         exact = self._rerank(capture.full, candidates, records) if any(depths) else None
         timings.rerank_us = clock.lap()
         results = []
@@ -374,6 +396,38 @@ class QueryEngine:
                 ]
             results.append(QueryResult(hits, tq.n_completion_tokens, kind, timings))
         return results
+
+    def _add_lexical(
+        self,
+        queries: list[TokenizedQuery],
+        candidates: list[list[int]],
+        estimates: list[np.ndarray],
+        q: np.ndarray,
+    ) -> None:
+        """Append each query's BM25 matches (prompt + completion) to its candidates, with the
+        sketch's estimates of their scores when the vectors are stored (NaN otherwise)."""
+        asking = [row for row, tq in enumerate(queries) if tq.query.lexical_candidates]
+        if not asking:
+            return
+        texts = [f"{queries[r].query.prompt}{queries[r].query.completion}" for r in asking]
+        k = max(queries[r].query.lexical_candidates for r in asking)
+        for row, found in zip(asking, self.lexical.search(texts, k), strict=True):
+            seen = set(candidates[row])
+            new = [i for i in found[: queries[row].query.lexical_candidates] if i not in seen]
+            candidates[row].extend(new)
+            estimates[row] = np.concatenate([estimates[row], self._sketch_scores(q[row], new)])
+
+    def _sketch_scores(self, q: np.ndarray, example_ids: list[int]) -> np.ndarray:
+        """The index's score `[n]` of the given examples, from the stored vectors."""
+        if self.vectors is None or not example_ids:
+            return np.full(len(example_ids), np.nan)
+        records = self.metadata.lookup(example_ids)
+        rows = [records[i].row for i in example_ids]
+        v = np.asarray(self.vectors[rows], dtype=np.float32)
+        if self.info.score_kind == ScoreKind.COSINE:
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
+            q = q / max(float(np.linalg.norm(q)), 1e-30)
+        return v @ q
 
     def _rerank(
         self, full: Capture, candidates: list[list[int]], records: dict[int, ExampleRecord]

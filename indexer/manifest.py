@@ -18,6 +18,19 @@ FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 CURVATURE_FILE = "curvature.safetensors"
 FULL_CURVATURE_FILE = "curvature-full.safetensors"
+# The BM25 index (bm25s 0.3's files, plus the example ids in its order).
+LEXICAL_FILES = tuple(
+    f"lexical/{name}"
+    for name in (
+        "params.index.json",
+        "vocab.index.json",
+        "data.csc.index.npy",
+        "indices.csc.index.npy",
+        "indptr.csc.index.npy",
+        "ids.npy",
+    )
+)
+LEXICAL_DIR = "lexical"
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.f16"
 METADATA_FILE = "metadata.duckdb"
@@ -76,6 +89,7 @@ class Manifest:
     dim: int
     vectors_stored: bool
     exact_rerank: bool  # full-space factors stored (FULL_CURVATURE_FILE)
+    lexical_index: bool  # a BM25 index of the examples' texts stored (LEXICAL_FILES)
     counts: Counts
     build_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
@@ -94,6 +108,8 @@ class Manifest:
             names.append(VECTORS_FILE)
         if self.exact_rerank:
             names.append(FULL_CURVATURE_FILE)
+        if self.lexical_index:
+            names.extend(LEXICAL_FILES)
         return tuple(names)
 
     def with_files(self, files: dict[str, FileRecord]) -> Manifest:
@@ -126,6 +142,7 @@ class Manifest:
                 dim=data["dim"],
                 vectors_stored=data["vectors_stored"],
                 exact_rerank=data["exact_rerank"],
+                lexical_index=data["lexical_index"],
                 counts=Counts(**data["counts"]),
                 build_seconds=dict(data["build_seconds"]),
                 files={name: FileRecord(**f) for name, f in data["files"].items()},

@@ -18,6 +18,7 @@ import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from indexer.hashing import sha256_file
 from indexer.manifest import MANIFEST_FILE, FileRecord, Manifest
 
 CURRENT = "CURRENT"
+PINNED = "PINNED"
 VERSIONS = "versions"
 STAGING_PREFIX = ".staging-"
 
@@ -75,12 +77,15 @@ def staging_dir(root: Path, version_id: str) -> Path:
 
 def write_manifest(staging: Path, manifest: Manifest) -> Manifest:
     """Record the sha256 of every file in `staging` and write manifest.json (all fsynced)."""
-    files = sorted(p for p in staging.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     for path in files:
         with path.open("rb") as f:
             os.fsync(f.fileno())
     full = manifest.with_files(
-        {p.name: FileRecord(sha256_file(p), p.stat().st_size) for p in files}
+        {
+            p.relative_to(staging).as_posix(): FileRecord(sha256_file(p), p.stat().st_size)
+            for p in files
+        }
     )
     with (staging / MANIFEST_FILE).open("w") as f:
         f.write(full.to_json())
@@ -94,22 +99,41 @@ def publish(root: Path, staging: Path, version_id: str, keep_versions: int) -> P
     final = root / VERSIONS / version_id
     os.rename(staging, final)
     _fsync_dir(root / VERSIONS)
-    pointer = root / f".{CURRENT}.{os.getpid()}.tmp"
-    with pointer.open("w") as f:
-        f.write(version_id + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, root / CURRENT)
-    _fsync_dir(root)
+    _write_pointer(root, CURRENT, version_id)
     prune(root, keep_versions)
     return final
 
 
+def _write_pointer(root: Path, name: str, version_id: str) -> None:
+    """Make ROOT/name (CURRENT or PINNED) hold `version_id`, by one atomic rename."""
+    pointer = root / f".{name}.{os.getpid()}.tmp"
+    with pointer.open("w") as f:
+        f.write(version_id + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer, root / name)
+    _fsync_dir(root)
+
+
 def prune(root: Path, keep_versions: int) -> list[str]:
-    """Delete all but the newest `keep_versions` versions; never the one CURRENT names."""
-    current = read_current(root)
-    versions = sorted(list_versions(root), reverse=True)
-    doomed = [v for v in versions[max(keep_versions, 1) :] if v != current]
+    """Delete versions until at most `keep_versions` remain; returns the deleted ids.
+
+    Never deletes CURRENT's or PINNED's version. The others keep their places in this order:
+    the last-good version (the rollback target; so it survives whenever `keep_versions` >= 2),
+    then the other valid versions by manifest creation time, newest first (not by name);
+    invalid versions (which servers refuse too) are deleted before any valid one. Verifies the
+    candidates' checksums, so it reads every version once when there are too many.
+    """
+    entries = version_entries(root)
+    keep = max(keep_versions, 1)
+    if len(entries) <= keep:
+        return []
+    fixed = {read_current(root), read_pinned(root)} & {e.id for e in entries}
+    good = last_good(root)
+    ranked = [good] if good is not None and good not in fixed else []
+    ranked += [e.id for e in entries if e.id not in fixed | {good} and _is_valid(root, e)]
+    kept = fixed | set(ranked[: max(keep - len(fixed), 0)])
+    doomed = [e.id for e in reversed(entries) if e.id not in kept]
     for version in doomed:
         shutil.rmtree(root / VERSIONS / version, ignore_errors=True)
     return doomed
@@ -124,10 +148,105 @@ def list_versions(root: Path) -> list[str]:
 
 def read_current(root: Path) -> str | None:
     """The published version id, or None when nothing is published yet."""
+    return _read_pointer(root, CURRENT)
+
+
+def read_pinned(root: Path) -> str | None:
+    """The version ROOT/PINNED makes every server serve, or None when nothing is pinned."""
+    return _read_pointer(root, PINNED)
+
+
+def _read_pointer(root: Path, name: str) -> str | None:
     try:
-        return (Path(root) / CURRENT).read_text().strip() or None
+        return (Path(root) / name).read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def pin(root: Path, version_id: str) -> Manifest:
+    """Verify the version, then make every server of ROOT serve it (ROOT/PINNED)."""
+    manifest = verify_version(version_dir(root, version_id))
+    _write_pointer(root, PINNED, version_id)
+    return manifest
+
+
+def clear_pin(root: Path) -> str | None:
+    """Remove ROOT/PINNED (servers follow CURRENT again); returns the version it pinned."""
+    pinned = read_pinned(root)
+    (Path(root) / PINNED).unlink(missing_ok=True)
+    return pinned
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """A version directory and its manifest's creation time (None: unreadable manifest)."""
+
+    id: str
+    created: datetime | None
+
+
+def version_entries(root: Path) -> list[VersionEntry]:
+    """Every version in ROOT, newest first by manifest creation time; unreadable ones last."""
+    entries = []
+    for version in list_versions(root):
+        try:
+            created = datetime.fromisoformat(read_manifest(root / VERSIONS / version).created)
+        except (IndexVerificationError, ValueError):
+            entries.append(VersionEntry(version, None))
+            continue
+        # A naive time would not compare with aware ones; the builder writes UTC.
+        entries.append(
+            VersionEntry(version, created.replace(tzinfo=created.tzinfo or timezone.utc))
+        )
+    epoch = datetime.min.replace(tzinfo=timezone.utc)
+    return sorted(entries, key=lambda e: (e.created or epoch, e.id), reverse=True)
+
+
+def last_good(root: Path) -> str | None:
+    """The newest valid version created before CURRENT's (any other, when CURRENT's manifest
+    is unreadable): what `rollback` goes back to and `prune` keeps."""
+    current = read_current(root)
+    entries = version_entries(root)
+    mine = next((e.created for e in entries if e.id == current), None)
+    older = [e for e in entries if e.id != current and (mine is None or _before(e, mine))]
+    return next((e.id for e in older if _is_valid(root, e)), None)
+
+
+@dataclass(frozen=True)
+class Rollback:
+    previous: str | None  # what CURRENT named before
+    current: str
+    pinned: str | None  # a pin overrides CURRENT on every server
+
+
+def rollback(root: Path, to: str | None = None) -> Rollback:
+    """Point CURRENT at `to` (verified first) or at the last-good version, atomically."""
+    previous = read_current(root)
+    if to is None:
+        to = last_good(root)
+        if to is None:
+            older = f" older than CURRENT's ({previous})" if previous else ""
+            raise NotFoundError(f"no valid version in {root}{older} to roll back to")
+    else:
+        verify_version(version_dir(root, to))
+    if to == previous:
+        raise InvalidInputError(f"CURRENT already names {to}")
+    _write_pointer(root, CURRENT, to)
+    return Rollback(previous, to, read_pinned(root))
+
+
+def _before(entry: VersionEntry, when: datetime) -> bool:
+    return entry.created is not None and entry.created < when
+
+
+def _is_valid(root: Path, entry: VersionEntry) -> bool:
+    if entry.created is None:
+        return False
+    try:
+        verify_version(root / VERSIONS / entry.id)
+    except (IndexVerificationError, OSError):
+        return False
+    return True
 
 
 def version_dir(root: Path, version_id: str | None = None) -> Path:
@@ -174,15 +293,19 @@ def verify_version(path: Path) -> Manifest:
 
 
 def _regular_file(version: Path, name: str) -> Path:
-    """`version/name`, refused unless `name` is a plain file name and the file is a regular,
-    non-symlinked file."""
-    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+    """`version/name`, refused unless `name` is a plain file name (or `dir/name`, one level of
+    plain names) and every part of it is a real directory or regular file, never a symlink."""
+    parts = name.split("/")
+    if len(parts) > 2 or any(p in ("", ".", "..") or "\\" in p for p in parts):
         raise IndexVerificationError(f"{version.name}: file name {name!r} leaves the version")
-    file = version / name
-    try:
-        mode = file.lstat().st_mode
-    except FileNotFoundError:
-        raise IndexVerificationError(f"{version.name}: {name} is missing") from None
-    if not stat.S_ISREG(mode):
-        raise IndexVerificationError(f"{version.name}: {name} is not a regular file (symlink?)")
-    return file
+    path = version
+    for depth, part in enumerate(parts, start=1):
+        path = path / part
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            raise IndexVerificationError(f"{version.name}: {name} is missing") from None
+        expected = stat.S_ISREG(mode) if depth == len(parts) else stat.S_ISDIR(mode)
+        if not expected:
+            raise IndexVerificationError(f"{version.name}: {name} is not a regular file (symlink?)")
+    return path

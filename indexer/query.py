@@ -22,7 +22,8 @@ class Query:
     """One question: which training examples made `completion` likely after `prompt`?
 
     The completion's tokens carry the query loss. `score_kind` None means the index's own kind;
-    `rerank_depth` None means the engine's default (0: no exact re-ranking).
+    `rerank_depth` None means the engine's default (0: no exact re-ranking);
+    `lexical_candidates` BM25 matches of prompt + completion join the re-ranked candidates.
     """
 
     prompt: str
@@ -32,6 +33,7 @@ class Query:
     include_text: bool = False
     include_layer_scores: bool = False
     rerank_depth: int | None = None
+    lexical_candidates: int = 0
 
 
 @dataclass(frozen=True)

@@ -91,9 +91,11 @@ class InfluenceClient:
         include_text: bool = True,
         include_layer_scores: bool = False,
         rerank_depth: int | None = None,
+        lexical_candidates: int = 0,
         timeout_s: float | None = None,
     ) -> pb.QueryResponse:
-        """`rerank_depth`: candidates re-ranked exactly (None: the server's default; 0: off)."""
+        """`rerank_depth`: candidates re-ranked exactly (None: the server's default; 0: off);
+        `lexical_candidates`: BM25 matches re-ranked with them."""
         query = Query(
             prompt,
             completion,
@@ -102,6 +104,7 @@ class InfluenceClient:
             include_text,
             include_layer_scores,
             rerank_depth,
+            lexical_candidates,
         )
         return self._stub.Query(query_request(query), **self._call_options(timeout_s))
 

@@ -38,6 +38,7 @@ def query_from_request(request: pb.QueryRequest) -> Query:
         include_text=request.include_text,
         include_layer_scores=request.include_layer_scores,
         rerank_depth=request.rerank_depth if request.HasField("rerank_depth") else None,
+        lexical_candidates=request.lexical_candidates,
     )
 
 
@@ -50,6 +51,7 @@ def query_request(query: Query) -> pb.QueryRequest:
         include_text=query.include_text,
         include_layer_scores=query.include_layer_scores,
         rerank_depth=query.rerank_depth,
+        lexical_candidates=query.lexical_candidates,
     )
 
 
@@ -111,4 +113,5 @@ def index_info_fields(info: IndexInfo) -> dict[str, object]:
         "rerank_available": info.rerank_available,
         "rerank_depth": info.rerank_depth,
         "max_rerank_depth": info.max_rerank_depth,
+        "lexical_available": info.lexical_available,
     }

@@ -17,7 +17,13 @@ from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
 from indexer.errors import InvalidInputError
-from indexer.manifest import FULL_CURVATURE_FILE, INDEX_FILE, METADATA_FILE, VECTORS_FILE
+from indexer.manifest import (
+    FULL_CURVATURE_FILE,
+    INDEX_FILE,
+    LEXICAL_FILES,
+    METADATA_FILE,
+    VECTORS_FILE,
+)
 from indexer.publish import VERSIONS, read_current, verify_version, version_dir
 from indexer.query import Query
 from indexer.store import MetadataReader
@@ -52,6 +58,7 @@ def test_round_trip_search_and_metadata(published, small_corpus):
         INDEX_FILE,
         METADATA_FILE,
         VECTORS_FILE,
+        *LEXICAL_FILES,
     }
     engine = QueryEngine.open(published)
     n = manifest.counts.examples

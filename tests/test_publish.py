@@ -87,3 +87,12 @@ def test_a_manifest_of_another_format_is_refused(copy: Path) -> None:
     )
     with pytest.raises(IndexVerificationError, match="lacks model"):
         verify_version(copy)
+
+
+def test_subdirectory_names_stay_inside_the_version(copy: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    record = {"sha256": sha256_file(outside), "bytes": outside.stat().st_size}
+    _edit_manifest(copy, lambda data: data["files"].update({"lexical/../../outside.txt": record}))
+    with pytest.raises(IndexVerificationError, match="leaves the version"):
+        verify_version(copy)

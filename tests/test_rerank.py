@@ -101,3 +101,29 @@ def test_tokens_rotated_first_or_last_give_the_same_vectors(engine: QueryEngine)
         a = torch.randn(2, tokens, d_in, generator=generator)
         expected = module.precondition(torch.einsum("bto,bti->boi", g, a))
         torch.testing.assert_close(module.precondition_tokens(g, a), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lexical_candidates_join_the_exact_rerank(engine: QueryEngine) -> None:
+    query = replace(QUERY, rerank_depth=1, lexical_candidates=10)
+    (result,) = engine.query([query])
+    # The index's candidates are at least top_k deep.
+    ann = [hit.example_id for hit in engine.query([replace(QUERY, rerank_depth=0)])[0].hits]
+    (lexical,) = engine.lexical.search([QUERY.prompt + QUERY.completion], 10)
+    union = {*ann, *lexical}
+    assert len(lexical) == 10 and len(result.hits) == QUERY.top_k
+    assert all(hit.exact for hit in result.hits)
+    assert {hit.example_id for hit in result.hits} <= union
+    scores = [hit.score for hit in result.hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_lexical_candidates_need_rerank_and_a_lexical_index(
+    engine: QueryEngine, tmp_path: Path, tiny_model_dir: Path, small_corpus_path: Path
+) -> None:
+    with pytest.raises(InvalidInputError, match="need exact re-ranking"):
+        engine.prepare(replace(QUERY, rerank_depth=0, lexical_candidates=5))
+    config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path)
+    build_index(replace(config, store=replace(config.store, lexical_index=False)))
+    without = QueryEngine.open(tmp_path)
+    with pytest.raises(PreconditionError, match="--lexical-index on"):
+        without.prepare(replace(QUERY, lexical_candidates=5))

@@ -17,7 +17,7 @@ SCORE_KIND_INFLUENCE: ScoreKind
 SCORE_KIND_COSINE: ScoreKind
 
 class QueryRequest(_message.Message):
-    __slots__ = ("prompt", "completion", "top_k", "score_kind", "include_text", "include_layer_scores", "rerank_depth")
+    __slots__ = ("prompt", "completion", "top_k", "score_kind", "include_text", "include_layer_scores", "rerank_depth", "lexical_candidates")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class QueryRequest(_message.Message):
     INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_LAYER_SCORES_FIELD_NUMBER: _ClassVar[int]
     RERANK_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     completion: str
     top_k: int
@@ -32,7 +33,8 @@ class QueryRequest(_message.Message):
     include_text: bool
     include_layer_scores: bool
     rerank_depth: int
-    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., top_k: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., include_text: _Optional[bool] = ..., include_layer_scores: _Optional[bool] = ..., rerank_depth: _Optional[int] = ...) -> None: ...
+    lexical_candidates: int
+    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., top_k: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., include_text: _Optional[bool] = ..., include_layer_scores: _Optional[bool] = ..., rerank_depth: _Optional[int] = ..., lexical_candidates: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("tokenize_us", "gradient_us", "search_us", "lookup_us", "queue_us", "total_us", "rerank_us")
@@ -144,7 +146,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("version", "model_path", "model_sha256", "n_examples", "dim", "score_kind", "faiss_factory", "build_time", "tracked_modules", "rank_in", "rank_out", "damping", "max_length", "last_reload_error", "pending_version", "serving", "max_top_k", "max_queries_per_batch", "max_attribution_examples", "rerank_available", "rerank_depth", "max_rerank_depth")
+    __slots__ = ("version", "model_path", "model_sha256", "n_examples", "dim", "score_kind", "faiss_factory", "build_time", "tracked_modules", "rank_in", "rank_out", "damping", "max_length", "last_reload_error", "pending_version", "serving", "max_top_k", "max_queries_per_batch", "max_attribution_examples", "rerank_available", "rerank_depth", "max_rerank_depth", "lexical_available")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +169,7 @@ class GetIndexInfoResponse(_message.Message):
     RERANK_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     RERANK_DEPTH_FIELD_NUMBER: _ClassVar[int]
     MAX_RERANK_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     version: str
     model_path: str
     model_sha256: str
@@ -189,4 +192,5 @@ class GetIndexInfoResponse(_message.Message):
     rerank_available: bool
     rerank_depth: int
     max_rerank_depth: int
-    def __init__(self, version: _Optional[str] = ..., model_path: _Optional[str] = ..., model_sha256: _Optional[str] = ..., n_examples: _Optional[int] = ..., dim: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., faiss_factory: _Optional[str] = ..., build_time: _Optional[str] = ..., tracked_modules: _Optional[_Iterable[str]] = ..., rank_in: _Optional[int] = ..., rank_out: _Optional[int] = ..., damping: _Optional[float] = ..., max_length: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., pending_version: _Optional[str] = ..., serving: _Optional[bool] = ..., max_top_k: _Optional[int] = ..., max_queries_per_batch: _Optional[int] = ..., max_attribution_examples: _Optional[int] = ..., rerank_available: _Optional[bool] = ..., rerank_depth: _Optional[int] = ..., max_rerank_depth: _Optional[int] = ...) -> None: ...
+    lexical_available: bool
+    def __init__(self, version: _Optional[str] = ..., model_path: _Optional[str] = ..., model_sha256: _Optional[str] = ..., n_examples: _Optional[int] = ..., dim: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., faiss_factory: _Optional[str] = ..., build_time: _Optional[str] = ..., tracked_modules: _Optional[_Iterable[str]] = ..., rank_in: _Optional[int] = ..., rank_out: _Optional[int] = ..., damping: _Optional[float] = ..., max_length: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., pending_version: _Optional[str] = ..., serving: _Optional[bool] = ..., max_top_k: _Optional[int] = ..., max_queries_per_batch: _Optional[int] = ..., max_attribution_examples: _Optional[int] = ..., rerank_available: _Optional[bool] = ..., rerank_depth: _Optional[int] = ..., max_rerank_depth: _Optional[int] = ..., lexical_available: _Optional[bool] = ...) -> None: ...
