@@ -100,7 +100,6 @@ def main() -> None:
             "dim": summary["dim"],
             "index_factory": summary["index_factory"],
             "index_bytes_per_example": summary["index_bytes_per_example"],
-            "vectors_bytes_per_example": summary["vectors_bytes_per_example"],
             "build_peak_rss_mib": peak_rss_mib(children=True),
         },
         args.out,

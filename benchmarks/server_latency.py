@@ -39,7 +39,7 @@ def ensure_index(documents: int, batch_size: int) -> Path:
         corpus = synthetic_corpus(CACHE / f"bench-corpus-{documents}.jsonl", documents)
         command = [sys.executable, "-m", "server.cli", "build", "--model",
                    str(demo_artifacts().model_dir), "--data", str(corpus), "--out", str(root),
-                   "--batch-size", str(batch_size), "--no-vectors"]  # fmt: skip
+                   "--batch-size", str(batch_size)]  # fmt: skip
         subprocess.run(command, check=True)
     return root
 

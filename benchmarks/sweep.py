@@ -323,10 +323,7 @@ def measure_rank(
     q = engine.query_vectors(setup.encoded)
     kinds = in_kinds(sketch_scores(engine.vectors, q), q)
     engine.close()
-    sizes = {
-        "index_bytes_per_example": summary["index_bytes_per_example"],
-        "vectors_bytes_per_example": summary["vectors_bytes_per_example"],
-    }
+    sizes = {"index_bytes_per_example": summary["index_bytes_per_example"]}
     return [
         measure(
             {"rank": f"{rank}x{rank}", "damping": config.default_damping, "score": kind},

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,11 +15,22 @@ from pathlib import Path
 import numpy as np
 
 from indexer import __version__
-from indexer.config import BuildConfig, ScoreKind, example_max_length
-from indexer.corpus import Corpus, load_corpus
-from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
-from indexer.errors import InvalidInputError
+from indexer.config import BuildConfig, IncrementalMode, ScoreKind, example_max_length
+from indexer.corpus import ExampleTable, stage_corpus
+from indexer.curvature import Curvature, fit_curvature, subsample
+from indexer.distributed import Ranks, join
+from indexer.errors import IndexVerificationError, InvalidInputError, ResourceLimitError
 from indexer.exact import DEFAULT_MEMORY_LIMIT, required_bytes
+from indexer.incremental import (
+    Diff,
+    MergedVectors,
+    Previous,
+    Settings,
+    diff,
+    difference,
+    full_diff,
+    refit_reason,
+)
 from indexer.lexical import write_lexical_index
 from indexer.manifest import (
     CURVATURE_FILE,
@@ -25,8 +38,8 @@ from indexer.manifest import (
     INDEX_FILE,
     LEXICAL_DIR,
     METADATA_FILE,
-    VECTORS_FILE,
     Counts,
+    CurvatureFit,
     Manifest,
     ModelIdentity,
     ModuleLayout,
@@ -38,17 +51,42 @@ from indexer.publish import (
     ensure_writable,
     new_version_id,
     publish,
+    read_current,
     staging_dir,
+    verify_version,
+    version_dir,
     write_manifest,
 )
 from indexer.sketch import GradientSketcher, gaussian_projection
-from indexer.store import default_factory, open_vectors, write_faiss, write_metadata
+from indexer.store import (
+    ScratchShards,
+    ScratchVectors,
+    default_factory,
+    new_index,
+    write_faiss,
+    write_metadata,
+)
 
 log = logging.getLogger(__name__)
+
+# Scratch files in the staging directory, one per rank, deleted before the manifest is
+# written (every name starting with a dot is one): the staged corpus (tokenized examples), the
+# sketched vectors waiting to be indexed (the index is the version's only copy of them) and
+# the sketched rows' norms and losses.
+CORPUS_FILE = ".corpus.duckdb"
+SCRATCH_FILE = ".vectors.scratch"
+SKETCHED_FILE = ".sketched.csv"
+
+
+def _scratch(staging: Path, name: str, rank: int) -> Path:
+    return staging / f"{name}.{rank}"
 
 
 @dataclass
 class BuildSummary:
+    """What a build published. A full build counts every example as new; an incremental one
+    counts against the version it started from (`built_from`)."""
+
     version: str
     root: str
     n_documents: int
@@ -58,8 +96,14 @@ class BuildSummary:
     dim: int
     index_factory: str
     index_bytes_per_example: float
-    vectors_bytes_per_example: float
     full_curvature_bytes: int  # the exact re-rank factors; 0 when not stored
+    mode: str  # "incremental" or "full"
+    full_reason: str  # why a full build ("" for an incremental one)
+    built_from: str | None
+    reused: int
+    new: int
+    changed: int
+    deleted: int
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -87,6 +131,8 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
         raise InvalidInputError("--rank-in and --rank-out must be at least 1")
     if config.curvature.damping <= 0:
         raise InvalidInputError("--damping must be positive")
+    if config.incremental.refit_threshold < 0:
+        raise InvalidInputError("--refit-threshold must be at least 0")
     max_length = example_max_length(config.corpus.max_length, loaded.context_length)
     if not 2 <= max_length <= loaded.context_length:
         raise InvalidInputError(
@@ -112,25 +158,29 @@ def _projections(modules: dict, config: BuildConfig) -> dict:
 
 
 def _write_vectors(
-    example_pass: ExamplePass, curvature: Curvature, path: Path
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The main pass: training-loss sketches, preconditioned, into the float16 matrix.
-
-    Returns `(vectors [N, D] memmap, norms [N], losses [N])`.
-    """
-    n = len(example_pass.examples)
-    vectors = open_vectors(path, n, curvature.dim, mode="w+")
-    norms, losses = np.zeros(n), np.zeros(n)
-    for rows, capture in example_pass.run(list(range(n)), "data", "sketch corpus"):
-        block = curvature.vectors(capture).cpu()
-        stored = block.numpy().astype(np.float16)
-        if not np.isfinite(stored).all():
-            raise InvalidInputError("preconditioned vectors overflow float16: raise --damping")
-        vectors[rows] = stored
-        norms[rows] = block.double().norm(dim=1).numpy()
-        losses[rows] = capture.losses.cpu().numpy()
-    vectors.flush()
-    return vectors, norms, losses
+    example_pass: ExamplePass,
+    curvature: Curvature,
+    vectors: ScratchVectors,
+    sketched: Path,
+    rows: np.ndarray,
+    unit: bool,
+) -> None:
+    """The main pass over `rows` (ascending): training-loss sketches, preconditioned, into
+    `vectors [len(rows), D]` in the order of `rows` (unit vectors when `unit`: a cosine index);
+    each row's norm (before any scaling) and loss go to the CSV file `sketched`."""
+    with sketched.open("w") as stats:
+        for batch, capture in example_pass.run(rows, "data", "sketch corpus"):
+            block = curvature.vectors(capture).cpu()
+            norms = block.double().norm(dim=1).tolist()
+            if unit:
+                block = block / block.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            stored = block.numpy().astype(np.float16)
+            if not np.isfinite(stored).all():
+                raise InvalidInputError("preconditioned vectors overflow float16: raise --damping")
+            vectors.write(np.searchsorted(rows, batch), stored)
+            losses = capture.losses.double().tolist()
+            lines = zip(batch, norms, losses, strict=True)
+            stats.writelines(f"{r},{norm!r},{loss!r}\n" for r, norm, loss in lines)
 
 
 def _exact_rerank(config: BuildConfig, modules: dict) -> bool:
@@ -147,12 +197,49 @@ def _exact_rerank(config: BuildConfig, modules: dict) -> bool:
     return config.store.exact_rerank
 
 
+@dataclass
+class _BuildState:
+    """What the build has loaded before it starts writing a version."""
+
+    config: BuildConfig
+    loaded: LoadedModel
+    modules: dict
+    corpus: ExampleTable
+    example_pass: ExamplePass
+    max_length: int
+    seconds: dict[str, float]
+    ranks: Ranks
+
+    def close(self) -> None:
+        self.corpus.close()
+
+
+@dataclass
+class _Plan:
+    """What a build reuses: a previous version (incremental) or nothing (full, and why)."""
+
+    factory: str
+    exact_rerank: bool
+    change: Diff
+    previous: Previous | None = None
+    full_reason: str = ""
+
+    def close(self) -> None:
+        if self.previous is not None:
+            self.previous.close()
+
+
 def _manifest(
-    state: _BuildState, curvature: FittedCurvature, factory: str, summary: BuildSummary
+    state: _BuildState, plan: _Plan, curvature: Curvature, summary: BuildSummary
 ) -> Manifest:
     config, loaded, corpus = state.config, state.loaded, state.corpus
+    now = datetime.now(timezone.utc).isoformat()
+    fit = CurvatureFit(created=now, examples=len(corpus))
+    if plan.previous is not None:
+        before = plan.previous.manifest.curvature_fit
+        fit = replace(before, changed_since=before.changed_since + plan.change.touched)
     return Manifest(
-        created=datetime.now(timezone.utc).isoformat(),
+        created=now,
         code_version=__version__,
         model=ModelIdentity(
             path=str(loaded.model_dir.resolve()),
@@ -162,126 +249,275 @@ def _manifest(
         ),
         modules=tuple(
             ModuleLayout(n, s.start, s.stop, **asdict(module_shape(state.modules[n])))
-            for n, s in curvature.sketch.layer_slices().items()
+            for n, s in curvature.layer_slices().items()
         ),
         corpus=replace(config.corpus, max_length=state.max_length),
         sketch=config.sketch,
         curvature=config.curvature,
         score=ScoreKind(config.store.score),
-        index_factory=factory,
+        index_factory=plan.factory,
         nprobe=config.store.nprobe,
-        dim=curvature.sketch.dim,
-        vectors_stored=config.store.keep_vectors,
-        exact_rerank=curvature.full is not None,
+        dim=curvature.dim,
+        exact_rerank=plan.exact_rerank,
         lexical_index=config.store.lexical_index,
         counts=Counts(
             documents=corpus.n_documents,
-            examples=len(corpus.examples),
+            examples=len(corpus),
             empty_skipped=corpus.n_empty_skipped,
-            tokens=summary.n_tokens,
+            tokens=corpus.n_tokens,
         ),
+        curvature_fit=fit,
+        built_from=summary.built_from,
         build_seconds=summary.seconds,
     )
 
 
-@dataclass
-class _BuildState:
-    """What the build has loaded before it starts writing a version."""
-
-    config: BuildConfig
-    loaded: LoadedModel
-    modules: dict
-    corpus: Corpus
-    example_pass: ExamplePass
-    max_length: int
-    seconds: dict[str, float]
-
-
 def build_index(config: BuildConfig) -> BuildSummary:
-    """Build a new version under `config.out` and publish it. CURRENT moves only on success."""
-    root = config.out
-    ensure_writable(root)
-    with build_lock(root):
-        state = _prepare(config)
+    """Build a new version under `config.out` and publish it. CURRENT moves only on success.
+
+    Under torchrun every rank calls this (`indexer.distributed`); rank 0 locks ROOT, assembles
+    and publishes, and every rank returns its summary."""
+    root, ranks = config.out, join()
+    if ranks.main:
+        ensure_writable(root)
+    with build_lock(root) if ranks.main else nullcontext():
         version = new_version_id()
-        staging = staging_dir(root, version)
+        version, staging = ranks.broadcast(
+            (version, staging_dir(root, version)) if ranks.main else None
+        )
+        state, plan = None, None
         try:
-            summary = _write_version(state, staging, version)
-            with _timed(state.seconds, "publish"):
-                publish(root, staging, version, config.store.keep_versions)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            state = _prepare(config, staging, ranks)
+            with _timed(state.seconds, "plan"):  # verifies CURRENT: reads all its files once
+                plan = _plan(state)
+            summary = _write_version(state, plan, staging, version)
+            if ranks.main:
+                with _timed(state.seconds, "publish"):
+                    publish(root, staging, version, config.store.keep_versions)
+            summary = ranks.broadcast(summary)
+        except BaseException as e:
+            if ranks.main:
+                shutil.rmtree(staging, ignore_errors=True)
+            if _disk_full(e):
+                raise ResourceLimitError(
+                    f"disk full in {root} while writing a new version (its files are removed, "
+                    "CURRENT is unchanged): free space and build again"
+                ) from e
             raise
-    log.info("published %s: %d examples, dim %d", version, summary.n_examples, summary.dim)
+        finally:
+            for opened in (plan, state):
+                if opened is not None:
+                    opened.close()
+    if ranks.main:
+        log.info("published %s: %d examples, dim %d", version, summary.n_examples, summary.dim)
     return summary
 
 
-def _prepare(config: BuildConfig) -> _BuildState:
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error` (or one it was raised from) reports a full disk or quota. FAISS, DuckDB
+    and safetensors raise their own types, with the system's message in the text."""
+    full = (errno.ENOSPC, errno.EDQUOT)
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in full:
+            return True
+        if any(os.strerror(code) in str(error) for code in full):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
+    """Load the model and stage the corpus (tokenized, chunked, hashed) in `staging`."""
     seconds: dict[str, float] = {}
     with _timed(seconds, "load"):
         loaded = load_model(config.model, config.device)
         max_length = _check_config(config, loaded)
         modules = tracked_modules(loaded.model, config.sketch.modules)
         projections = _projections(modules, config)
-        corpus = load_corpus(config.corpus, loaded.tokenizer, max_length)
+        staged = _scratch(staging, CORPUS_FILE, ranks.rank)
+        corpus = stage_corpus(config.corpus, loaded.tokenizer, max_length, staged)
     example_pass = ExamplePass(
         GradientSketcher(loaded.model, modules, projections),
-        corpus.examples,
+        corpus,
         loaded.tokenizer.pad_token_id,
         config.batch_size,
         config.curvature.seed,
-        config.progress,
+        config.progress and ranks.main,
     )
-    return _BuildState(config, loaded, modules, corpus, example_pass, max_length, seconds)
+    return _BuildState(config, loaded, modules, corpus, example_pass, max_length, seconds, ranks)
 
 
-def _write_version(state: _BuildState, staging: Path, version: str) -> BuildSummary:
-    """Curvature, vectors, FAISS, metadata and manifest, all inside `staging`."""
-    config, corpus, seconds = state.config, state.corpus, state.seconds
-    n = len(corpus.examples)
+def _settings(state: _BuildState, factory: str, exact_rerank: bool) -> Settings:
+    """This build's settings, as `Settings.of` reads them from a manifest."""
+    config, loaded = state.config, state.loaded
+    return Settings(
+        code_version=__version__,
+        weights_sha256=loaded.weights_sha256,
+        tokenizer_sha256=loaded.tokenizer_sha256,
+        modules=tuple(state.modules),
+        framing=(config.corpus.prefix_tokens, config.corpus.suffix_tokens, state.max_length),
+        sketch=config.sketch,
+        curvature=config.curvature,
+        score=ScoreKind(config.store.score),
+        index_factory=factory,
+        exact_rerank=exact_rerank,
+    )
+
+
+def _plan(state: _BuildState) -> _Plan:
+    """Incremental when CURRENT verifies, matches this build's settings and the curvature
+    needs no refit; a full build otherwise, said in one line. InvalidInputError when
+    `--incremental on` cannot be honoured (nothing published, or CURRENT corrupt or
+    incompatible); a refit, asked for or past the threshold, is a full build either way."""
+    config, n = state.config, len(state.corpus)
+    options, factory = config.incremental, config.store.index_factory
+    exact = _exact_rerank(config, state.modules)
+    current = read_current(config.out)
+    manifest, refused = None, ""
+    if options.mode == IncrementalMode.OFF:
+        refused = "--incremental off"
+    elif current is None:
+        refused = "nothing published yet"
+    else:
+        try:
+            manifest = verify_version(version_dir(config.out, current))
+        except IndexVerificationError as e:
+            refused = f"CURRENT does not verify ({e})"
+    if manifest is not None:
+        factory = factory or default_factory(n, keep=manifest.index_factory)
+        other = difference(Settings.of(manifest), _settings(state, factory, exact))
+        refused = f"CURRENT ({current}) was built with other {other}" if other else ""
+    factory = factory or default_factory(n)
+    if refused:
+        if options.mode == IncrementalMode.ON:
+            raise InvalidInputError(f"cannot build incrementally: {refused}")
+        return _full(factory, exact, n, refused)
+    if options.refit_curvature:
+        return _full(factory, exact, n, "--refit-curvature")
+    previous = Previous.open(version_dir(config.out, current), manifest)
+    change = diff(state.corpus, previous)
+    refit = refit_reason(manifest, change, n, options.refit_threshold)
+    if refit:
+        previous.close()
+        return _full(factory, exact, n, refit)
+    log.info(
+        "incremental build from %s: %d reused, %d new, %d changed, %d deleted",
+        current, change.reused, change.new, change.changed, change.deleted,
+    )  # fmt: skip
+    return _Plan(factory, exact, change, previous)
+
+
+def _full(factory: str, exact_rerank: bool, n_examples: int, reason: str) -> _Plan:
+    log.info("full build: %s", reason)
+    return _Plan(factory, exact_rerank, full_diff(n_examples), full_reason=reason)
+
+
+def _curvature(state: _BuildState, plan: _Plan, staging: Path) -> Curvature:
+    """The sketch-space curvature, stored in `staging` with the full-space factors when asked:
+    fitted on a subsample, or (incremental) the previous version's files, hard-linked."""
+    config, main = state.config, state.ranks.main
+    if plan.previous is not None:
+        names = [CURVATURE_FILE] + ([FULL_CURVATURE_FILE] if plan.exact_rerank else [])
+        for name in names if main else []:
+            _link_or_copy(plan.previous.path / name, staging / name)
+        return Curvature.load(plan.previous.path / CURVATURE_FILE, config.device)
+    ids = state.corpus.column("id").tolist()
+    rows = subsample(ids, config.curvature.fit_examples, config.curvature.seed)
+    if len(rows) < state.ranks.size:
+        raise InvalidInputError(f"{state.ranks.size} ranks need as many examples to fit on")
+    fitted = fit_curvature(
+        state.example_pass, rows, config.curvature.damping, plan.exact_rerank, state.ranks
+    )
+    if main:
+        fitted.sketch.save(staging / CURVATURE_FILE)
+        if fitted.full is not None:
+            fitted.full.save(staging / FULL_CURVATURE_FILE)
+    return fitted.sketch
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Share an immutable file of a published version (a copy where links are impossible)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _write_version(
+    state: _BuildState, plan: _Plan, staging: Path, version: str
+) -> BuildSummary | None:
+    """Curvature, vectors, FAISS, metadata and manifest, all inside `staging`. Every rank
+    sketches its shard; rank 0 then assembles the version (other ranks return None)."""
+    config, corpus, seconds, ranks = state.config, state.corpus, state.seconds, state.ranks
+    n = len(corpus)
+    dim = len(state.modules) * config.sketch.rank_in * config.sketch.rank_out
+    try:
+        new_index(dim, plan.factory)  # refuse an unknown factory before the passes, not after
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from e
     with _timed(seconds, "curvature"):
-        rows = subsample(n, config.curvature.fit_examples, config.curvature.seed)
-        full = _exact_rerank(config, state.modules)
-        fitted = fit_curvature(state.example_pass, rows, config.curvature.damping, full=full)
-    curvature = fitted.sketch
-    with _timed(seconds, "sketch"):
-        vectors, norms, losses = _write_vectors(
-            state.example_pass, curvature, staging / VECTORS_FILE
-        )
-    factory = config.store.index_factory or default_factory(n)
-    ids = np.array([e.example_id for e in corpus.examples], dtype=np.int64)
-    with _timed(seconds, "index"):
+        curvature = _curvature(state, plan, staging)
+    rows = plan.change.to_sketch
+    mine = ranks.shard(rows)
+    scratch = _scratch(staging, SCRATCH_FILE, ranks.rank)
+    with ScratchVectors(scratch, len(mine), dim) as vectors, _timed(seconds, "sketch"):
+        cosine = config.store.score == ScoreKind.COSINE
+        stats = _scratch(staging, SKETCHED_FILE, ranks.rank)
+        _write_vectors(state.example_pass, curvature, vectors, stats, mine, cosine)
+    if not ranks.main:
+        state.close()  # before rank 0 deletes the staged corpus and publishes
+    ranks.barrier()  # every rank's shard is written
+    if not ranks.main:
+        return None
+    ids = corpus.column("id").astype(np.int64)
+    shards = [
+        ScratchVectors(_scratch(staging, SCRATCH_FILE, k), len(rows[k :: ranks.size]), dim, False)
+        for k in range(ranks.size)
+    ]
+    previous = plan.previous.vectors if plan.previous is not None else None
+    with _timed(seconds, "index"), ExitStack() as opened:
+        for shard in shards:
+            opened.enter_context(shard)
         try:
             write_faiss(
-                vectors, ids, factory, config.store.score == ScoreKind.COSINE, staging / INDEX_FILE
+                MergedVectors(ScratchShards(shards), plan.change, previous, curvature.dim),
+                ids,
+                plan.factory,
+                False,
+                staging / INDEX_FILE,
             )
         except ValueError as e:
             raise InvalidInputError(str(e)) from e
-        write_metadata(
-            staging / METADATA_FILE, corpus.examples, norms, losses, staging / "metadata.jsonl"
-        )
-        curvature.save(staging / CURVATURE_FILE)
-        if fitted.full is not None:
-            fitted.full.save(staging / FULL_CURVATURE_FILE)
+    with _timed(seconds, "metadata"):
+        sketched = [_scratch(staging, SKETCHED_FILE, k) for k in range(ranks.size)]
+        write_metadata(staging / METADATA_FILE, corpus, sketched, plan.previous is not None)
         if config.store.lexical_index:
-            write_lexical_index([e.text for e in corpus.examples], ids, staging / LEXICAL_DIR)
-        if not config.store.keep_vectors:
-            (staging / VECTORS_FILE).unlink()
+            write_lexical_index(corpus.texts(), ids, staging / LEXICAL_DIR)
+    state.close()  # the staged corpus is in the metadata now
+    for scratch in staging.glob(".*"):
+        scratch.unlink()
+    change = plan.change
     summary = BuildSummary(
         version=version,
         root=str(config.out),
         n_documents=corpus.n_documents,
         n_examples=n,
         n_empty_skipped=corpus.n_empty_skipped,
-        n_tokens=sum(len(e.token_ids) for e in corpus.examples),
+        n_tokens=corpus.n_tokens,
         dim=curvature.dim,
-        index_factory=factory,
+        index_factory=plan.factory,
         index_bytes_per_example=(staging / INDEX_FILE).stat().st_size / n,
-        vectors_bytes_per_example=2.0 * curvature.dim if config.store.keep_vectors else 0.0,
         full_curvature_bytes=_size(staging / FULL_CURVATURE_FILE),
+        mode="incremental" if plan.previous is not None else "full",
+        full_reason=plan.full_reason,
+        built_from=plan.previous.path.name if plan.previous is not None else None,
+        reused=change.reused,
+        new=change.new,
+        changed=change.changed,
+        deleted=change.deleted,
         seconds=seconds,
     )
-    write_manifest(staging, _manifest(state, fitted, factory, summary))
+    write_manifest(staging, _manifest(state, plan, curvature, summary))
     return summary
 
 

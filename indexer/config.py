@@ -82,11 +82,33 @@ class StoreConfig:
     score: ScoreKind = ScoreKind.COSINE  # traces facts better (benchmarks/RESULTS.md)
     index_factory: str | None = None  # None = chosen from the corpus size
     nprobe: int = 32  # inverted lists scanned per query (IVF indexes only)
-    keep_vectors: bool = True  # vectors.f16, for exact rescoring and layer-wise scores
     keep_versions: int = 3
     # Full-space EK-FAC factors for exact re-ranking; None: stored when they fit in memory.
     exact_rerank: bool | None = None
     lexical_index: bool = True  # BM25 over the texts, for lexical candidates
+
+
+class IncrementalMode(str, Enum):
+    """Whether a build reuses CURRENT's curvature and unchanged examples' vectors: `auto` when
+    CURRENT is compatible (a full build otherwise), `on` or fail, `off` never."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class IncrementalConfig:
+    """How a build reuses the previous version (`indexer.incremental`)."""
+
+    mode: IncrementalMode = IncrementalMode.AUTO
+    refit_curvature: bool = False  # refit (and re-sketch everything) even when reusable
+    # Refit once the examples added, changed or deleted since the fit pass this fraction of the
+    # corpus: the curvature describes the corpus it was fitted on.
+    refit_threshold: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -97,6 +119,7 @@ class BuildConfig:
     sketch: SketchConfig = field(default_factory=SketchConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     batch_size: int = 16
     device: str = "cpu"
     progress: bool = True

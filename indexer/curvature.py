@@ -9,8 +9,9 @@ inner product.
 
 from __future__ import annotations
 
+import heapq
 import json
-import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from indexer.distributed import Ranks
+from indexer.hashing import int63
 from indexer.passes import ExamplePass
 from indexer.sketch import Capture, Projection
 
@@ -25,6 +28,18 @@ from indexer.sketch import Capture, Projection
 def rotate(sketches: Tensor, eigvecs_a: Tensor, eigvecs_b: Tensor) -> Tensor:
     """`U_Bᵀ S U_A` for `S [batch, r_out, r_in]`: sketches in the Kronecker eigenbasis."""
     return eigvecs_b.T @ sketches @ eigvecs_a
+
+
+def rotated_sums(
+    gradients: Tensor, activations: Tensor, eigvecs_a: Tensor, eigvecs_b: Tensor
+) -> Tensor:
+    """`rotate(Σ_t g_t a_tᵀ)` `[batch, r_out, r_in]` from the tokens `g [batch, tokens, r_out]`
+    and `a [batch, tokens, r_in]`: rotates the tokens first when that is cheaper (short
+    sequences, wide modules) than rotating the per-example sums."""
+    tokens, d_out, d_in = gradients.shape[1], eigvecs_b.shape[0], eigvecs_a.shape[0]
+    if tokens * (d_out**2 + d_in**2) < d_out * d_in * (d_out + d_in):
+        return torch.einsum("bto,bti->boi", gradients @ eigvecs_b, activations @ eigvecs_a)
+    return rotate(torch.einsum("bto,bti->boi", gradients, activations), eigvecs_a, eigvecs_b)
 
 
 @dataclass
@@ -51,14 +66,9 @@ class ModuleCurvature:
 
     def precondition_tokens(self, gradients: Tensor, activations: Tensor) -> Tensor:
         """`precondition(Σ_t g_t a_tᵀ)` from the tokens `g [batch, tokens, r_out]`, `a [batch,
-        tokens, r_in]`: rotates the tokens first when that is cheaper than rotating the sums."""
-        tokens, d_out, d_in = gradients.shape[1], *self.eigvals.shape
-        if tokens * (d_out**2 + d_in**2) < d_out * d_in * (d_out + d_in):
-            rotated = torch.einsum(
-                "bto,bti->boi", gradients @ self.eigvecs_b, activations @ self.eigvecs_a
-            )
-            return (rotated * self.inverse_sqrt).flatten(1)
-        return self.precondition(torch.einsum("bto,bti->boi", gradients, activations))
+        tokens, r_in]` (see `rotated_sums`)."""
+        rotated = rotated_sums(gradients, activations, self.eigvecs_a, self.eigvecs_b)
+        return (rotated * self.inverse_sqrt).flatten(1)
 
     def unrotate(self, vectors: Tensor) -> Tensor:
         """Map preconditioned vectors `[batch, r_out * r_in]` back to `U_B (v / sqrt(Λ+λ)) U_Aᵀ`.
@@ -135,7 +145,9 @@ class Curvature:
 
 
 class CovarianceAccumulator:
-    """Running token sums of `ã ãᵀ` and `g̃ g̃ᵀ` per module, in float64."""
+    """Running token sums of `ã ãᵀ` and `g̃ g̃ᵀ` per module: each batch's product in float32
+    (a batch holds few tokens, and float64 products cost several times more), the running sums
+    in float64."""
 
     def __init__(self) -> None:
         self.a: dict[str, Tensor] = {}
@@ -144,10 +156,10 @@ class CovarianceAccumulator:
 
     def add(self, capture: Capture) -> None:
         for name, a in capture.activations.items():
-            a2 = a.reshape(-1, a.shape[-1]).double()
-            g2 = capture.gradients[name].reshape(-1, capture.gradients[name].shape[-1]).double()
-            self.a[name] = self.a.get(name, 0) + a2.T @ a2
-            self.g[name] = self.g.get(name, 0) + g2.T @ g2
+            a2 = a.reshape(-1, a.shape[-1])
+            g2 = capture.gradients[name].reshape(-1, capture.gradients[name].shape[-1])
+            self.a[name] = self.a.get(name, 0) + (a2.T @ a2).double()
+            self.g[name] = self.g.get(name, 0) + (g2.T @ g2).double()
         self.tokens += capture.n_tokens
 
     def merge(self, other: CovarianceAccumulator) -> None:
@@ -155,6 +167,11 @@ class CovarianceAccumulator:
             self.a[name] = self.a.get(name, 0) + other.a[name]
             self.g[name] = self.g.get(name, 0) + other.g[name]
         self.tokens += other.tokens
+
+    def all_reduce(self, ranks: Ranks) -> None:
+        """Sum the statistics of every rank of a distributed build (each saw its shard)."""
+        ranks.sum_([t for name in sorted(self.a) for t in (self.a[name], self.g[name])])
+        self.tokens = ranks.sum_int(self.tokens)
 
     def eigenbases(self) -> dict[str, tuple[Tensor, Tensor]]:
         """`(U_A, U_B)` per module from float64 symmetric eigendecompositions."""
@@ -177,11 +194,16 @@ class EigenvalueAccumulator:
         self.examples = 0
 
     def add(self, capture: Capture) -> None:
-        for name, sketch in capture.sketches().items():
+        for name, activations in capture.activations.items():
             eig_a, eig_b = self.bases[name]
-            rotated = rotate(sketch, eig_a, eig_b).double()
+            rotated = rotated_sums(capture.gradients[name], activations, eig_a, eig_b).double()
             self.sums[name] = self.sums.get(name, 0) + rotated.pow(2).sum(dim=0)
         self.examples += next(iter(capture.activations.values())).shape[0]
+
+    def all_reduce(self, ranks: Ranks) -> None:
+        """Sum the statistics of every rank of a distributed build (each saw its shard)."""
+        ranks.sum_([self.sums[name] for name in sorted(self.sums)])
+        self.examples = ranks.sum_int(self.examples)
 
     def finish(self, projections: dict[str, Projection], damping: float) -> Curvature:
         modules = {}
@@ -192,11 +214,13 @@ class EigenvalueAccumulator:
         return Curvature(modules)
 
 
-def subsample(n_examples: int, size: int, seed: int) -> list[int]:
-    """Sorted row indices of a deterministic random subsample (all rows when size >= n)."""
-    if size >= n_examples:
-        return list(range(n_examples))
-    return sorted(random.Random(seed).sample(range(n_examples), size))
+def subsample(example_ids: Iterable[int], size: int, seed: int) -> list[int]:
+    """Sorted rows of the `size` examples whose `int63(seed, id)` is smallest (all rows when
+    there are no more): a deterministic random subsample chosen by example id, not by row, so
+    it does not move when other examples come or go, and a stream of ids is enough for it
+    (memory for `size` rows only)."""
+    keyed = ((int63("fit", seed, i), row) for row, i in enumerate(example_ids))
+    return sorted(row for _, row in heapq.nsmallest(size, keyed))
 
 
 @dataclass
@@ -209,18 +233,36 @@ class FittedCurvature:
 
 
 def fit_curvature(
-    example_pass: ExamplePass, rows: list[int], damping: float, full: bool = False
+    example_pass: ExamplePass,
+    rows: list[int],
+    damping: float,
+    full: bool = False,
+    ranks: Ranks | None = None,
 ) -> FittedCurvature:
-    """Two passes over `rows` with sampled labels: covariances -> eigenbases, then Λ in them."""
+    """Two passes over `rows` with sampled labels: covariances -> eigenbases, then Λ in them.
+
+    In a distributed build (`ranks`) each rank passes over its shard of `rows` (every rank
+    needs one), the sums are all-reduced, and the eigenbases are computed once, on rank 0, and
+    broadcast: every rank ends with the same factors.
+    """
+    ranks = ranks or Ranks()
+    mine = ranks.shard(rows)
     views = ("sketch", "full") if full else ("sketch",)
     covariances = {view: CovarianceAccumulator() for view in views}
-    for _, capture in example_pass.run(rows, "sampled", "curvature: covariances", keep_full=full):
+    for _, capture in example_pass.run(mine, "sampled", "curvature: covariances", keep_full=full):
         for view in views:
             covariances[view].add(_view(capture, view))
-    eigenvalues = {view: EigenvalueAccumulator(covariances[view].eigenbases()) for view in views}
-    for _, capture in example_pass.run(rows, "sampled", "curvature: eigenvalues", keep_full=full):
+    for view in views:
+        covariances[view].all_reduce(ranks)
+    bases = ranks.broadcast(
+        {view: covariances[view].eigenbases() for view in views} if ranks.main else None
+    )
+    eigenvalues = {view: EigenvalueAccumulator(bases[view]) for view in views}
+    for _, capture in example_pass.run(mine, "sampled", "curvature: eigenvalues", keep_full=full):
         for view in views:
             eigenvalues[view].add(_view(capture, view))
+    for view in views:
+        eigenvalues[view].all_reduce(ranks)
     projections = example_pass.sketcher.projections
     identity = {name: Projection(None, None) for name in projections}
     return FittedCurvature(

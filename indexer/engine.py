@@ -33,7 +33,6 @@ from indexer.manifest import (
     INDEX_FILE,
     LEXICAL_DIR,
     METADATA_FILE,
-    VECTORS_FILE,
     Manifest,
 )
 from indexer.model import LoadedModel, load_model
@@ -48,7 +47,13 @@ from indexer.query import (
     tokenize_query,
 )
 from indexer.sketch import Capture, GradientSketcher, make_batch
-from indexer.store import ExampleRecord, MetadataReader, open_vectors, set_nprobe
+from indexer.store import (
+    ExampleRecord,
+    MetadataReader,
+    StoredVectors,
+    open_index,
+    set_nprobe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,7 @@ log = logging.getLogger(__name__)
 class EngineOptions:
     """How a served engine answers: the default exact re-rank depth and the budget guarding it."""
 
-    rerank_depth: int = 200  # candidates re-ranked exactly when a query does not say; 0: off
+    rerank_depth: int = 100  # candidates re-ranked exactly when a query does not say; 0: off
     max_rerank_tokens: int = 131_072  # re-rank depth x tokens per example, at most
     rerank_batch_size: int = 32  # candidates per forward/backward of the re-rank pass
 
@@ -217,7 +222,7 @@ class QueryEngine:
         curvature: Curvature,
         index: faiss.Index,
         metadata: MetadataReader,
-        vectors: np.ndarray | None,
+        vectors: StoredVectors,
         reranker: ExactReranker | None = None,
         lexical: LexicalIndex | None = None,
         options: EngineOptions | None = None,
@@ -263,11 +268,10 @@ class QueryEngine:
         if missing:
             raise IndexVerificationError(f"model has no module {missing[0]} that the index tracks")
         curvature = Curvature.load(path / CURVATURE_FILE, device)
-        index = faiss.read_index(str(path / INDEX_FILE))
+        index = open_index(path / INDEX_FILE)
         set_nprobe(index, manifest.nprobe)
-        vectors = None
-        if manifest.vectors_stored:
-            vectors = open_vectors(path / VECTORS_FILE, manifest.counts.examples, manifest.dim)
+        metadata = MetadataReader(path / METADATA_FILE)
+        vectors = StoredVectors(index, metadata, unit_norm=manifest.score == ScoreKind.COSINE)
         reranker = None
         if manifest.exact_rerank:
             options = options or EngineOptions()
@@ -275,7 +279,6 @@ class QueryEngine:
             pad_id = model.loaded.tokenizer.pad_token_id
             reranker = ExactReranker(model.loaded.model, full, pad_id, options.rerank_batch_size)
         lexical = LexicalIndex(path / LEXICAL_DIR) if manifest.lexical_index else None
-        metadata = MetadataReader(path / METADATA_FILE)
         log.info("opened index version %s (%d examples)", path.name, metadata.count())
         return cls(
             path, manifest, model, curvature, index, metadata, vectors, reranker, lexical, options
@@ -287,15 +290,13 @@ class QueryEngine:
 
     def prepare(self, query: Query) -> TokenizedQuery:
         """Validate a query against this version and tokenize it; InvalidInputError names the
-        problem (empty or too long, another score kind, layer scores without stored vectors)."""
+        problem (empty or too long, another score kind, a re-rank depth over the budget)."""
         kind = query.score_kind or self.info.score_kind
         if kind != self.info.score_kind:
             raise InvalidInputError(
                 f"this index ranks by {self.info.score_kind}; rebuild with --score {kind} "
                 "to rank by it (both scores are returned in every hit)"
             )
-        if query.include_layer_scores and self.vectors is None:
-            raise InvalidInputError("this index was built without vectors.f16: no layer scores")
         query = replace(query, rerank_depth=self._rerank_depth(query))
         with self._model.tokenizer_lock:
             return tokenize_query(
@@ -405,7 +406,7 @@ class QueryEngine:
         q: np.ndarray,
     ) -> None:
         """Append each query's BM25 matches (prompt + completion) to its candidates, with the
-        sketch's estimates of their scores when the vectors are stored (NaN otherwise)."""
+        sketch's estimates of their scores."""
         asking = [row for row, tq in enumerate(queries) if tq.query.lexical_candidates]
         if not asking:
             return
@@ -419,8 +420,6 @@ class QueryEngine:
 
     def _sketch_scores(self, q: np.ndarray, example_ids: list[int]) -> np.ndarray:
         """The index's score `[n]` of the given examples, from the stored vectors."""
-        if self.vectors is None or not example_ids:
-            return np.full(len(example_ids), np.nan)
         records = self.metadata.lookup(example_ids)
         rows = [records[i].row for i in example_ids]
         v = np.asarray(self.vectors[rows], dtype=np.float32)

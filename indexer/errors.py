@@ -22,4 +22,5 @@ class IndexVerificationError(InfluenceIndexError):
 
 
 class ResourceLimitError(InfluenceIndexError):
-    """The requested computation would not fit in memory (e.g. exact EK-FAC factors)."""
+    """The requested computation would not fit in memory (e.g. exact EK-FAC factors), or its
+    output on disk (a build on a full disk)."""

@@ -1,7 +1,10 @@
 """`influence-index eval`: does the index find what exact influence finds, and the facts' sources?
 
 Methods compared on the same queries (each timed):
-- `index`: the service path (query gradient, FAISS search, metadata lookup), one query at a time;
+- `index`: the sketch path (query gradient, FAISS search, metadata lookup), one query at a time;
+- `index+rerank`: the service path with exact re-ranking of the top K′ candidates, and
+  `index+lexical+rerank` with BM25 candidates joining them (when the version stores what
+  they need);
 - `exact`: full EK-FAC with no projection, same corpus, modules and curvature settings as the build;
 - `bm25`, `grad-cosine`: the baselines of `indexer.baselines`.
 
@@ -38,10 +41,11 @@ from indexer.baselines import (
 from indexer.config import ScoreKind
 from indexer.corpus import Example, load_corpus
 from indexer.curvature import Curvature
-from indexer.engine import QueryEngine
+from indexer.engine import EngineOptions, QueryEngine
 from indexer.errors import InvalidInputError
 from indexer.exact import DEFAULT_MEMORY_LIMIT, ExactConfig, ExactScorer
 from indexer.query import LabeledQuery, TokenizedQuery, query_vectors
+from indexer.store import StoredVectors
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ class EvalConfig:
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT
     device: str = "cpu"
     progress: bool = True
+    rerank_depth: int = EngineOptions.rerank_depth  # K′ of the re-ranked methods
+    lexical_candidates: int = 100  # BM25 candidates of `index+lexical+rerank`
 
     @property
     def depth(self) -> int:
@@ -129,10 +135,11 @@ def json_safe(value: object) -> object:
 
 
 def sketch_scores(
-    vectors: np.ndarray, queries: np.ndarray, column_scale: np.ndarray | None = None
+    vectors: StoredVectors | np.ndarray, queries: np.ndarray, column_scale: np.ndarray | None = None
 ) -> StreamedScores:
-    """Exhaustive inner products of `queries [Q, D]` with the stored `vectors [N, D]` (float16,
-    read in chunks) and the vectors' norms: what a flat index over the stored sketches computes.
+    """Exhaustive inner products of `queries [Q, D]` with the stored `vectors [N, D]` (decoded
+    from the index in chunks of rows, in row order) and the vectors' norms: what a flat index
+    over the stored sketches computes.
 
     `column_scale [D]`, if given, multiplies the columns of both sides first.
     """
@@ -203,7 +210,10 @@ class _Session:
         self.config = config
         self.engine = engine
         self.queries = list(config.queries)
-        self.tokenized = [self._prepare(q) for q in self.queries]
+        self.tokenized = {
+            method: [self._prepare(q, rerank, lexical) for q in self.queries]
+            for method, (rerank, lexical) in self._index_methods().items()
+        }
         self.report = EvalReport(
             index=str(config.index),
             version=engine.version,
@@ -218,20 +228,35 @@ class _Session:
             queries=[QueryReport(q.id, bool(q.gold)) for q in self.queries],
         )
 
-    def _prepare(self, labeled: LabeledQuery) -> TokenizedQuery:
-        query = replace(labeled.query, top_k=self.config.depth)
+    def _index_methods(self) -> dict[str, tuple[int, int]]:
+        """The service-path methods this version supports: name -> (re-rank depth, lexical)."""
+        info, depth = self.engine.info, self.config.rerank_depth
+        methods = {"index": (0, 0)}
+        if info.rerank_available and depth:
+            methods["index+rerank"] = (depth, 0)
+            if info.lexical_available:
+                methods["index+lexical+rerank"] = (depth, self.config.lexical_candidates)
+        return methods
+
+    def _prepare(self, labeled: LabeledQuery, rerank: int, lexical: int) -> TokenizedQuery:
+        query = replace(
+            labeled.query,
+            top_k=self.config.depth,
+            rerank_depth=rerank,
+            lexical_candidates=lexical,
+        )
         try:
             return self.engine.prepare(query)
         except InvalidInputError as e:
             raise InvalidInputError(f"query {labeled.id!r}: {e}") from e
 
     def run(self) -> EvalReport:
-        if self.config.exact and self.engine.vectors is None:
-            raise InvalidInputError(
-                "this index was built without vectors.f16 (--no-vectors): fidelity needs them"
-            )
-        index_run = self._timed("index", self._run_index)
-        self._trace_facts("index", index_run.docs)
+        runs = {
+            method: self._timed(method, partial(self._run_index, method))
+            for method in self.tokenized
+        }
+        for method, run in runs.items():
+            self._trace_facts(method, run.docs)
         sketch = self._sketch_scores()
         exact = None
         if self.config.exact or self.config.baselines:
@@ -240,8 +265,7 @@ class _Session:
                 exact = self._full_method("exact", lambda: self._exact_scores(examples), examples)
             for name in self.config.baselines:
                 self._full_method(name, lambda n=name: self._baseline(n, examples), examples)
-        if sketch is not None:
-            self._fidelity(index_run, sketch, exact)
+        self._fidelity(runs, sketch, exact)
         return self.report
 
     def _timed(self, method: str, compute: Callable[[], T]) -> T:
@@ -253,9 +277,9 @@ class _Session:
         self.report.methods[method] = MethodReport(seconds, seconds / len(self.queries))
         return result
 
-    def _run_index(self) -> _IndexRun:
+    def _run_index(self, method: str) -> _IndexRun:
         """Each query alone through the service path, as a client would send it."""
-        results = [self.engine.answer([tq])[0] for tq in self.tokenized]
+        results = [self.engine.answer([tq])[0] for tq in self.tokenized[method]]
         ids = sorted({h.example_id for r in results for h in r.hits})
         row_of = {i: record.row for i, record in self.engine.metadata.lookup(ids).items()}
         return _IndexRun(
@@ -263,19 +287,19 @@ class _Session:
             docs=[metrics.rank_documents(h.doc_id for h in r.hits) for r in results],
         )
 
-    def _sketch_scores(self) -> np.ndarray | None:
-        """The stored sketches' scores `[Q, N]` (what a flat index would return), if stored."""
-        if self.engine.vectors is None:
-            return None
-        q = self.engine.query_vectors(self.tokenized)
+    def _sketch_scores(self) -> np.ndarray:
+        """The stored sketches' scores `[Q, N]` (what a flat index would return)."""
+        q = self.engine.query_vectors(self.tokenized["index"])
         streamed = sketch_scores(self.engine.vectors, q)
         scores = in_kind(streamed, np.linalg.norm(q, axis=1), self.report.score_kind)
         self.report.scores["index-sketch"] = scores
         return scores
 
     def _exact_scores(self, examples: list[Example]) -> np.ndarray:
-        """Exact EK-FAC scores `[Q, N]` in the index's score kind, with the build's settings."""
+        """Exact EK-FAC scores `[Q, N]` in the index's score kind, with the build's settings
+        (and its full factors, which re-ranking uses, when the version stores them)."""
         manifest = self.engine.manifest
+        reranker = self.engine.reranker
         scorer = ExactScorer(
             self.engine.loaded,
             examples,
@@ -286,9 +310,10 @@ class _Session:
                 memory_limit_bytes=self.config.memory_limit_bytes,
                 progress=self.config.progress,
             ),
+            curvature=reranker.curvature if reranker is not None else None,
         )
         curvature = scorer.curvature
-        q = query_vectors(scorer.sketcher, curvature, self.tokenized, self.engine.pad_id)
+        q = query_vectors(scorer.sketcher, curvature, self.tokenized["index"], self.engine.pad_id)
         if self.report.score_kind == ScoreKind.INFLUENCE:
             target = exact_influence_target(curvature, q)
         else:  # cosine needs every example's preconditioned norm, so precondition each one
@@ -306,7 +331,8 @@ class _Session:
             memory_limit_bytes=self.config.memory_limit_bytes,
             progress=self.config.progress,
         )
-        return GradientCosine(self.engine.loaded, examples, gradient_config).score(self.tokenized)
+        gradient_cosine = GradientCosine(self.engine.loaded, examples, gradient_config)
+        return gradient_cosine.score(self.tokenized["index"])
 
     def _full_method(
         self, name: str, compute: Callable[[], np.ndarray], examples: list[Example]
@@ -335,18 +361,28 @@ class _Session:
         fact["mrr"] = metrics.mean(metrics.reciprocal_rank(r) for r in with_gold)
         self.report.methods[method].fact = fact
 
-    def _fidelity(self, index_run: _IndexRun, sketch: np.ndarray, exact: np.ndarray | None):
+    def _fidelity(
+        self, runs: dict[str, _IndexRun], sketch: np.ndarray, exact: np.ndarray | None
+    ) -> None:
         """Per-query and mean fidelity: recall curves (k = 1..depth) of the exact top-k in the
         stored sketches' top-k ("sketch"), of the sketches' top-k in FAISS's ("ann"), of the
-        exact top-k in FAISS's ("end_to_end"); Spearman over all examples."""
+        exact top-k in FAISS's ("end_to_end") and in what the re-ranked methods return
+        ("rerank", "lexical_rerank"); Spearman over all examples."""
         report, ks = self.report, range(1, self.config.depth + 1)
         curves: dict[str, list[list[float]]] = {}
+        returned = {
+            "end_to_end": "index",
+            "rerank": "index+rerank",
+            "lexical_rerank": "index+lexical+rerank",
+        }
         for i, query in enumerate(report.queries):
             sketch_top = metrics.top_k(sketch[i], self.config.depth).tolist()
-            compared = {"ann": (sketch[i], index_run.rows[i])}
+            compared = {"ann": (sketch[i], runs["index"].rows[i])}
             if exact is not None:
                 compared["sketch"] = (exact[i], sketch_top)
-                compared["end_to_end"] = (exact[i], index_run.rows[i])
+                for name, method in returned.items():
+                    if method in runs:
+                        compared[name] = (exact[i], runs[method].rows[i])
                 query.fidelity["spearman"] = metrics.spearman(sketch[i], exact[i])
             for name, (reference, predicted) in compared.items():
                 curve = metrics.recall_curve(reference, predicted, ks)
@@ -488,6 +524,8 @@ def _plot_fidelity_recall(report: EvalReport, path: Path) -> Path:
         "sketch": "exact top-k in stored sketches' top-k",
         "ann": "stored sketches' top-k in FAISS top-k",
         "end_to_end": "exact top-k in FAISS top-k",
+        "rerank": "exact top-k in re-ranked top-k",
+        "lexical_rerank": "exact top-k in re-ranked (+BM25) top-k",
     }
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in report.fidelity_curves.items():

@@ -94,7 +94,7 @@ class ExactScorer:
         """Full EK-FAC factors, fitted on first use."""
         if self._curvature is None:
             rows = subsample(
-                len(self.pass_.examples),
+                (e.example_id for e in self.pass_.examples),
                 self.config.curvature.fit_examples,
                 self.config.curvature.seed,
             )
@@ -129,17 +129,27 @@ class ExactReranker:
 
     Influence contracts every token with the query's preconditioned full-space gradient,
     `Σ_l Σ_t g_tᵀ M_l a_t` with `M_l = (H_l + λ)⁻¹ G_q,l`, and never forms a per-example
-    gradient. Cosine needs each candidate's preconditioned norm too, so it forms the candidate's
-    rotated gradient `U_Bᵀ G_n U_A` (module by module, batch by batch).
+    gradient. Cosine divides that by the candidate's preconditioned norm, which needs its
+    rotated gradient `U_Bᵀ G_n U_A` (module by module, batch by batch); the norm does not depend
+    on the query, so it is computed once per candidate and kept (`max_cached_norms`).
     """
 
-    def __init__(self, model: nn.Module, curvature: Curvature, pad_id: int, batch_size: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        curvature: Curvature,
+        pad_id: int,
+        batch_size: int,
+        max_cached_norms: int = 1 << 20,
+    ):
         named = dict(model.named_modules())
         modules = {name: named[name] for name in curvature.modules}
         self.sketcher = GradientSketcher(model, modules, curvature.projections())
         self.curvature = curvature
         self.pad_id = pad_id
         self.batch_size = batch_size
+        self.max_cached_norms = max_cached_norms
+        self._norms: dict[int, float] = {}  # example id -> exact preconditioned norm
 
     def score(
         self,
@@ -151,27 +161,40 @@ class ExactReranker:
         """`queries`: the unprojected capture of the queries' pass (`Capture.full`);
         `wanted[q]`: ids of query q's candidates; `tokens`: every candidate's token ids."""
         targets = self._query_targets(queries, kind)
-        dots = [np.zeros(len(ids)) for ids in wanted]
-        norms = [np.zeros(len(ids)) for ids in wanted]
-        where = _positions(wanted)
-        ordered = sorted(tokens, key=lambda i: len(tokens[i]))
+        cosine = kind == ScoreKind.COSINE
+        dots = {}
+        unknown = [i for i in tokens if cosine and i not in self._norms]
+        for chunk, capture in self._passes(unknown, tokens):
+            batch_dots, batch_norms = self._vectors_batch(capture, targets)
+            dots.update(zip(chunk, batch_dots.T, strict=True))
+            self._remember(chunk, batch_norms)
+        known = [i for i in tokens if i not in dots]
+        for chunk, capture in self._passes(known, tokens):
+            dots.update(zip(chunk, self._influence_batch(capture, targets).T, strict=True))
+        influence = [np.array([dots[i][q] for i in ids]) for q, ids in enumerate(wanted)]
+        if not cosine:
+            return [ExactScores(d) for d in influence]
+        return [
+            ExactScores(d, d / np.maximum(targets.norms[q] * self._norm_of(ids), 1e-30))
+            for q, (d, ids) in enumerate(zip(influence, wanted, strict=True))
+        ]
+
+    def _passes(self, ids: list[int], tokens: dict[int, list[int]]):
+        """`(ids of the batch, capture)` for `ids` in length order, `batch_size` at a time."""
+        ordered = sorted(ids, key=lambda i: len(tokens[i]))
         for start in range(0, len(ordered), self.batch_size):
             chunk = ordered[start : start + self.batch_size]
             sequences = [tokens[i] for i in chunk]
             batch = make_batch(sequences, [1] * len(chunk), self.pad_id, [0] * len(chunk))
-            capture = self.sketcher.run(batch, "data")
-            batch_dots, batch_norms = self._score_batch(capture, targets, kind)
-            for b, example_id in enumerate(chunk):
-                for q, position in where[example_id]:
-                    dots[q][position] = batch_dots[q, b]
-                    norms[q][position] = batch_norms[b]
-        if kind == ScoreKind.INFLUENCE:
-            return [ExactScores(d) for d in dots]
-        q_norms = targets.norms
-        return [
-            ExactScores(d, d / np.maximum(q_norms[q] * n, 1e-30))
-            for q, (d, n) in enumerate(zip(dots, norms, strict=True))
-        ]
+            yield chunk, self.sketcher.run(batch, "data")
+
+    def _remember(self, ids: list[int], norms: np.ndarray) -> None:
+        if len(self._norms) + len(ids) > self.max_cached_norms:
+            self._norms.clear()  # a plain bound: norms are cheap to recompute, never wrong
+        self._norms.update(zip(ids, norms.tolist(), strict=True))
+
+    def _norm_of(self, ids: list[int]) -> np.ndarray:
+        return np.array([self._norms[i] for i in ids])
 
     def _query_targets(self, queries: Capture, kind: ScoreKind) -> _QueryTargets:
         gradients = queries.sketches()  # full query gradients `G_q`, [Q, d_out, d_in] per module
@@ -179,27 +202,29 @@ class ExactReranker:
             name: module.precondition(gradients[name])
             for name, module in self.curvature.modules.items()
         }
-        if kind == ScoreKind.COSINE:
-            vectors = torch.cat(list(preconditioned.values()), dim=1)
-            return _QueryTargets(vectors=vectors, norms=vectors.double().norm(dim=1).cpu().numpy())
         folded = {
             name: module.unrotate(preconditioned[name])
             for name, module in self.curvature.modules.items()
         }
-        return _QueryTargets(folded=folded)
-
-    def _score_batch(
-        self, capture: Capture, targets: _QueryTargets, kind: ScoreKind
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Inner products `[Q, batch]` with every query, and the candidates' norms `[batch]`
-        (zero for influence, which does not need them)."""
-        batch = capture.losses.shape[0]
         if kind == ScoreKind.INFLUENCE:
-            dots: Tensor = 0
-            for name, folded in targets.folded.items():
-                projected = torch.einsum("bto,qoi->qbti", capture.gradients[name], folded)
-                dots = dots + torch.einsum("qbti,bti->qb", projected, capture.activations[name])
-            return dots.double().cpu().numpy(), np.zeros(batch)
+            return _QueryTargets(folded=folded)
+        vectors = torch.cat(list(preconditioned.values()), dim=1)
+        norms = vectors.double().norm(dim=1).cpu().numpy()
+        return _QueryTargets(folded=folded, vectors=vectors, norms=norms)
+
+    def _influence_batch(self, capture: Capture, targets: _QueryTargets) -> np.ndarray:
+        """Exact influence `[Q, batch]` by per-token contraction with each query's `M_l`."""
+        dots: Tensor = 0
+        for name, folded in targets.folded.items():
+            projected = torch.einsum("bto,qoi->qbti", capture.gradients[name], folded)
+            dots = dots + torch.einsum("qbti,bti->qb", projected, capture.activations[name])
+        return dots.double().cpu().numpy()
+
+    def _vectors_batch(
+        self, capture: Capture, targets: _QueryTargets
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact influence `[Q, batch]` and the candidates' preconditioned norms `[batch]`,
+        from their preconditioned full-space vectors."""
         vectors = torch.cat(
             [
                 module.precondition_tokens(capture.gradients[name], capture.activations[name])
@@ -213,18 +238,9 @@ class ExactReranker:
 
 @dataclass(frozen=True)
 class _QueryTargets:
-    """What candidates are scored against: per module `M_l [Q, d_out, d_in]` (influence), or
-    the preconditioned query vectors `[Q, D]` and their norms `[Q]` (cosine)."""
+    """What candidates are scored against: per module `M_l [Q, d_out, d_in]`, and for cosine
+    the preconditioned query vectors `[Q, D]` and their norms `[Q]`."""
 
     folded: dict[str, Tensor] = field(default_factory=dict)
     vectors: Tensor | None = None
     norms: np.ndarray | None = None
-
-
-def _positions(wanted: list[list[int]]) -> dict[int, list[tuple[int, int]]]:
-    """Example id -> every (query, position) that asked for it."""
-    where: dict[int, list[tuple[int, int]]] = {}
-    for q, ids in enumerate(wanted):
-        for position, example_id in enumerate(ids):
-            where.setdefault(example_id, []).append((q, position))
-    return where

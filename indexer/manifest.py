@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field, replace
 from indexer.config import CorpusConfig, CurvatureConfig, ScoreKind, SketchConfig
 from indexer.errors import IndexVerificationError
 
-FORMAT_VERSION = 3
+# 4: the index is the only copy of the vectors (no vectors.f16); content hashes in the metadata;
+# the curvature fit's age; incremental builds.
+FORMAT_VERSION = 4
 
 MANIFEST_FILE = "manifest.json"
 CURVATURE_FILE = "curvature.safetensors"
@@ -32,7 +34,6 @@ LEXICAL_FILES = tuple(
 )
 LEXICAL_DIR = "lexical"
 INDEX_FILE = "index.faiss"
-VECTORS_FILE = "vectors.f16"
 METADATA_FILE = "metadata.duckdb"
 
 
@@ -67,6 +68,16 @@ class Counts:
 
 
 @dataclass(frozen=True)
+class CurvatureFit:
+    """When the stored curvature was fitted, and how far the corpus has moved since: an
+    incremental build reuses it until `changed_since / examples now` passes its threshold."""
+
+    created: str  # ISO 8601, UTC: when the fit was made
+    examples: int  # corpus examples when it was fitted
+    changed_since: int = 0  # examples added, changed or deleted by incremental builds since
+
+
+@dataclass(frozen=True)
 class FileRecord:
     sha256: str
     bytes: int
@@ -87,10 +98,11 @@ class Manifest:
     index_factory: str
     nprobe: int
     dim: int
-    vectors_stored: bool
     exact_rerank: bool  # full-space factors stored (FULL_CURVATURE_FILE)
     lexical_index: bool  # a BM25 index of the examples' texts stored (LEXICAL_FILES)
     counts: Counts
+    curvature_fit: CurvatureFit
+    built_from: str | None = None  # the version whose curvature and vectors were reused
     build_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -104,8 +116,6 @@ class Manifest:
     def required_files(self) -> tuple[str, ...]:
         """The files the format requires of this version, whatever `files` lists."""
         names = [CURVATURE_FILE, INDEX_FILE, METADATA_FILE]
-        if self.vectors_stored:
-            names.append(VECTORS_FILE)
         if self.exact_rerank:
             names.append(FULL_CURVATURE_FILE)
         if self.lexical_index:
@@ -140,10 +150,11 @@ class Manifest:
                 index_factory=data["index_factory"],
                 nprobe=data["nprobe"],
                 dim=data["dim"],
-                vectors_stored=data["vectors_stored"],
                 exact_rerank=data["exact_rerank"],
                 lexical_index=data["lexical_index"],
                 counts=Counts(**data["counts"]),
+                curvature_fit=CurvatureFit(**data["curvature_fit"]),
+                built_from=data["built_from"],
                 build_seconds=dict(data["build_seconds"]),
                 files={name: FileRecord(**f) for name, f in data["files"].items()},
             )

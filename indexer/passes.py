@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from indexer.corpus import Example
+from indexer.corpus import Example, ExampleTable
 from indexer.hashing import int63
 from indexer.sketch import Capture, GradientSketcher, LabelMode, make_batch
+
+# Rows read and length-sorted at a time: a pass holds one window of examples, whatever the
+# corpus's size; within a window, batches of similar lengths waste little padding.
+WINDOW_ROWS = 2048
+
+
+def fetch(examples: Sequence[Example] | ExampleTable, rows: Sequence[int]) -> list[Example]:
+    """The examples of `rows`, in that order, from a list or a staged table."""
+    if isinstance(examples, ExampleTable):
+        return examples.fetch(rows)
+    return [examples[r] for r in rows]
 
 
 @dataclass
@@ -17,25 +28,30 @@ class ExamplePass:
     """Runs the sketcher over corpus rows with the training loss (every token after the first)."""
 
     sketcher: GradientSketcher
-    examples: list[Example]
+    examples: Sequence[Example] | ExampleTable
     pad_id: int
     batch_size: int
     seed: int
     progress: bool = True
 
     def run(
-        self, rows: list[int], labels: LabelMode, desc: str, keep_full: bool = False
+        self, rows: Sequence[int], labels: LabelMode, desc: str, keep_full: bool = False
     ) -> Iterator[tuple[list[int], Capture]]:
-        """Yield `(rows of the batch, capture)`; rows go in length order to waste little padding."""
-        ordered = sorted(rows, key=lambda r: len(self.examples[r].token_ids))
-        with tqdm(total=len(ordered), desc=desc, unit="ex", disable=not self.progress) as bar:
-            for start in range(0, len(ordered), self.batch_size):
-                chunk = ordered[start : start + self.batch_size]
-                batch = make_batch(
-                    [self.examples[r].token_ids for r in chunk],
-                    [1] * len(chunk),
-                    self.pad_id,
-                    [int63(self.seed, self.examples[r].example_id) for r in chunk],
-                )
-                yield chunk, self.sketcher.run(batch, labels, keep_full)
-                bar.update(len(chunk))
+        """Yield `(rows of the batch, capture)`: `rows` are read `WINDOW_ROWS` at a time, in the
+        given order, and each window goes in length order."""
+        with tqdm(total=len(rows), desc=desc, unit="ex", disable=not self.progress) as bar:
+            for start in range(0, len(rows), WINDOW_ROWS):
+                window = [int(r) for r in rows[start : start + WINDOW_ROWS]]
+                examples = fetch(self.examples, window)
+                order = sorted(range(len(window)), key=lambda i: len(examples[i].token_ids))
+                for first in range(0, len(order), self.batch_size):
+                    chunk = [examples[i] for i in order[first : first + self.batch_size]]
+                    batch = make_batch(
+                        [e.token_ids for e in chunk],
+                        [1] * len(chunk),
+                        self.pad_id,
+                        [int63(self.seed, e.example_id) for e in chunk],
+                    )
+                    batch_rows = [window[i] for i in order[first : first + self.batch_size]]
+                    yield batch_rows, self.sketcher.run(batch, labels, keep_full)
+                    bar.update(len(chunk))

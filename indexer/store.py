@@ -1,10 +1,13 @@
-"""The stored artefacts of one version: FAISS index, float16 vectors, DuckDB metadata."""
+"""The stored artefacts of one version: the FAISS index (the only copy of every vector) and the
+DuckDB metadata; and the reader that decodes stored vectors back from the index."""
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +15,11 @@ import duckdb
 import faiss
 import numpy as np
 
-from indexer.corpus import Example
+from indexer.corpus import ExampleTable
 
+FLAT_FACTORY = "IDMap,SQfp16"  # exhaustive search over float16 codes
 EXACT_INDEX_LIMIT = 50_000  # up to this many examples a flat (exact) index is cheap enough
-ADD_CHUNK_ROWS = 8192
+ADD_CHUNK_ROWS = 1024  # rows decoded and added at a time: 48 MiB of float32 at D = 12,288
 TRAIN_ROWS_PER_LIST = 40  # k-means training sample per inverted list (FAISS asks for 30-256)
 
 METADATA_SCHEMA = """
@@ -27,6 +31,7 @@ CREATE TABLE examples (
     text VARCHAR NOT NULL,
     n_tokens INTEGER NOT NULL,
     token_ids INTEGER[] NOT NULL,
+    content_hash BIGINT NOT NULL,
     norm DOUBLE NOT NULL,
     loss DOUBLE NOT NULL,
     source VARCHAR NOT NULL
@@ -34,10 +39,17 @@ CREATE TABLE examples (
 """
 
 
-def default_factory(n_examples: int) -> str:
-    """Exact search for small corpora; IVF with 8-bit scalar quantisation beyond that."""
+def default_factory(n_examples: int, keep: str | None = None) -> str:
+    """Exact search over float16 codes for small corpora (2 bytes a dimension, what the build
+    used to keep beside a float32 copy); IVF with 8-bit scalar quantisation beyond that.
+
+    `keep` (the previous version's factory) is kept when it is this default's kind: the list
+    count of IVF follows sqrt(N), which would otherwise make every incremental build a full one.
+    """
     if n_examples <= EXACT_INDEX_LIMIT:
-        return "IDMap,Flat"
+        return FLAT_FACTORY
+    if keep is not None and re.fullmatch(r"IVF\d+,SQ8", keep):
+        return keep
     nlist = int(min(65536, max(64, math.sqrt(n_examples))))
     return f"IVF{nlist},SQ8"
 
@@ -59,9 +71,83 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     ivf.nprobe = min(nprobe, ivf.nlist)
 
 
-def open_vectors(path: Path, n_rows: int, dim: int, mode: str = "r") -> np.memmap:
-    """The `[n_rows, dim]` float16 matrix of preconditioned vectors, row = example row."""
-    return np.memmap(path, dtype=np.float16, mode=mode, shape=(n_rows, dim))
+def new_index(dim: int, factory: str) -> faiss.Index:
+    """An empty inner-product index; ValueError names a factory string FAISS does not know."""
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
+
+
+class ScratchVectors:
+    """A `[n_rows, dim]` float16 matrix in a file, for vectors waiting to be indexed.
+
+    Read and written with pread/pwrite, not mapped: the build's resident memory does not grow
+    with the corpus, and its blocks are allocated up front, so a full disk is an OSError
+    (ENOSPC) here rather than a SIGBUS when a page of a sparse mapping is first written.
+    """
+
+    def __init__(self, path: Path, n_rows: int, dim: int, create: bool = True):
+        """A new matrix at `path`, or (`create` False) one another process wrote, to read."""
+        self.shape = (n_rows, dim)
+        self._row_bytes = dim * np.dtype(np.float16).itemsize
+        if not create:
+            self._fd = os.open(path, os.O_RDONLY)
+            return
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if n_rows:
+                os.posix_fallocate(self._fd, 0, n_rows * self._row_bytes)
+        except OSError:
+            os.close(self._fd)
+            raise
+
+    def write(self, rows: np.ndarray, block: np.ndarray) -> None:
+        """Store `block [len(rows), dim]` at `rows`."""
+        data = np.ascontiguousarray(block, dtype=np.float16)
+        for row, values in zip(rows.tolist(), data, strict=True):
+            os.pwrite(self._fd, values.tobytes(), row * self._row_bytes)
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        """The float16 rows `[len(rows), dim]`, read a contiguous run at a time."""
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float16)
+        if not len(rows):
+            return out
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)
+        for begin, end in zip(starts, [*starts[1:], len(rows)], strict=True):
+            raw = os.pread(self._fd, (end - begin) * self._row_bytes, rows[begin] * self._row_bytes)
+            out[begin:end] = np.frombuffer(raw, dtype=np.float16).reshape(end - begin, -1)
+        return out
+
+    def __enter__(self) -> ScratchVectors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+
+
+class ScratchShards:
+    """The scratch matrices `[n, dim]` of the ranks of a build as one: rank k of N sketched
+    rows k, k + N, k + 2N, ... (`Ranks.shard`) into its own matrix."""
+
+    def __init__(self, shards: list[ScratchVectors]):
+        self.shards = shards
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        """The float16 rows `[len(rows), dim]`, each from the shard that holds it."""
+        size = len(self.shards)
+        out = np.empty((len(rows), self.shards[0].shape[1]), dtype=np.float16)
+        for rank, shard in enumerate(self.shards):
+            mine = rows % size == rank
+            out[mine] = shard[rows[mine] // size]
+        return out
+
+
+def open_index(path: Path) -> faiss.Index:
+    """A written index, memory-mapped: FAISS maps the codes of flat-code and IVF indexes
+    (`IO_FLAG_MMAP_IFC`) instead of reading them, so pages load on first use and processes
+    serving the same version share the page cache."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
 
 
 def _as_search_vectors(block: np.ndarray, normalize: bool) -> np.ndarray:
@@ -74,12 +160,14 @@ def _as_search_vectors(block: np.ndarray, normalize: bool) -> np.ndarray:
 def write_faiss(
     vectors: np.ndarray, ids: np.ndarray, factory: str, normalize: bool, path: Path, seed: int = 0
 ) -> faiss.Index:
-    """Build an inner-product index over `vectors [N, D]` with `ids [N]` and write it."""
+    """Build an inner-product index over `vectors [N, D]` with `ids [N]` and write it.
+
+    Rows are added in order, so row r of an `IDMap` index's inner index is `vectors[r]`; an IVF
+    index gets a direct map, so that `StoredVectors` can decode any row of either. ValueError
+    names a factory FAISS does not know or whose index cannot give its vectors back.
+    """
     n, dim = vectors.shape
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
+    index = new_index(dim, factory)
     if not index.is_trained:
         sample = min(n, max(TRAIN_ROWS_PER_LIST * _n_lists(index), 10_000))
         rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
@@ -87,35 +175,75 @@ def write_faiss(
     for start in range(0, n, ADD_CHUNK_ROWS):
         block = _as_search_vectors(vectors[start : start + ADD_CHUNK_ROWS], normalize)
         index.add_with_ids(block, ids[start : start + ADD_CHUNK_ROWS])
+    _add_direct_map(index)
+    try:
+        _decode_rows(index, np.zeros(1, dtype=np.int64), ids[:1])
+    except RuntimeError as e:
+        raise ValueError(
+            f"FAISS factory {factory!r} cannot give its vectors back, and the index is their "
+            f"only copy: {str(e).splitlines()[0]}"
+        ) from e
     faiss.write_index(index, str(path))
     return index
 
 
-def write_metadata(
-    path: Path, examples: list[Example], norms: np.ndarray, losses: np.ndarray, scratch: Path
-) -> None:
-    """Bulk-load the examples table through a newline-delimited JSON file that DuckDB reads."""
-    with scratch.open("w") as f:
-        for row, (ex, norm, loss) in enumerate(zip(examples, norms, losses, strict=True)):
-            record = {
-                "id": ex.example_id, "row": row, "doc_id": ex.doc_id, "chunk": ex.chunk,
-                "text": ex.text, "n_tokens": len(ex.token_ids), "token_ids": ex.token_ids,
-                "norm": float(norm), "loss": float(loss), "source": ex.source,
-            }  # fmt: skip
-            f.write(json.dumps(record) + "\n")
-    columns = (
-        "{'id': 'BIGINT', 'row': 'INTEGER', 'doc_id': 'VARCHAR', 'chunk': 'INTEGER', "
-        "'text': 'VARCHAR', 'n_tokens': 'INTEGER', 'token_ids': 'INTEGER[]', 'norm': 'DOUBLE', "
-        "'loss': 'DOUBLE', 'source': 'VARCHAR'}"
-    )
-    with duckdb.connect(str(path)) as con:
-        con.execute(METADATA_SCHEMA)
+def _add_direct_map(index: faiss.Index) -> None:
+    """Let an IVF index reconstruct a vector from its id (a hash table: ids are not 0..N-1)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+
+def _decode_rows(index: faiss.Index, rows: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+    """The index's own vectors `[n, D]` (float32) of `rows` (whose example ids are `ids`): by
+    position in an `IDMap`'s inner index, by id through the direct map otherwise."""
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        inner = faiss.downcast_index(index.index)
+        if np.all(np.diff(rows) == 1):  # a slice: decode the codes in one run
+            return inner.reconstruct_n(int(rows[0]), len(rows))
+        return inner.reconstruct_batch(rows)
+    return index.reconstruct_batch(ids)
+
+
+# An example keeps the previous version's vector (and norm, loss) when its id and content
+# hash are unchanged; `c` is the staged corpus, `previous` the previous version's metadata.
+REUSE_JOIN = "LEFT JOIN previous.examples p ON p.id = c.id AND p.content_hash = c.content_hash"
+
+
+_SKETCHED = (
+    "read_csv(?, header=false, delim=',', auto_detect=false, "
+    "columns={'row': 'INTEGER', 'norm': 'DOUBLE', 'loss': 'DOUBLE'})"
+)
+
+
+def sql_path(path: Path) -> str:
+    """`path` as a SQL string literal's body (DuckDB's ATTACH takes no parameters)."""
+    return str(path).replace("'", "''")
+
+
+def write_metadata(path: Path, corpus: ExampleTable, sketched: list[Path], reuse: bool) -> None:
+    """The version's examples table, in DuckDB from the staged corpus: each example's norm and
+    loss come from `sketched` (headerless CSVs of row, norm, loss: the main pass's output, one
+    per rank) or, when `reuse`, from the previous version's metadata (attached as
+    `previous`)."""
+    con = corpus.con
+    norm, loss = ("s.norm", "s.loss")
+    if reuse:
+        norm, loss = ("COALESCE(s.norm, p.norm)", "COALESCE(s.loss, p.loss)")
+    con.execute(f"ATTACH '{sql_path(path)}' AS out")
+    try:
+        con.execute(METADATA_SCHEMA.replace("CREATE TABLE examples", "CREATE TABLE out.examples"))
         con.execute(
-            "INSERT INTO examples SELECT * FROM "
-            f"read_json(?, format='newline_delimited', columns={columns})",
-            [str(scratch)],
+            'INSERT INTO out.examples SELECT c.id, c."row", c.doc_id, c.chunk, c.text, '
+            f"c.n_tokens, c.token_ids, c.content_hash, {norm}, {loss}, c.source "
+            f'FROM examples c LEFT JOIN {_SKETCHED} s ON s."row" = c."row" '
+            f'{REUSE_JOIN if reuse else ""} ORDER BY c."row"',
+            [[str(p) for p in sketched]],
         )
-    scratch.unlink()
+    finally:
+        con.execute("DETACH out")
 
 
 @dataclass(frozen=True)
@@ -152,6 +280,62 @@ class MetadataReader:
         with self._lock:
             return self._con.execute("SELECT count(*) FROM examples").fetchone()[0]
 
+    def ids_and_norms(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Example ids `[n]` (int64) and vector norms `[n]` (float64) of the given rows."""
+        with self._lock:
+            found = self._con.execute(
+                'SELECT "row", id, norm FROM examples WHERE "row" IN (SELECT UNNEST(?::INTEGER[]))',
+                [rows.tolist()],
+            ).fetchnumpy()
+        order = np.argsort(found["row"])
+        position = np.searchsorted(found["row"][order], rows)
+        return found["id"][order][position], found["norm"][order][position]
+
     def close(self) -> None:
         with self._lock:
             self._con.close()
+
+
+class StoredVectors:
+    """The preconditioned vectors `[N, D]` (float32), decoded from the FAISS index, which is
+    their only copy; row r is the example whose metadata `row` is r.
+
+    Index it like an array (`v[r]`, `v[a:b]`, `v[[r1, r2]]`): each access decodes only those
+    rows, so an index mapped from disk is read only where it is used. A cosine index stores unit
+    vectors; `unit_norm` scales them back by the norms kept in the metadata.
+    """
+
+    def __init__(self, index: faiss.Index, metadata: MetadataReader, unit_norm: bool):
+        self.index = index
+        self.metadata = metadata
+        self.unit_norm = unit_norm
+        self.shape = (index.ntotal, index.d)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = self._rows(key)
+        block = self.decode(np.atleast_1d(rows))
+        if self.unit_norm:
+            block *= self.metadata.ids_and_norms(np.atleast_1d(rows))[1][:, None]
+        return block if rows.ndim else block[0]
+
+    def decode(self, rows: np.ndarray) -> np.ndarray:
+        """The index's own vectors `[n, D]` of `rows`: what a search scores (unit vectors in a
+        cosine index)."""
+        if not len(rows):
+            return np.zeros((0, self.shape[1]), dtype=np.float32)
+        ids = None
+        if not isinstance(self.index, faiss.IndexIDMap | faiss.IndexIDMap2):
+            ids = self.metadata.ids_and_norms(rows)[0]
+        return _decode_rows(self.index, rows, ids)
+
+    def _rows(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        n = self.shape[0]
+        if isinstance(key, slice):
+            return np.arange(*key.indices(n), dtype=np.int64)
+        rows = np.asarray(key, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"rows outside [0, {n})")
+        return rows

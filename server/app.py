@@ -6,28 +6,38 @@ import logging
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from indexer.engine import QueryEngine
+from indexer.engine import EngineOptions, QueryEngine
 from indexer.errors import InvalidInputError
-from influence.v1 import influence_pb2, influence_pb2_grpc
+from influence.v1 import influence_pb2
 from server.auth import BearerTokenInterceptor, TlsFiles, load_token, server_credentials
 from server.batching import BatcherConfig, MicroBatcher
 from server.dispatch import Dispatcher, WorkItem
 from server.metrics import ServerMetrics
-from server.reload import EngineHolder, EngineOpener, Reloader
+from server.reflection import enable_reflection
+from server.reload import EngineHolder, EngineOpener, Reloader, ReloadPolicy
+from server.rpc import service_handler
 from server.servicer import InfluenceServicer, Served, ServiceLimits
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = influence_pb2.DESCRIPTOR.services_by_name["InfluenceService"].full_name
+SERVICE = influence_pb2.DESCRIPTOR.services_by_name["InfluenceService"]
+SERVICE_NAME = SERVICE.full_name
+LIVENESS = "liveness"
+"""Health service name that is SERVING while the process runs; "" and SERVICE_NAME are SERVING
+only while an index version is loaded (readiness)."""
+
+# Threads beyond the query limit, so that health checks, GetIndexInfo, reflection and the
+# immediate RESOURCE_EXHAUSTED answers always find one while queries hold the rest.
+_SPARE_THREADS = 8
+_HEALTH_PORT_THREADS = 2
 
 
 @dataclass
@@ -45,7 +55,7 @@ class ServerConfig:
     max_top_k: int = 1000
     max_queries_per_batch: int = 256
     max_attribution_examples: int = 32
-    max_workers: int = 64
+    max_workers: int = 64  # concurrent query RPCs; beyond them RESOURCE_EXHAUSTED
     poll_seconds: float = 5.0
     grace_seconds: float = 10.0
     auth_token_file: Path | None = None
@@ -54,7 +64,14 @@ class ServerConfig:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     metrics_port: int | None = None
+    health_port: int | None = None  # plaintext, health service only, even when TLS is on
+    max_connection_age_s: float | None = None  # then clients reconnect (and rebalance)
+    pin_version: str | None = None  # serve exactly this version
     max_message_bytes: int = 16 * 1024 * 1024
+    # Largest Query or AttributeTokens request (QueryBatch: times max_queries_per_batch);
+    # larger ones are refused before they are parsed. 1 MiB holds ~250k tokens of text.
+    max_query_bytes: int = 1024 * 1024
+    engine: EngineOptions = field(default_factory=EngineOptions)  # re-rank depth and budget
 
     def tls(self) -> TlsFiles | None:
         """The TLS files, or None for plaintext; raises InvalidInputError if incomplete."""
@@ -68,10 +85,23 @@ class ServerConfig:
 
 
 def open_engine(
-    root: Path, current: QueryEngine | None, *, device: str, model_dir: Path | None
+    root: Path,
+    version: str,
+    current: QueryEngine | None,
+    *,
+    device: str,
+    model_dir: Path | None,
+    options: EngineOptions,
 ) -> QueryEngine:
     """The default EngineOpener: QueryEngine.open, reusing the served model when it matches."""
-    return QueryEngine.open(root, device=device, model_dir=model_dir, reuse_model_from=current)
+    return QueryEngine.open(
+        root,
+        version=version,
+        device=device,
+        model_dir=model_dir,
+        reuse_model_from=current,
+        options=options,
+    )
 
 
 class InfluenceServer:
@@ -81,7 +111,7 @@ class InfluenceServer:
         self.config = config
         self.metrics = ServerMetrics()
         self._opener = opener or partial(
-            open_engine, device=config.device, model_dir=config.model_dir
+            open_engine, device=config.device, model_dir=config.model_dir, options=config.engine
         )
         self._holder = EngineHolder()
         self._health = health.HealthServicer(experimental_non_blocking=True)
@@ -89,9 +119,11 @@ class InfluenceServer:
         self._stop_requested = threading.Event()
         self._lock = threading.Lock()
         self._server: grpc.Server | None = None
+        self._health_server: grpc.Server | None = None
         self._batcher: MicroBatcher[WorkItem, Served] | None = None
         self._reloader: Reloader | None = None
         self._port: int | None = None
+        self._health_port: int | None = None
         self._metrics_port: int | None = None
 
     @property
@@ -104,6 +136,10 @@ class InfluenceServer:
     @property
     def metrics_port(self) -> int | None:
         return self._metrics_port
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health_port
 
     def start(self) -> None:
         config = self.config
@@ -120,29 +156,38 @@ class InfluenceServer:
             config.index_root,
             self._holder,
             self._opener,
-            poll_seconds=config.poll_seconds,
+            ReloadPolicy(config.poll_seconds, pin_version=config.pin_version),
             on_swap=self._on_swap,
             on_failure=self.metrics.reload_failed,
         )
         server = self._grpc_server(token, batcher, reloader)
+        health_server = self._health_only_server() if config.health_port is not None else None
         try:
-            self._port = self._bind(server, tls)
+            self._port = self._bind(server, config.port, tls)
+            if health_server is not None:
+                self._health_port = self._bind(health_server, config.health_port, None)
         except InvalidInputError:
             batcher.close()
             raise
         self.metrics.track_queue_depth(lambda: batcher.depth)
+        self.metrics.track_index_age(self._served_build_time)
         for service in ("", SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         server.start()
-        self._server, self._batcher, self._reloader = server, batcher, reloader
+        if health_server is not None:
+            health_server.start()
+        self._server, self._health_server = server, health_server
+        self._batcher, self._reloader = batcher, reloader
         if config.metrics_port is not None:
             self._metrics_port = self.metrics.serve_http(config.host, config.metrics_port)
         log.info(
-            "listening on %s:%d (tls=%s, auth=%s, metrics port=%s); loading %s",
+            "listening on %s:%d (tls=%s, auth=%s, health port=%s, metrics port=%s); loading %s",
             config.host,
             self._port,
             tls is not None,
             token is not None,
+            self._health_port,
             self._metrics_port,
             config.index_root,
         )
@@ -173,6 +218,8 @@ class InfluenceServer:
         grace = self.config.grace_seconds if grace_s is None else grace_s
         self._health.enter_graceful_shutdown()
         server.stop(grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         if self._reloader is not None:
             self._reloader.stop(timeout_s=grace)
         if self._batcher is not None:
@@ -210,8 +257,8 @@ class InfluenceServer:
         log.info("SIGHUP: checking for a new index version")
         self.reload()
 
-    def _on_swap(self, version: str) -> None:
-        self.metrics.set_version(version)
+    def _on_swap(self, version: str, load_seconds: float) -> None:
+        self.metrics.reload_succeeded(version, load_seconds)
         for service in ("", SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._serving.set()
@@ -223,36 +270,70 @@ class InfluenceServer:
         interceptors = []
         if token is not None:
             interceptors.append(BearerTokenInterceptor(token, on_denied=self.metrics.count_denied))
+        # No maximum_concurrent_rpcs: it would shed health checks and GetIndexInfo along with
+        # queries. The servicer bounds the query RPCs instead and answers the rest at once.
         server = grpc.server(
-            ThreadPoolExecutor(config.max_workers, thread_name_prefix="grpc"),
+            ThreadPoolExecutor(config.max_workers + _SPARE_THREADS, thread_name_prefix="grpc"),
             interceptors=interceptors,
-            options=[
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                # Without this a second server on the same port would silently share its traffic.
-                ("grpc.so_reuseport", 0),
-            ],
-            # Beyond this gRPC itself answers RESOURCE_EXHAUSTED, so no queue grows unbounded.
-            maximum_concurrent_rpcs=config.max_workers,
+            options=self._channel_options(),
         )
         servicer = InfluenceServicer(
             self._holder,
             batcher,
             reloader,
             ServiceLimits(
-                config.max_top_k, config.max_queries_per_batch, config.max_attribution_examples
+                config.max_top_k,
+                config.max_queries_per_batch,
+                config.max_attribution_examples,
+                max_concurrent_queries=config.max_workers,
             ),
             self.metrics,
         )
-        influence_pb2_grpc.add_InfluenceServiceServicer_to_server(servicer, server)
+        query_bytes = config.max_query_bytes
+        max_request_bytes = {
+            "Query": query_bytes,
+            "AttributeTokens": query_bytes,
+            "QueryBatch": query_bytes * config.max_queries_per_batch,
+        }
+        server.add_generic_rpc_handlers((service_handler(SERVICE, servicer, max_request_bytes),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         return server
 
-    def _bind(self, server: grpc.Server, tls: TlsFiles | None) -> int:
-        address = f"{self.config.host}:{self.config.port}"
+    def _channel_options(self) -> list[tuple[str, int]]:
+        config = self.config
+        options = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # Without this a second server on the same port would silently share its traffic.
+            ("grpc.so_reuseport", 0),
+        ]
+        if config.max_connection_age_s is not None:
+            # Clients of a ClusterIP Service stick to one pod per connection; closing
+            # connections after this age (GOAWAY, then `grace` for in-flight calls) makes them
+            # reconnect and spread over the pods again.
+            options += [
+                ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
+            ]
+        return options
+
+    def _health_only_server(self) -> grpc.Server:
+        """The --health-port server: plaintext, Health only, its own threads, so that probes
+        need no TLS client and never wait behind queries."""
+        server = grpc.server(
+            ThreadPoolExecutor(_HEALTH_PORT_THREADS, thread_name_prefix="health"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        return server
+
+    def _served_build_time(self) -> str | None:
+        engine = self._holder.current
+        return engine.info.build_time if engine is not None else None
+
+    def _bind(self, server: grpc.Server, port: int, tls: TlsFiles | None) -> int:
+        address = f"{self.config.host}:{port}"
         try:
             if tls is None:
                 port = server.add_insecure_port(address)

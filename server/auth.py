@@ -18,7 +18,7 @@ from indexer.errors import InvalidInputError
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
-_HANDLER_FACTORIES = {
+HANDLER_FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,
@@ -88,7 +88,7 @@ def _denying_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMe
     def deny(_request: object, context: grpc.ServicerContext) -> None:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    factory = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    factory = HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
     return factory(
         deny,
         request_deserializer=handler.request_deserializer,

@@ -4,6 +4,9 @@ Callers submit jobs (one or more items each) to a bounded queue. One worker thre
 jobs until the batch holds `max_batch_size` items or the oldest job has waited
 `max_wait_ms`, calls the batch function once with all their items, and resolves each job's
 future with its share of the results. A job is never split across batches.
+
+ConcurrencyLimit bounds how many callers may hold a resource at once, refusing the next one
+at once instead of queueing it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -37,6 +41,29 @@ class DeadlineExceeded(Exception):
 
 class BatcherClosed(Exception):
     """The batcher is shutting down and accepts no more jobs."""
+
+
+class ConcurrencyLimit:
+    """At most `limit` holders at a time; one more is refused at once with Overloaded, so
+    that work beyond the limit never queues (and never holds a thread while waiting)."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        if limit < 1:
+            raise ValueError(f"a concurrency limit must be at least 1, got {limit}")
+        self._limit = limit
+        self._what = what
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise Overloaded(
+                f"server is busy: {self._limit} {self._what} in progress (the limit); retry later"
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import wraps
@@ -24,23 +25,27 @@ from indexer.config import (
     BuildConfig,
     CorpusConfig,
     CurvatureConfig,
+    IncrementalConfig,
+    IncrementalMode,
     ScoreKind,
     SketchConfig,
     StoreConfig,
     default_of,
     example_max_length,
 )
+from indexer.engine import EngineOptions
 from indexer.errors import InfluenceIndexError, InvalidInputError
 from indexer.evaluate import BASELINES, EvalConfig
 from indexer.exact import ExactConfig
 from indexer.query import Query
 from server.app import ServerConfig
 from server.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S
+from server.logs import LOG_FORMATS, configure_logging
 
 Handler = Callable[[argparse.Namespace], int]
 
 _MIB = 1024 * 1024
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_TOGGLES = {"auto": None, "on": True, "off": False}
 
 
 def cli_errors(handler: Handler) -> Handler:
@@ -86,6 +91,22 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
         "at most 512)",
     )
     parser.add_argument(
+        "--prefix-token",
+        action="append",
+        dest="prefix_tokens",
+        metavar="TOKEN",
+        help="special token that starts every example and query, as in training (repeatable; "
+        "default: the tokenizer's own, e.g. its BOS)",
+    )
+    parser.add_argument(
+        "--suffix-token",
+        action="append",
+        dest="suffix_tokens",
+        default=[],
+        metavar="TOKEN",
+        help="special token that ends every document, as in training (repeatable)",
+    )
+    parser.add_argument(
         "--modules", help="regex of module names to track (default: Linear/Conv1D in the blocks)"
     )
     parser.add_argument(
@@ -118,7 +139,10 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _corpus_config(args: argparse.Namespace) -> CorpusConfig:
-    return CorpusConfig(args.data, args.id_column, args.text_column, args.max_length)
+    prefix = None if args.prefix_tokens is None else tuple(args.prefix_tokens)
+    return CorpusConfig(
+        args.data, args.id_column, args.text_column, args.max_length, prefix, args.suffix_tokens
+    )
 
 
 def _curvature_config(args: argparse.Namespace) -> CurvatureConfig:
@@ -144,21 +168,70 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=default_of(StoreConfig, "score"),
         help="what the index ranks by",
     )
-    parser.add_argument("--index-factory", help="FAISS factory string (default: by corpus size)")
+    parser.add_argument(
+        "--index-factory",
+        help="FAISS factory string; the index is the only copy of the vectors, so it must "
+        "reconstruct them (default: by corpus size, float16 codes for small corpora)",
+    )
     parser.add_argument(
         "--nprobe",
         type=int,
         default=default_of(StoreConfig, "nprobe"),
         help="IVF lists scanned per query",
     )
-    parser.add_argument("--no-vectors", action="store_true", help="do not keep vectors.f16")
+    parser.add_argument(
+        "--exact-rerank",
+        choices=list(_TOGGLES),
+        default="auto",
+        help="store full-space EK-FAC factors so that answers can be re-ranked exactly "
+        "(auto: when they fit in 8 GiB)",
+    )
+    parser.add_argument(
+        "--lexical-index",
+        choices=["on", "off"],
+        default="on" if default_of(StoreConfig, "lexical_index") else "off",
+        help="store a BM25 index of the texts, for lexical candidates",
+    )
     parser.add_argument(
         "--keep-versions",
         type=int,
         default=default_of(StoreConfig, "keep_versions"),
-        help="published versions kept in ROOT",
+        help="published versions kept in ROOT (never CURRENT's or PINNED's; the rollback "
+        "target while there is room)",
+    )
+    parser.add_argument(
+        "--incremental",
+        type=IncrementalMode,
+        choices=list(IncrementalMode),
+        nargs="?",
+        const=IncrementalMode.ON,
+        default=default_of(IncrementalConfig, "mode"),
+        help="reuse CURRENT's curvature and the vectors of unchanged examples; auto: when "
+        "CURRENT is compatible (else a full build, saying why); on (the bare flag): or exit 2",
+    )
+    parser.add_argument(
+        "--refit-curvature",
+        action="store_true",
+        help="refit the curvature (a full build) even when CURRENT's could be reused",
+    )
+    parser.add_argument(
+        "--refit-threshold",
+        type=float,
+        default=default_of(IncrementalConfig, "refit_threshold"),
+        help="refit once the examples added, changed or deleted since the curvature's fit "
+        "exceed this fraction of the corpus",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--metrics-textfile",
+        type=Path,
+        metavar="PATH",
+        help="on success, atomically write the build's metrics (last-success time, duration, "
+        "examples) here, for node-exporter's textfile collector (name it *.prom)",
+    )
+    parser.add_argument(
+        "--pushgateway", metavar="URL", help="on success, push the same metrics to this Pushgateway"
+    )
 
 
 @cli_errors
@@ -175,14 +248,20 @@ def run_build(args: argparse.Namespace) -> int:
             score=args.score,
             index_factory=args.index_factory,
             nprobe=args.nprobe,
-            keep_vectors=not args.no_vectors,
             keep_versions=args.keep_versions,
+            exact_rerank=_TOGGLES[args.exact_rerank],
+            lexical_index=_TOGGLES[args.lexical_index],
         ),
+        incremental=IncrementalConfig(args.incremental, args.refit_curvature, args.refit_threshold),
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.quiet,
     )
+    start = time.monotonic()
     summary = build_index(config)
+    duration = time.monotonic() - start
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports the build
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -191,7 +270,25 @@ def run_build(args: argparse.Namespace) -> int:
             f"from {summary.n_documents} documents ({summary.n_empty_skipped} empty skipped), "
             f"dim {summary.dim}, {summary.index_factory}, "
             f"{summary.index_bytes_per_example:.0f} index bytes/example, "
+            f"exact re-rank factors {summary.full_curvature_bytes / 2**20:.1f} MiB, "
             f"{summary.tokens_per_second:.0f} tokens/s"
+        )
+        if summary.built_from is not None:
+            print(
+                f"incremental from {summary.built_from}: {summary.reused} reused, "
+                f"{summary.new} new, {summary.changed} changed, {summary.deleted} deleted"
+            )
+        else:
+            print(f"full build: {summary.full_reason}")
+    if args.metrics_textfile is not None or args.pushgateway is not None:
+        from server.metrics import export_build_metrics
+
+        export_build_metrics(
+            summary.version,
+            summary.n_examples,
+            duration,
+            textfile=args.metrics_textfile,
+            pushgateway=args.pushgateway,
         )
     return 0
 
@@ -213,14 +310,16 @@ def add_exact_arguments(parser: argparse.ArgumentParser) -> None:
 
 @cli_errors
 def run_exact(args: argparse.Namespace) -> int:
-    from indexer.corpus import load_corpus
+    from indexer.corpus import framing, load_corpus
     from indexer.exact import ExactScorer
     from indexer.model import load_model
     from indexer.query import read_queries, tokenize_query
 
     loaded = load_model(args.model, args.device)
     max_length = example_max_length(args.max_length, loaded.context_length)
-    corpus = load_corpus(_corpus_config(args), loaded.tokenizer, max_length)
+    corpus_config = _corpus_config(args)
+    corpus = load_corpus(corpus_config, loaded.tokenizer, max_length)
+    prefix = framing(loaded.tokenizer, corpus_config).prefix
     config = ExactConfig(
         curvature=_curvature_config(args),
         modules=args.modules,
@@ -230,7 +329,10 @@ def run_exact(args: argparse.Namespace) -> int:
     )
     scorer = ExactScorer(loaded, corpus.examples, config)
     queries = read_queries(args.queries)
-    tokenized = [tokenize_query(loaded.tokenizer, q.query, loaded.context_length) for q in queries]
+    tokenized = [
+        tokenize_query(loaded.tokenizer, q.query, loaded.context_length, prefix=prefix)
+        for q in queries
+    ]
     scores = scorer.score(tokenized)
     report = []
     for labeled, row in zip(queries, scores, strict=True):
@@ -344,6 +446,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=default_of(EvalConfig, "fact_ks"),
         help="fact-tracing ks",
     )
+    parser.add_argument(
+        "--rerank-depth",
+        type=int,
+        default=default_of(EvalConfig, "rerank_depth"),
+        help="K′ of the re-ranked methods (0: evaluate the sketch only)",
+    )
+    parser.add_argument(
+        "--lexical-candidates",
+        type=int,
+        default=default_of(EvalConfig, "lexical_candidates"),
+        help="BM25 candidates of the index+lexical+rerank method",
+    )
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG figures into DIR")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--data", help="corpus path or glob, if it moved since the build")
@@ -380,6 +494,8 @@ def run_eval(args: argparse.Namespace) -> int:
         memory_limit_bytes=int(args.memory_limit_gb * 2**30),
         device=args.device,
         progress=not args.quiet,
+        rerank_depth=args.rerank_depth,
+        lexical_candidates=args.lexical_candidates,
     )
     report = evaluate(config)
     plots = write_plots(report, args.plot) if args.plot else []
@@ -451,7 +567,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=d("max_workers"),
-        help="gRPC threads, also the limit on concurrent RPCs",
+        help="concurrent query RPCs (Query, QueryBatch, AttributeTokens); beyond them "
+        "RESOURCE_EXHAUSTED. Health checks and GetIndexInfo have threads of their own",
+    )
+    batching.add_argument(
+        "--max-query-mb",
+        type=float,
+        default=d("max_query_bytes") / _MIB,
+        help="largest Query or AttributeTokens request, in MiB (QueryBatch: times "
+        "--max-queries-per-batch); larger ones get INVALID_ARGUMENT before they are parsed",
     )
     batching.add_argument(
         "--max-message-mb",
@@ -470,7 +594,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--grace-seconds",
         type=float,
         default=d("grace_seconds"),
-        help="time in-flight requests get to finish on SIGTERM/SIGINT",
+        help="time in-flight requests get to finish on SIGTERM/SIGINT (and on a connection "
+        "closed for its age)",
+    )
+    lifecycle.add_argument(
+        "--pin-version",
+        metavar="VERSION",
+        help="serve exactly this version, whatever CURRENT or ROOT/PINNED say",
+    )
+    lifecycle.add_argument(
+        "--max-connection-age-seconds",
+        type=float,
+        dest="max_connection_age_s",
+        help="close client connections after this age so that clients of a Kubernetes "
+        "ClusterIP Service reconnect and rebalance over the pods (default: never)",
     )
     security = parser.add_argument_group("security (off by default)")
     security.add_argument(
@@ -494,6 +631,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port"
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        help="also serve grpc.health.v1.Health alone, in plaintext (even with TLS), on this "
+        "port: service '' = ready (an index is loaded), 'liveness' = the process is up",
+    )
+    rerank = parser.add_argument_group("exact re-ranking")
+    rerank.add_argument(
+        "--rerank-depth",
+        type=int,
+        default=default_of(EngineOptions, "rerank_depth"),
+        help="candidates re-ranked exactly when a query does not say (0: off)",
+    )
+    rerank.add_argument(
+        "--max-rerank-tokens",
+        type=int,
+        default=default_of(EngineOptions, "max_rerank_tokens"),
+        help="budget of one query's re-rank: depth x tokens per example",
     )
 
 
@@ -523,7 +679,14 @@ def run_serve(args: argparse.Namespace) -> int:
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
         metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        max_connection_age_s=args.max_connection_age_s,
+        pin_version=args.pin_version,
         max_message_bytes=int(args.max_message_mb * _MIB),
+        max_query_bytes=int(args.max_query_mb * _MIB),
+        engine=EngineOptions(
+            rerank_depth=args.rerank_depth, max_rerank_tokens=args.max_rerank_tokens
+        ),
     )
     InfluenceServer(config).serve_forever()
     return 0
@@ -536,6 +699,17 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", "--top-k", type=int, default=default_of(Query, "top_k"), help="hits")
     parser.add_argument(
         "--score-kind", type=ScoreKind, choices=list(ScoreKind), help="default: the index's"
+    )
+    parser.add_argument(
+        "--rerank-depth",
+        type=int,
+        help="candidates re-ranked exactly (default: the server's; 0: off)",
+    )
+    parser.add_argument(
+        "--lexical-candidates",
+        type=int,
+        default=default_of(Query, "lexical_candidates"),
+        help="BM25 matches re-ranked with the index's candidates",
     )
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
@@ -565,7 +739,12 @@ def run_query(args: argparse.Namespace) -> int:
     )
     with client:
         response = client.query(
-            args.prompt, args.completion, top_k=args.top_k, score_kind=args.score_kind
+            args.prompt,
+            args.completion,
+            top_k=args.top_k,
+            score_kind=args.score_kind,
+            rerank_depth=args.rerank_depth,
+            lexical_candidates=args.lexical_candidates,
         )
     if args.json:
         payload = json_format.MessageToDict(
@@ -670,6 +849,66 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- pin and rollback: which version servers serve ---------------------------------------------
+
+
+def add_pin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", type=Path, required=True, metavar="ROOT", help="index root")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("version", nargs="?", help="the version every server must serve")
+    target.add_argument(
+        "--clear", action="store_true", help="remove the pin: servers follow CURRENT again"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@cli_errors
+def run_pin(args: argparse.Namespace) -> int:
+    """Write (after verifying the version) or remove ROOT/PINNED."""
+    from indexer.publish import clear_pin, pin
+
+    if args.clear:
+        previous = clear_pin(args.index)
+        result = {"pinned": None, "previous_pin": previous}
+        line = f"unpinned {args.index} (was {previous}): servers follow CURRENT"
+    else:
+        pin(args.index, args.version)
+        result = {"pinned": args.version}
+        line = f"pinned {args.index} to {args.version}: every server serves it until --clear"
+    print(json.dumps(result) if args.json else line)
+    return 0
+
+
+def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", type=Path, required=True, metavar="ROOT", help="index root")
+    parser.add_argument(
+        "--to",
+        metavar="VERSION",
+        help="the version to serve (default: the newest valid one built before CURRENT's)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@cli_errors
+def run_rollback(args: argparse.Namespace) -> int:
+    """Point CURRENT at a verified earlier version, atomically."""
+    from indexer.publish import rollback
+
+    done = rollback(args.index, args.to)
+    if args.json:
+        print(
+            json.dumps({"previous": done.previous, "current": done.current, "pinned": done.pinned})
+        )
+        return 0
+    note = (
+        f"; note: ROOT/PINNED pins {done.pinned}, which servers serve instead"
+        if done.pinned
+        else ""
+    )
+    print(f"CURRENT of {args.index}: {done.previous} -> {done.current}{note}")
+    return 0
+
+
 # --- the parser ---------------------------------------------------------------------------------
 
 
@@ -691,6 +930,10 @@ COMMANDS = {
     "info": Command("describe a published index", add_info_arguments, run_info),
     "eval": Command("measure an index against exact influence", add_eval_arguments, run_eval),
     "exact": Command("exact EK-FAC scores (small models)", add_exact_arguments, run_exact),
+    "pin": Command("make every server serve one version", add_pin_arguments, run_pin),
+    "rollback": Command(
+        "point CURRENT back at an earlier version", add_rollback_arguments, run_rollback
+    ),
 }
 
 
@@ -708,6 +951,12 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         default=default(None),
         help="log level (default: INFO for serve, WARNING otherwise)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=default("text"),
+        help="log lines as text or as one JSON object each (default: text)",
     )
     parser.add_argument(
         "-q", "--quiet", action="store_true", default=default(False), help="no progress bars"
@@ -742,7 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = args.log_level or COMMANDS[args.command].log_level
-    logging.basicConfig(level=level, format=_LOG_FORMAT)
+    configure_logging(level, args.log_format)
     if args.threads is not None:
         if args.threads < 1:
             print("error: --threads must be at least 1", file=sys.stderr)

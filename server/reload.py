@@ -2,33 +2,35 @@
 
 EngineHolder is the one reference to the engine being served. Work leases it for the length
 of a batch; a swap only redirects later leases, so in-flight work finishes on the old
-engine, which is closed when its last lease ends. Reloader watches ROOT/CURRENT (polling,
-and on request, e.g. SIGHUP), opens and verifies a newly published version in the
-background and swaps it in; a version that fails keeps the old one serving and leaves the
-reason in `status()`.
+engine, which is closed when its last lease ends. Reloader watches ROOT (polling, and on
+request, e.g. SIGHUP) for the version to serve, opens and verifies it in the background and
+swaps it in; a version that fails keeps the old one serving, is retried with backoff, and
+leaves the reason in `status()`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.errors import InfluenceIndexError
-from indexer.publish import read_current
+from indexer.publish import CURRENT, PINNED, VERSIONS, read_current, read_pinned, version_entries
 
 if TYPE_CHECKING:
     from indexer.engine import QueryEngine
 
 log = logging.getLogger(__name__)
 
-EngineOpener = Callable[[Path, "QueryEngine | None"], "QueryEngine"]
-"""Opens and verifies ROOT's published version; the second argument is the engine served
-now, whose model may be reused."""
+EngineOpener = Callable[[Path, str, "QueryEngine | None"], "QueryEngine"]
+"""Opens and verifies version `version` of ROOT: (root, version, served engine); the served
+engine's model may be reused."""
 
 
 class NoEngineError(Exception):
@@ -98,46 +100,73 @@ def _close(engine: QueryEngine) -> None:
 
 @dataclass(frozen=True)
 class ReloadStatus:
-    """`last_error`: why the latest load failed ('' after a success).
+    """`last_error`: why the wanted version is not served ('' while it is).
     `pending_version`: the version being loaded now ('' if none)."""
 
     last_error: str = ""
     pending_version: str = ""
 
 
+@dataclass(frozen=True)
+class ReloadPolicy:
+    """Which version to serve and how often to look. Times in seconds.
+
+    A refused version is retried at once when its files change, otherwise after a backoff
+    that starts at `poll_seconds` and doubles per failure up to `max_retry_seconds`.
+    `pin_version` serves exactly that version, never another (nor ROOT/PINNED or CURRENT's).
+    """
+
+    poll_seconds: float = 5.0
+    max_retry_seconds: float = 300.0
+    pin_version: str | None = None
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    reason: str
+    failures: int
+    retry_at: float  # time.monotonic() seconds
+    fingerprint: tuple[object, ...]
+
+
 class Reloader:
-    """Loads ROOT's published version into an EngineHolder, now and whenever CURRENT changes."""
+    """Serves ROOT's wanted version (--pin-version, else ROOT/PINNED, else CURRENT) from an
+    EngineHolder: loads it now and whenever it changes, retries it after a refusal, and while
+    nothing (or a deleted version) is served falls back to the newest valid version."""
 
     def __init__(
         self,
         root: Path,
         holder: EngineHolder,
         opener: EngineOpener,
+        policy: ReloadPolicy,
         *,
-        poll_seconds: float,
-        on_swap: Callable[[str], None] | None = None,
+        on_swap: Callable[[str, float], None] | None = None,
         on_failure: Callable[[], None] | None = None,
     ) -> None:
+        """`on_swap(version, load_seconds)` follows each swap; `on_failure()` each failure."""
         self._root = root
         self._holder = holder
         self._opener = opener
-        self._poll_seconds = poll_seconds
+        self._policy = policy
         self._on_swap = on_swap
         self._on_failure = on_failure
         self._status = ReloadStatus()
         self._status_lock = threading.Lock()
-        self._failed_version: str | None = None
+        self._refused: dict[str, _Refusal] = {}
+        self._logged_error = ""
+        self._refused_now = False  # a refusal was logged during this check
         self._forced = False
         self._stopping = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="index-reloader", daemon=True)
 
     def start(self) -> None:
-        """Load the published version in the background, then keep watching."""
+        """Load the wanted version in the background, then keep watching."""
         self._thread.start()
 
     def request_reload(self) -> None:
-        """Check CURRENT now, retrying a version that failed before. Safe in a signal handler."""
+        """Check now, retrying refused versions at once. Safe in a signal handler."""
         self._forced = True
         self._wake.set()
 
@@ -153,48 +182,136 @@ class Reloader:
             return self._status
 
     def check_once(self) -> None:
-        """Load and swap in CURRENT's version if it is new (and not known to be bad)."""
+        """Serve the wanted version if it is new and loadable; otherwise say why, and fall
+        back when nothing on disk is served."""
         forced, self._forced = self._forced, False
-        target = read_current(self._root)
-        if target is None:
-            if self._holder.current is None:
-                self._set_status(
-                    ReloadStatus(f"nothing published yet: {self._root}/CURRENT is missing")
-                )
-            return
-        served = self._holder.current
-        if served is not None and served.version == target:
-            return
-        if target == self._failed_version and not forced:
-            return
-        self._load(target, served)
-
-    def _load(self, target: str, served: QueryEngine | None) -> None:
-        self._set_status(ReloadStatus(self.status().last_error, pending_version=target))
-        log.info("loading index version %s from %s", target, self._root)
+        self._refused_now = False
         try:
-            engine = self._opener(self._root, served)
-        except Exception as exc:
-            self._refuse(target, served, exc)
-            return
-        self._failed_version = None
-        self._holder.swap(engine)
-        self._set_status(ReloadStatus())
-        log.info("now serving index version %s", engine.version)
-        if self._on_swap is not None:
-            self._on_swap(engine.version)
+            self._check(forced)
+        except OSError as exc:
+            self._count_failure()
+            self._report(f"cannot read index root {self._root}: {exc.strerror or exc}")
 
-    def _refuse(self, target: str, served: QueryEngine | None, exc: Exception) -> None:
-        self._failed_version = target
-        expected = isinstance(exc, InfluenceIndexError)
-        detail = str(exc) if expected else f"{type(exc).__name__}: {exc}"
-        reason = f"version {target} refused: {detail}"
-        self._set_status(ReloadStatus(reason))
-        still = served.version if served else "nothing"
-        # A verification failure is explained by its message; anything else is a bug to trace.
-        log.error("%s; still serving %s", reason, still, exc_info=None if expected else exc)
+    def _check(self, forced: bool) -> None:
+        wanted, source = self._wanted()
+        served = self._holder.current
+        if served is not None and served.version == wanted:
+            if self._on_disk(served):
+                self._report("")
+                return
+            problem = f"version {wanted} ({source}) was deleted from disk"
+        else:
+            problem = self._try(wanted, source, served, forced)
+            if problem is None:
+                self._report("")
+                return
+        served = self._holder.current
+        if source != CURRENT or (served is not None and self._on_disk(served)):
+            still = served.version if served is not None else "nothing"
+            self._report(f"{problem}; serving {still}")
+            return
+        fallback = self._fall_back(wanted, forced)
+        if fallback is not None:
+            log.warning("fell back to %s, the newest valid version", fallback)
+            self._report(f"{problem}; serving {fallback}")
+        elif served is not None:
+            self._report(
+                f"{problem}; no valid version to fall back to: still serving {served.version}, "
+                "whose files are gone from disk"
+            )
+        else:
+            self._report(f"{problem}; no valid version to fall back to")
+
+    def _on_disk(self, engine: QueryEngine) -> bool:
+        return (self._root / VERSIONS / engine.version).is_dir()
+
+    def _wanted(self) -> tuple[str | None, str]:
+        """The version to serve and what names it: --pin-version, PINNED or CURRENT."""
+        if self._policy.pin_version is not None:
+            return self._policy.pin_version, "--pin-version"
+        pinned = read_pinned(self._root)
+        if pinned is not None:
+            return pinned, PINNED
+        return read_current(self._root), CURRENT
+
+    def _try(
+        self, version: str | None, source: str, served: QueryEngine | None, forced: bool
+    ) -> str | None:
+        """Load `version` unless it was refused and nothing changed since; None once it is
+        served, else why not."""
+        if version is None:
+            return f"nothing published yet: {self._root}/{CURRENT} is missing"
+        fingerprint = _fingerprint(self._root / VERSIONS / version)
+        refusal = self._refused.get(version)
+        if refusal is not None and not forced:
+            due = time.monotonic() >= refusal.retry_at or fingerprint != refusal.fingerprint
+            if not due:
+                return refusal.reason
+        try:
+            self._load(version, served)
+        except Exception as exc:
+            return self._refuse(version, source, exc, fingerprint)
+        return None
+
+    def _fall_back(self, wanted: str | None, forced: bool) -> str | None:
+        """Serve the newest version (by creation time) that loads; returns its id."""
+        for entry in version_entries(self._root):
+            candidate = entry.id != wanted and entry.created is not None
+            if candidate and self._try(entry.id, "fallback", self._holder.current, forced) is None:
+                return entry.id
+        return None
+
+    def _load(self, version: str, served: QueryEngine | None) -> None:
+        self._set_status(replace(self.status(), pending_version=version))
+        log.info("loading index version %s from %s", version, self._root)
+        start = time.monotonic()
+        try:
+            engine = self._opener(self._root, version, served)
+        finally:
+            self._set_status(replace(self.status(), pending_version=""))
+        seconds = time.monotonic() - start
+        self._refused.pop(version, None)
+        self._holder.swap(engine)
+        log.info("now serving index version %s (loaded in %.2f s)", version, seconds)
+        if self._on_swap is not None:
+            self._on_swap(version, seconds)
+
+    def _refuse(
+        self, version: str, source: str, exc: Exception, fingerprint: tuple[object, ...]
+    ) -> str:
+        """Record a failed load and schedule its retry; returns the reason."""
+        expected = isinstance(exc, InfluenceIndexError | OSError)
+        detail = (
+            str(exc) if isinstance(exc, InfluenceIndexError) else f"{type(exc).__name__}: {exc}"
+        )
+        reason = f"version {version} ({source}) refused: {detail}"
+        previous = self._refused.get(version)
+        failures = previous.failures + 1 if previous is not None else 1
+        delay = min(self._policy.poll_seconds * 2 ** (failures - 1), self._policy.max_retry_seconds)
+        self._refused[version] = _Refusal(reason, failures, time.monotonic() + delay, fingerprint)
+        self._count_failure()
+        self._refused_now = True
+        # A verification or I/O failure is explained by its message; anything else is a bug.
+        log.error(
+            "%s (failure %d; retrying in %.3g s or when its files change)",
+            reason,
+            failures,
+            delay,
+            exc_info=None if expected else exc,
+        )
+        return reason
+
+    def _count_failure(self) -> None:
         if self._on_failure is not None:
             self._on_failure()
+
+    def _report(self, error: str) -> None:
+        """Publish `error` as the status; logs it when it changes (not at every poll) unless
+        this check's refusal said it already."""
+        self._set_status(replace(self.status(), last_error=error))
+        if error and error != self._logged_error and not self._refused_now:
+            log.error("%s", error)
+        self._logged_error = error
 
     def _set_status(self, status: ReloadStatus) -> None:
         with self._status_lock:
@@ -207,6 +324,17 @@ class Reloader:
             try:
                 self.check_once()
             except Exception:
-                # A transient filesystem error must not end the watcher: the next poll retries.
-                log.exception("checking %s/CURRENT failed", self._root)
-            self._wake.wait(self._poll_seconds)
+                # A bug in one check must not end the watcher: the next poll retries.
+                log.exception("checking %s failed", self._root)
+            self._wake.wait(self._policy.poll_seconds)
+
+
+def _fingerprint(path: Path) -> tuple[object, ...]:
+    """Name, inode, size and modification time of each entry of a version directory: when it
+    changes (a file restored, replaced or fixed), a refused version is retried at once."""
+    try:
+        with os.scandir(path) as entries:
+            stats = [(e.name, e.stat(follow_symlinks=False)) for e in entries]
+    except OSError as exc:
+        return (type(exc).__name__,)
+    return tuple(sorted((n, s.st_ino, s.st_size, s.st_mtime_ns) for n, s in stats))

@@ -10,18 +10,31 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent import futures
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from indexer.errors import InvalidInputError, NotFoundError, ResourceLimitError
+from indexer.errors import (
+    InvalidInputError,
+    NotFoundError,
+    PreconditionError,
+    ResourceLimitError,
+)
 from indexer.query import Query, TokenizedQuery
 from influence.v1 import influence_pb2 as pb
 from influence.v1 import influence_pb2_grpc
 from server import messages
-from server.batching import BatcherClosed, DeadlineExceeded, MicroBatcher, Overloaded
+from server.batching import (
+    BatcherClosed,
+    ConcurrencyLimit,
+    DeadlineExceeded,
+    MicroBatcher,
+    Overloaded,
+)
 from server.dispatch import (
     AttributionWork,
     QueryWork,
@@ -31,6 +44,7 @@ from server.dispatch import (
 )
 from server.metrics import ServerMetrics
 from server.reload import EngineHolder, NoEngineError, Reloader
+from server.rpc import FieldError, RejectedRequest, abort, rpc_scope
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +57,7 @@ _NO_DEADLINE_S = 1e9
 _STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NoEngineError, grpc.StatusCode.UNAVAILABLE),
@@ -54,11 +69,15 @@ _STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    """Per-request limits; each violation is INVALID_ARGUMENT naming the limit."""
+    """Per-request limits; each violation is INVALID_ARGUMENT naming the limit. Query RPCs
+    beyond `max_concurrent_queries` get RESOURCE_EXHAUSTED, telling clients to retry after
+    `retry_delay_s` seconds (as they do for a full queue)."""
 
     max_top_k: int = 1000
     max_queries_per_batch: int = 256
     max_attribution_examples: int = 32
+    max_concurrent_queries: int = 64
+    retry_delay_s: float = 0.1
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -84,36 +103,54 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         self._reloader = reloader
         self._limits = limits
         self._metrics = metrics
+        self._queries = ConcurrencyLimit(limits.max_concurrent_queries, "query RPCs")
 
     def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
-        return self._handle("Query", context, lambda: self._query(request, context))
+        call = partial(self._query, request, context)
+        return self._handle("Query", request, context, call, limited=True)
 
     def QueryBatch(
         self, request: pb.QueryBatchRequest, context: grpc.ServicerContext
     ) -> pb.QueryBatchResponse:
-        return self._handle("QueryBatch", context, lambda: self._query_batch(request, context))
+        call = partial(self._query_batch, request, context)
+        return self._handle("QueryBatch", request, context, call, limited=True)
 
     def AttributeTokens(
         self, request: pb.AttributeTokensRequest, context: grpc.ServicerContext
     ) -> pb.AttributeTokensResponse:
-        return self._handle("AttributeTokens", context, lambda: self._attribute(request, context))
+        call = partial(self._attribute, request, context)
+        return self._handle("AttributeTokens", request, context, call, limited=True)
 
     def GetIndexInfo(
         self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetIndexInfoResponse:
-        return self._handle("GetIndexInfo", context, self._info)
+        return self._handle("GetIndexInfo", request, context, self._info)
 
-    def _handle(self, method: str, context: grpc.ServicerContext, call: Callable[[], M]) -> M:
-        """Run one RPC: record metrics, log one line, turn errors into status codes."""
+    def _handle(
+        self,
+        method: str,
+        request: Message | RejectedRequest,
+        context: grpc.ServicerContext,
+        call: Callable[[], M],
+        *,
+        limited: bool = False,
+    ) -> M:
+        """Run one RPC under its request id: admit it (query RPCs share one concurrency
+        limit), record metrics, log one line, turn errors into statuses with details."""
         start = time.monotonic()
-        try:
-            response = call()
-        except Exception as exc:
-            code, message = status_for(exc)
-            self._finish(method, code, start, message)
-            context.abort(code, message)
-        self._finish(method, grpc.StatusCode.OK, start, _describe(response))
-        return response
+        with rpc_scope(context) as request_id:
+            try:
+                with self._queries.hold() if limited else nullcontext():
+                    if isinstance(request, RejectedRequest):
+                        raise request.error()
+                    response = call()
+            except Exception as exc:
+                code, message = status_for(exc)
+                self._finish(method, code, start, message)
+                retry = self._limits.retry_delay_s
+                abort(context, code, message, exc, request_id=request_id, retry_delay_s=retry)
+            self._finish(method, grpc.StatusCode.OK, start, _describe(response))
+            return response
 
     def _finish(self, method: str, code: grpc.StatusCode, start: float, detail: str) -> None:
         seconds = time.monotonic() - start
@@ -122,7 +159,7 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
 
     def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         start = time.monotonic()
-        (served,) = self._run([QueryWork(self._prepare(request, label=""))], context)
+        (served,) = self._run([QueryWork(self._prepare(request, path=""))], context)
         return self._query_response(served, start)
 
     def _query_batch(
@@ -131,10 +168,9 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         start = time.monotonic()
         n, limit = len(request.queries), self._limits.max_queries_per_batch
         if not 1 <= n <= limit:
-            raise InvalidInputError(f"QueryBatch takes 1 to {limit} queries, got {n}")
+            raise FieldError("queries", f"QueryBatch takes 1 to {limit} queries, got {n}")
         work = [
-            QueryWork(self._prepare(q, label=f"queries[{i}]: "))
-            for i, q in enumerate(request.queries)
+            QueryWork(self._prepare(q, path=f"queries[{i}]")) for i, q in enumerate(request.queries)
         ]
         served = self._run(work, context)
         return pb.QueryBatchResponse(responses=[self._query_response(s, start) for s in served])
@@ -144,8 +180,10 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
     ) -> pb.AttributeTokensResponse:
         n, limit = len(request.example_ids), self._limits.max_attribution_examples
         if not 1 <= n <= limit:
-            raise InvalidInputError(f"AttributeTokens takes 1 to {limit} example_ids, got {n}")
-        query = self._tokenize(Query(request.prompt, request.completion), label="")
+            raise FieldError(
+                "example_ids", f"AttributeTokens takes 1 to {limit} example_ids, got {n}"
+            )
+        query = self._tokenize(Query(request.prompt, request.completion), path="")
         (served,) = self._run([AttributionWork(query, tuple(request.example_ids))], context)
         return pb.AttributeTokensResponse(
             attributions=[messages.attribution_message(a) for a in served.attributions],
@@ -166,25 +204,29 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
             fields.update(messages.index_info_fields(engine.info))
         return pb.GetIndexInfoResponse(**fields)
 
-    def _prepare(self, request: pb.QueryRequest, label: str) -> TokenizedQuery:
+    def _prepare(self, request: pb.QueryRequest, path: str) -> TokenizedQuery:
+        """`path`: where the query is in the request ('' for the request itself)."""
         k, limit = request.top_k, self._limits.max_top_k
         if not 1 <= k <= limit:
-            raise InvalidInputError(
-                f"{label}top_k must be between 1 and {limit} (the server's --max-top-k), got {k}"
+            raise FieldError(
+                f"{path}.top_k" if path else "top_k",
+                f"{_label(path)}top_k must be between 1 and {limit} (the server's --max-top-k), "
+                f"got {k}",
             )
         try:
             query = messages.query_from_request(request)
         except InvalidInputError as exc:
-            raise InvalidInputError(f"{label}{exc}") from exc
-        return self._tokenize(query, label)
+            raise FieldError(path or "query", f"{_label(path)}{exc}") from exc
+        return self._tokenize(query, path)
 
-    def _tokenize(self, query: Query, label: str) -> TokenizedQuery:
+    def _tokenize(self, query: Query, path: str) -> TokenizedQuery:
         """Validate and tokenize the query with the served version (on this request thread)."""
         with self._holder.lease() as engine:
             try:
                 return engine.prepare(query)
             except InvalidInputError as exc:
-                raise InvalidInputError(f"{label}{exc}") from exc
+                # The engine's errors concern the query as a whole (its length, score kind...).
+                raise FieldError(path or "query", f"{_label(path)}{exc}") from exc
 
     def _run(self, work: list[WorkItem], context: grpc.ServicerContext) -> list[Served]:
         """Queue the items as one job (one batch) and wait for them within the RPC's deadline."""
@@ -208,10 +250,16 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
             "gradient": timings.gradient_us,
             "search": timings.search_us,
             "lookup": timings.lookup_us,
+            "rerank": timings.rerank_us,
             "total": int((time.monotonic() - start) * 1e6),
         }
         self._metrics.observe_stages(stage_us)
         return messages.query_response(served.result, served.version, stage_us)
+
+
+def _label(path: str) -> str:
+    """The prefix naming a nested query in error messages, e.g. 'queries[1]: '."""
+    return f"{path}: " if path else ""
 
 
 def _describe(response: Message) -> str:

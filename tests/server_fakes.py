@@ -119,10 +119,9 @@ class FakeOpener:
         self.delay_s = delay_s
         self.engines: list[FakeEngine] = []
 
-    def __call__(self, root: Path, current: FakeEngine | None) -> FakeEngine:
-        version = read_current(root)
-        if version is None:
-            raise NotFoundError(f"no published index in {root}")
+    def __call__(self, root: Path, version: str, current: FakeEngine | None) -> FakeEngine:
+        if not (root / "versions" / version).is_dir():
+            raise NotFoundError(f"version {version} not found in {root}")
         if (root / "versions" / version / "CORRUPT").exists():
             raise IndexVerificationError(f"versions/{version}/index.faiss fails its sha256")
         engine = FakeEngine(version, delay_s=self.delay_s)

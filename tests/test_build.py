@@ -22,7 +22,6 @@ from indexer.manifest import (
     INDEX_FILE,
     LEXICAL_FILES,
     METADATA_FILE,
-    VECTORS_FILE,
 )
 from indexer.publish import VERSIONS, read_current, verify_version, version_dir
 from indexer.query import Query
@@ -57,9 +56,8 @@ def test_round_trip_search_and_metadata(published, small_corpus):
         FULL_CURVATURE_FILE,
         INDEX_FILE,
         METADATA_FILE,
-        VECTORS_FILE,
         *LEXICAL_FILES,
-    }
+    }  # no vectors.f16: the index is the only copy of the vectors
     engine = QueryEngine.open(published)
     n = manifest.counts.examples
     assert n > len(small_corpus) == manifest.counts.documents  # the long doc was chunked
@@ -76,6 +74,39 @@ def test_round_trip_search_and_metadata(published, small_corpus):
     stored = np.asarray(engine.vectors[record.row], dtype=np.float32)
     assert result.hits[0].score == pytest.approx(float(q @ stored), rel=1e-4)
     assert record.norm == pytest.approx(float(np.linalg.norm(stored)), rel=1e-2)
+
+
+def test_served_vectors_are_decoded_from_the_memory_mapped_index(published):
+    engine = QueryEngine.open(published)
+    index_path = str(engine.path / INDEX_FILE)
+    assert index_path in Path("/proc/self/maps").read_text()  # mapped, not read into RAM
+    vectors = engine.vectors
+    n, dim = vectors.shape
+    assert (n, dim) == (engine.index.ntotal, engine.info.dim)
+    block = vectors[0:n]
+    assert block.dtype == np.float32 and block.shape == (n, dim)
+    rows = [n - 1, 0, 3]
+    assert np.array_equal(vectors[rows], block[rows])
+    assert np.array_equal(vectors[2], block[2])
+    with pytest.raises(IndexError):
+        vectors[[n]]
+
+
+def test_a_cosine_ivf_index_gives_back_the_same_vectors(
+    tmp_path, published, tiny_model_dir, small_corpus_path
+):
+    """A cosine index stores unit vectors (scaled back by the stored norms); an IVF index
+    decodes through its direct map. Same curvature as `published`, so the same vectors up to
+    8-bit quantisation."""
+    config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path, index_factory="IVF2,SQ8")
+    build_index(config)
+    flat, ivf = QueryEngine.open(published), QueryEngine.open(tmp_path)
+    assert ivf.info.score_kind == "cosine" and ivf.info.faiss_factory == "IVF2,SQ8"
+    expected, decoded = flat.vectors[:], ivf.vectors[:]
+    error = np.linalg.norm(decoded - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert error.max() < 0.05
+    rows = [7, 1]
+    assert np.array_equal(ivf.vectors[rows], decoded[rows])
 
 
 def test_token_attribution_sums_to_the_score(published):
@@ -96,7 +127,7 @@ def test_builds_are_deterministic(tmp_path, published, tiny_model_dir, small_cor
     build_index(tiny_config(tiny_model_dir, small_corpus_path, again, score="influence"))
     roots = [published, again]
     manifests = [verify_version(version_dir(r)) for r in roots]
-    for name in ("curvature.safetensors", VECTORS_FILE, INDEX_FILE):
+    for name in ("curvature.safetensors", INDEX_FILE):
         assert manifests[0].files[name] == manifests[1].files[name], name
     rows = [
         MetadataReader(version_dir(r) / METADATA_FILE)
@@ -221,3 +252,39 @@ def test_queries_are_framed_like_the_examples(tmp_path, tiny_model_dir, small_co
     )
     assert all(record.token_ids[0] == pad for record in example.values())
     assert engine.manifest.corpus.prefix_tokens == ("<|pad|>",)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root may mount one; skipped where it may not)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]
+    if subprocess.run(command, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_current_serving(
+    small_disk, tiny_model_dir, small_corpus_path, capsys
+):
+    root = small_disk / "root"
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
+    before = _snapshot(root)
+    base = ["--quiet", "build", "--model", str(tiny_model_dir), "--data", str(small_corpus_path),
+            "--out", str(root), "--max-length", "64", "--rank-in", "8", "--rank-out", "8",
+            "--incremental", "off"]  # fmt: skip
+    scratch = before[1][INDEX_FILE].bytes  # about the scratch matrix of a full build
+    ballast = small_disk / "ballast"
+    # too little room for the scratch vectors, then for the index written after them
+    for room in (scratch // 2, scratch + scratch // 2):
+        ballast.unlink(missing_ok=True)
+        disk = os.statvfs(small_disk)
+        with ballast.open("wb") as f:
+            os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize - room)
+        assert main(base) == 2
+        err = capsys.readouterr().err.strip()
+        assert "disk full" in err and len(err.splitlines()) == 1, err
+        assert not list((root / VERSIONS).glob(".staging-*"))
+        assert _snapshot(root) == before

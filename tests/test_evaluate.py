@@ -95,6 +95,8 @@ def eval_run(demo_artifacts, demo_index_root, tmp_path_factory) -> tuple[int, di
         "--exact",
         "--baselines",
         "bm25,grad-cosine",
+        "--rerank-depth",
+        "50",
         "--plot",
         str(plots),
         "--json",
@@ -116,7 +118,15 @@ def test_eval_end_to_end(eval_run):
     assert fidelity["spearman"] > 0.2
     assert fidelity["sketch_recall@10"] > 0.2
     assert fidelity["ann_recall@10"] > 0.95  # the default index is flat for the demo corpus
-    floors = {"index": 0.4, "exact": 0.7, "bm25": 0.8, "grad-cosine": 0.6}
+    assert fidelity["rerank_recall@10"] > 0.8  # exact re-ranking of 50 (+100 BM25) candidates
+    floors = {
+        "index": 0.4,
+        "index+rerank": 0.7,
+        "index+lexical+rerank": 0.7,
+        "exact": 0.7,
+        "bm25": 0.8,
+        "grad-cosine": 0.6,
+    }
     methods = report["methods"]
     assert set(methods) == set(floors)
     for name, floor in floors.items():

@@ -1,4 +1,5 @@
-"""Bearer-token auth and (mutual) TLS on a real server; health checks need no token."""
+"""Bearer-token auth and (mutual) TLS on a real server; health checks need no token and have
+a plaintext port of their own; reflection answers v1 and v1alpha."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from indexer.errors import InvalidInputError
 from server.app import InfluenceServer, ServerConfig
 from server.auth import load_token
 from server.client import InfluenceClient
+from server.reflection import V1_SERVICE_NAME, v1_message_class
 from tests.server_fakes import FakeOpener, publish, running_server
 
 TOKEN = "s3cret-token"
@@ -133,3 +136,45 @@ def test_tls_and_mutual_tls(root: Path, pki: Path) -> None:
             tls_key_file=pki / "client.key",
         ) as client:
             assert code_of(client) == grpc.StatusCode.OK
+
+
+def test_reflection_v1_answers_real_v1_requests(root: Path) -> None:
+    request_class = v1_message_class("ServerReflectionRequest")
+    response_class = v1_message_class("ServerReflectionResponse")
+    requests = [
+        request_class(list_services=""),
+        request_class(file_containing_symbol="influence.v1.InfluenceService"),
+        request_class(file_containing_symbol=V1_SERVICE_NAME),
+    ]
+    with (
+        running_server(root, FakeOpener()) as (server, _),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        info = channel.stream_stream(
+            f"/{V1_SERVICE_NAME}/ServerReflectionInfo",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        listed, influence, reflection_v1 = list(info(iter(requests), timeout=5))
+    services = {s.name for s in listed.list_services_response.service}
+    assert {"influence.v1.InfluenceService", V1_SERVICE_NAME, reflection.SERVICE_NAME} <= services
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(f)
+        for f in influence.file_descriptor_response.file_descriptor_proto
+    ]
+    assert "influence/v1/influence.proto" in {f.name for f in files}
+    (described,) = (
+        descriptor_pb2.FileDescriptorProto.FromString(f)
+        for f in reflection_v1.file_descriptor_response.file_descriptor_proto
+    )
+    assert described.package == "grpc.reflection.v1"
+
+
+def test_health_port_is_plaintext_while_the_main_port_uses_tls(root: Path, pki: Path) -> None:
+    tls = {"tls_cert_file": pki / "server.pem", "tls_key_file": pki / "server.key"}
+    with running_server(root, FakeOpener(), health_port=0, **tls) as (server, _):
+        with InfluenceClient(f"127.0.0.1:{server.health_port}", timeout_s=5) as probe:
+            assert probe.health() == "SERVING"
+            assert probe.health("liveness") == "SERVING"
+        with InfluenceClient(f"127.0.0.1:{server.port}", timeout_s=5) as plaintext:
+            assert code_of(plaintext) == grpc.StatusCode.UNAVAILABLE

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from indexer.engine import EngineOptions
 from indexer.publish import new_version_id, read_current
 from influence.v1 import influence_pb2 as pb
 from server.app import InfluenceServer, ServerConfig
@@ -57,7 +58,14 @@ def clone_version(root: Path, source: Path, *, corrupt: bool = False) -> str:
 
 @contextlib.contextmanager
 def serve(root: Path, **overrides: object) -> Iterator[tuple[InfluenceServer, InfluenceClient]]:
-    config = ServerConfig(index_root=root, port=0, poll_seconds=0.2, grace_seconds=10)
+    # Exact re-ranking costs seconds a query on a shared CPU: these tests ask for it explicitly.
+    config = ServerConfig(
+        index_root=root,
+        port=0,
+        poll_seconds=0.2,
+        grace_seconds=10,
+        engine=EngineOptions(rerank_depth=0),
+    )
     server = InfluenceServer(replace(config, **overrides))
     server.start()
     try:
@@ -111,6 +119,25 @@ def test_fact_queries_find_documents_stating_the_fact(served, demo_queries) -> N
         found += any(i.doc_id in query["gold"] for i in response.influences)
     # The default (cosine) index traced all 48 demo facts in benchmarks/RESULTS.md; allow a miss.
     assert found >= len(checked) - 1, f"gold in the top 10 of only {found}/{len(checked)} queries"
+
+
+def test_reranked_answers_are_exact_and_say_so(served, demo_queries) -> None:
+    _, client = served
+    query = demo_queries[0]
+    info = client.info()
+    assert info.rerank_available and info.lexical_available and info.rerank_depth == 0
+    sketch = client.query(query["prompt"], query["completion"], top_k=5)
+    exact = client.query(
+        query["prompt"], query["completion"], top_k=5, rerank_depth=20, lexical_candidates=10
+    )
+    assert not any(i.exact for i in sketch.influences) and sketch.timings.rerank_us == 0
+    assert all(i.exact for i in exact.influences) and exact.timings.rerank_us > 0
+    scores = [i.score for i in exact.influences]
+    assert scores == sorted(scores, reverse=True)
+    code, details = rpc_code(
+        lambda: client.query(query["prompt"], query["completion"], rerank_depth=10**6)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and str(info.max_rerank_depth) in details
 
 
 def test_health_and_info(served) -> None:
@@ -259,7 +286,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(fresh_root: Path, demo
         port = s.getsockname()[1]
     # Queries wait up to 1 s for batch-mates, so they are surely in flight at SIGTERM.
     argv = ["--index", str(fresh_root), "--port", str(port), "--max-wait-ms", "1000"]
-    argv += ["--max-batch-size", "64", "--grace-seconds", "30"]
+    argv += ["--max-batch-size", "64", "--grace-seconds", "30", "--rerank-depth", "0"]
     child = subprocess.Popen([sys.executable, "-c", SERVE, *argv], cwd=REPO)
     try:
         with InfluenceClient(f"127.0.0.1:{port}", timeout_s=60) as client:

@@ -17,9 +17,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from indexer.demo.corpus import DEFAULT_N_ENTITIES, generate_corpus, write_corpus
+from indexer.demo.corpus import DEFAULT_N_ENTITIES, DemoCorpus, generate_corpus, write_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,16 @@ class DemoTrainingConfig:
     # One intra-op thread: the matrices are too small to gain from more, results do not depend on
     # the machine's core count, and it avoids the heavy slowdown of oversubscribed cores.
     num_threads: int = 1
+    # True: the tokenizer prepends BOS and each document is trained on alone (the demo).
+    # False: GPT-2's conventions: the tokenizer adds nothing, and training packs the documents
+    # into full windows, each document preceded by the separator `<|endoftext|>`; index such a
+    # model with `--prefix-token '<|endoftext|>'`.
+    add_bos: bool = True
+
+
+# Fields added after FORMAT_VERSION 2 enter the settings hash only when they differ from their
+# default, so the caches of earlier configurations stay valid.
+_HASHED_WHEN_SET = ("add_bos",)
 
 
 @dataclass(frozen=True)
@@ -76,9 +86,10 @@ class DemoArtifacts:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, max_length: int
+    texts: Iterable[str], vocab_size: int, max_length: int, add_bos: bool = True
 ) -> PreTrainedTokenizerFast:
-    """Byte-level BPE whose ``add_special_tokens=True`` prepends the bos token and nothing else.
+    """Byte-level BPE whose ``add_special_tokens=True`` prepends the bos token and nothing else
+    (with ``add_bos``), or adds nothing at all (without, as GPT-2's tokenizer).
 
     bos and eos are the same token (id 0); pad is id 1. ``max_length`` becomes
     ``model_max_length`` (tokens).
@@ -94,11 +105,12 @@ def train_tokenizer(
     )
     tok.train_from_iterator(texts, trainer)
     bos_id = tok.token_to_id(BOS_TOKEN)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A",
-        pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
-        special_tokens=[(BOS_TOKEN, bos_id)],
-    )
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A",
+            pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
+            special_tokens=[(BOS_TOKEN, bos_id)],
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS_TOKEN,
@@ -128,6 +140,33 @@ def encode_windows(
     """Tokenise each text with bos and cut it into consecutive windows of at most ``window`` ids."""
     encoded = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
     return [ids[i : i + window] for ids in encoded for i in range(0, len(ids), window)]
+
+
+def encode_packed(
+    tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], window: int
+) -> list[list[int]]:
+    """GPT-2-style packing: every text preceded by the separator (bos = eos), all concatenated
+    and cut into consecutive windows of ``window`` ids (only the last one shorter)."""
+    separator = tokenizer.convert_tokens_to_ids(BOS_TOKEN)
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    stream = [token for ids in encoded for token in (separator, *ids)]
+    return [stream[i : i + window] for i in range(0, len(stream), window)]
+
+
+def training_windows(
+    tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], config: DemoTrainingConfig
+) -> list[list[int]]:
+    """The training windows the config asks for: one text per window run, or packed."""
+    encode = encode_windows if config.add_bos else encode_packed
+    return encode(tokenizer, texts, config.n_positions)
+
+
+def prompt_prefix(tokenizer: PreTrainedTokenizerFast, config: DemoTrainingConfig) -> list[int]:
+    """Token ids a query's prompt starts with, as documents started in training: the bos the
+    tokenizer adds, or (without) the separator."""
+    if config.add_bos:
+        return list(tokenizer("", add_special_tokens=True)["input_ids"])
+    return [tokenizer.convert_tokens_to_ids(BOS_TOKEN)]
 
 
 def epoch_batches(
@@ -260,10 +299,18 @@ def train_model(
 
 @torch.no_grad()
 def greedy_matches(
-    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompt: str, completion: str
+    model: GPT2LMHeadModel,
+    tokenizer: PreTrainedTokenizerFast,
+    prompt: str,
+    completion: str,
+    prefix: Sequence[int] | None = None,
 ) -> bool:
-    """Whether greedy decoding after ``prompt`` (with bos) reproduces ``completion``'s tokens."""
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    """Whether greedy decoding after ``prompt`` reproduces ``completion``'s tokens. The prompt
+    starts with ``prefix``, by default with the tokenizer's special tokens (bos)."""
+    if prefix is None:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        ids = [*prefix, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     target = tokenizer(completion, add_special_tokens=False)["input_ids"]
     for expected in target:
         logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
@@ -274,17 +321,31 @@ def greedy_matches(
 
 
 def fact_accuracy(
-    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, queries: Sequence[dict]
+    model: GPT2LMHeadModel,
+    tokenizer: PreTrainedTokenizerFast,
+    queries: Sequence[dict],
+    prefix: Sequence[int] | None = None,
 ) -> float:
     """Fraction of queries whose completion the model reproduces greedily (0..1)."""
     model.eval()
-    hits = sum(greedy_matches(model, tokenizer, q["prompt"], q["completion"]) for q in queries)
+    hits = sum(
+        greedy_matches(model, tokenizer, q["prompt"], q["completion"], prefix) for q in queries
+    )
     return hits / len(queries)
+
+
+def _hashed_config(config: DemoTrainingConfig) -> dict:
+    """The config's fields as hashed: later fields only when they differ from their default."""
+    values = asdict(config)
+    for f in fields(DemoTrainingConfig):
+        if f.name in _HASHED_WHEN_SET and values[f.name] == f.default:
+            del values[f.name]
+    return values
 
 
 def settings_hash(seed: int, config: DemoTrainingConfig) -> str:
     """sha256 (hex) of everything that determines the trained artifacts."""
-    settings = {"format": FORMAT_VERSION, "seed": seed, "config": asdict(config)}
+    settings = {"format": FORMAT_VERSION, "seed": seed, "config": _hashed_config(config)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -305,14 +366,15 @@ def _read_finished(run_dir: Path, digest: str) -> DemoArtifacts | None:
     )
 
 
-def _build(run_dir: Path, seed: int, config: DemoTrainingConfig, progress: bool) -> dict:
-    """Generate the corpus, train tokenizer and model into ``run_dir``; returns marker fields."""
-    corpus = generate_corpus(seed=seed, n_entities=config.n_entities)
+def _build(
+    run_dir: Path, corpus: DemoCorpus, seed: int, config: DemoTrainingConfig, progress: bool
+) -> dict:
+    """Write the corpus, train tokenizer and model into ``run_dir``; returns marker fields."""
     write_corpus(corpus, run_dir)
     texts = [d["text"] for d in corpus.documents]
     started = time.perf_counter()
-    tokenizer = train_tokenizer(texts, config.vocab_size, config.n_positions)
-    windows = encode_windows(tokenizer, texts, config.n_positions)
+    tokenizer = train_tokenizer(texts, config.vocab_size, config.n_positions, config.add_bos)
+    windows = training_windows(tokenizer, texts, config)
     # Seed a forked RNG so the caller's global torch RNG state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -330,7 +392,8 @@ def _build(run_dir: Path, seed: int, config: DemoTrainingConfig, progress: bool)
             model, windows, config, pad_id=tokenizer.pad_token_id, seed=seed, progress=progress
         )
         train_seconds = time.perf_counter() - started
-        accuracy = fact_accuracy(model, tokenizer, corpus.queries)
+        prefix = None if config.add_bos else prompt_prefix(tokenizer, config)
+        accuracy = fact_accuracy(model, tokenizer, corpus.queries, prefix)
     model_dir = run_dir / "model"
     with _transformers_progress(progress):
         model.save_pretrained(model_dir, safe_serialization=True)
@@ -359,6 +422,30 @@ def ensure_demo_model(
     config = config or DemoTrainingConfig()
     digest = settings_hash(seed, config)
     run_dir = Path(cache_dir) / f"demo-seed{seed}-{digest[:12]}"
+    return ensure_trained_model(
+        run_dir,
+        digest,
+        lambda: generate_corpus(seed=seed, n_entities=config.n_entities),
+        seed=seed,
+        config=config,
+        progress=progress,
+    )
+
+
+def ensure_trained_model(
+    run_dir: Path,
+    digest: str,
+    make_corpus: Callable[[], DemoCorpus],
+    *,
+    seed: int,
+    config: DemoTrainingConfig,
+    progress: bool,
+) -> DemoArtifacts:
+    """The model cached in ``run_dir`` if its marker holds ``digest``; otherwise train it on
+    ``make_corpus()`` first (built under a temporary name, then renamed into place).
+
+    ``digest`` must hash everything that determines the artifacts, the corpus included.
+    """
     found = _read_finished(run_dir, digest)
     if found is not None:
         logger.info("reusing demo model in %s", run_dir)
@@ -368,8 +455,8 @@ def ensure_demo_model(
     # mkdtemp makes the directory private; the model is meant to be readable by other users.
     tmp_dir.chmod(0o755)
     try:
-        fields = _build(tmp_dir, seed, config, progress)
-        marker = {"settings_hash": digest, "seed": seed, "config": asdict(config), **fields}
+        built = _build(tmp_dir, make_corpus(), seed, config, progress)
+        marker = {"settings_hash": digest, "seed": seed, "config": asdict(config), **built}
         (tmp_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2))
         _publish(tmp_dir, run_dir)
     finally:
@@ -377,8 +464,8 @@ def ensure_demo_model(
     logger.info(
         "demo model ready in %s (fact accuracy %.3f, %.1f s)",
         run_dir,
-        fields["fact_accuracy"],
-        fields["train_seconds"],
+        built["fact_accuracy"],
+        built["train_seconds"],
     )
     found = _read_finished(run_dir, digest)
     if found is None:

@@ -1,0 +1,225 @@
+"""Fidelity per byte (issue 8, item 3): sketch rank x vector storage (FAISS factory), re-rank off.
+
+For each rank r×r per module it builds (or reuses) an influence version over float16 codes
+(`IDMap,SQfp16`: the raw preconditioned vectors as float16, what `vectors.f16` held), then
+indexes those stored vectors with each FAISS factory through the build's own `write_faiss`,
+and measures, per score kind, against the exact EK-FAC reference of `benchmarks.rerank` (the
+default version's own full factors; the exact scores do not depend on the sketch rank):
+
+- exact top-10 recall within the index's top-10 (sketch-only fidelity, re-rank off);
+- candidate recall: the exact top-10 within the index's top-K′, K′ = 100 / 200 / 500;
+- search ms per query (one query at a time, top-500, median) and the vs-flat recall;
+- bytes per example: the FAISS code plus its 64-bit id, the index file per example, and the
+  total with a float16 copy of every vector kept beside it (format 3: `vectors.f16`).
+
+    .venv/bin/python -m benchmarks.fidelity_per_byte --setting demo --work .cache/issue8/demo \
+        --out benchmarks/results/fidelity_per_byte-demo.json
+    .venv/bin/python -m benchmarks.fidelity_per_byte --setting large --work .cache/issue8/large \
+        --ranks 32,64 --factories SQfp16,SQ8,SQ4 --queries 24 \
+        --out benchmarks/results/fidelity_per_byte-large.json
+
+Use the `--work` directory (and `--queries`) of the `benchmarks.rerank` run of the same setting:
+its default build and exact reference are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from benchmarks.common import emit
+from benchmarks.rerank import (
+    TOP,
+    Setting,
+    candidate_recall,
+    ensure_build,
+    exact_reference,
+    load_setting,
+)
+from indexer import metrics
+from indexer.config import ScoreKind, SketchConfig, StoreConfig
+from indexer.engine import QueryEngine
+from indexer.evaluate import json_safe
+from indexer.query import Query
+from indexer.store import write_faiss
+
+log = logging.getLogger("fidelity_per_byte")
+
+RANKS = (32, 48, 64)
+FACTORIES = ("Flat", "SQfp16", "SQ8", "SQ6", "SQ4")  # each behind IDMap
+DEPTHS = (100, 200, 500)
+STORED = "IDMap,SQfp16"  # the builds' own index: the vectors as float16, as vectors.f16 held
+BUDGET_BYTES = 24_576 + 49_160  # today's 32x32 vectors.f16 + flat float32 index, per example
+
+
+@dataclass
+class Row:
+    """One rank x factory x score kind."""
+
+    rank: str
+    dim: int
+    factory: str
+    score: str
+    exact_top10_recall: float
+    candidate_recall: dict[int, float]
+    vs_flat_top10: float  # the stored vectors' exhaustive top-10 found by this index
+    search_ms_per_query: float
+    code_bytes_per_example: int  # code + 64-bit id
+    index_file_bytes_per_example: float
+    with_vectors_f16_bytes_per_example: float  # as today: index + vectors.f16
+    within_budget_index_only: bool
+    within_budget_with_vectors: bool
+
+
+def rank_root(work: Path, rank: int) -> Path:
+    """The default rank's build is `benchmarks.rerank`'s influence version."""
+    return work / ("default-influence" if rank == SketchConfig.rank_in else f"rank{rank}")
+
+
+def build_rank(setting: Setting, work: Path, rank: int) -> dict:
+    """A version at `rank` x `rank` whose stored vectors are re-indexed below: influence (raw
+    vectors) over float16 codes, without re-rank factors (the default rank's has them)."""
+    store = StoreConfig(score=ScoreKind.INFLUENCE, index_factory=STORED)
+    if rank != SketchConfig.rank_in:
+        store = replace(store, exact_rerank=False, lexical_index=False)
+    return ensure_build(setting, rank_root(work, rank), store, SketchConfig(rank, rank))
+
+
+def search(index: faiss.Index, q: np.ndarray, depth: int) -> tuple[list[list[int]], float]:
+    """Top-`depth` rows per query (ids = rows), one query at a time; median ms per query."""
+    rows, times = [], []
+    for i in range(q.shape[0]):
+        start = time.perf_counter()
+        _, ids = index.search(np.ascontiguousarray(q[i : i + 1]), depth)
+        times.append(1000 * (time.perf_counter() - start))
+        rows.append([int(r) for r in ids[0] if r >= 0])
+    return rows, float(statistics.median(times))
+
+
+def measure_rank(
+    engine: QueryEngine,
+    queries: list[Query],
+    exact: dict[str, np.ndarray],
+    factories: tuple[str, ...],
+    work: Path,
+) -> list[Row]:
+    """Every factory over this version's stored vectors, both score kinds; `exact` holds the
+    reference scores `[Q, N]` per kind."""
+    vectors = engine.vectors
+    n, dim = vectors.shape
+    rank = f"{engine.manifest.sketch.rank_out}x{engine.manifest.sketch.rank_in}"
+    tokenized = [engine.prepare(replace(q, rerank_depth=0)) for q in queries]
+    q_raw = engine.query_vectors(tokenized)
+    rows = []
+    for kind in (ScoreKind.COSINE, ScoreKind.INFLUENCE):
+        normalize = kind == ScoreKind.COSINE
+        q = q_raw / np.linalg.norm(q_raw, axis=1, keepdims=True) if normalize else q_raw
+        flat_top: list[list[int]] | None = None
+        for factory in factories:
+            path = work / f"{rank}-{kind}-{factory}.faiss"
+            log.info("%s %s %s", rank, kind, factory)
+            index = write_faiss(
+                vectors, np.arange(n, dtype=np.int64), f"IDMap,{factory}", normalize, path
+            )
+            found, ms = search(index, q, max(DEPTHS))
+            flat_top = flat_top or found  # the first factory is the reference scan
+            code = index.sa_code_size() + 8
+            size = path.stat().st_size / n
+            rows.append(
+                Row(
+                    rank=rank,
+                    dim=dim,
+                    factory=factory,
+                    score=str(kind),
+                    exact_top10_recall=metrics.mean(
+                        metrics.top_k_recall(exact[str(kind)][i], f, TOP)
+                        for i, f in enumerate(found)
+                    ),
+                    candidate_recall={
+                        d: metrics.mean(
+                            candidate_recall(exact[str(kind)][i], f, d) for i, f in enumerate(found)
+                        )
+                        for d in DEPTHS
+                    },
+                    vs_flat_top10=metrics.mean(
+                        len(set(f[:TOP]) & set(r[:TOP])) / TOP
+                        for f, r in zip(found, flat_top, strict=True)
+                    ),
+                    search_ms_per_query=ms,
+                    code_bytes_per_example=code,
+                    index_file_bytes_per_example=size,
+                    with_vectors_f16_bytes_per_example=size + 2 * dim,
+                    within_budget_index_only=size <= BUDGET_BYTES,
+                    within_budget_with_vectors=size + 2 * dim <= BUDGET_BYTES,
+                )
+            )
+            path.unlink()
+            del index
+    return rows
+
+
+def run(setting_name: str, n_queries: int | None, ranks, factories, work: Path) -> dict:
+    started = time.perf_counter()
+    setting = load_setting(setting_name, n_queries)
+    queries = [q.query for q in setting.queries]
+    builds = {r: build_rank(setting, work, r) for r in ranks}
+    default = QueryEngine.open(rank_root(work, SketchConfig.rank_in))
+    tokenized = [default.prepare(replace(q, rerank_depth=0)) for q in queries]
+    reference = exact_reference(default, tokenized, work)
+    default.close()
+    rows = []
+    for rank in ranks:
+        engine = QueryEngine.open(rank_root(work, rank))
+        rows += measure_rank(engine, queries, reference.scores, factories, work)
+        engine.close()
+    return {
+        "benchmark": "fidelity_per_byte",
+        "setting": setting_name,
+        "model": str(setting.model_dir),
+        "n_examples": len(reference.doc_ids),
+        "n_queries": len(setting.queries),
+        "budget_bytes_per_example": BUDGET_BYTES,
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "builds": {str(r): b for r, b in builds.items()},
+        "exact_reference_seconds": reference.seconds,
+        "full_curvature_sha256": reference.full_curvature_sha256,
+        "rows": [asdict(r) for r in rows],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=("demo", "large"), default="demo")
+    parser.add_argument("--queries", type=int, help="queries (the same as the rerank run's)")
+    parser.add_argument("--ranks", type=_ints, default=RANKS)
+    parser.add_argument("--factories", default=",".join(FACTORIES), help="behind IDMap")
+    parser.add_argument("--work", type=Path, required=True, help="the rerank run's --work")
+    parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args.work.mkdir(parents=True, exist_ok=True)
+    factories = tuple(args.factories.split(","))
+    emit(json_safe(run(args.setting, args.queries, args.ranks, factories, args.work)), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""`torchrun --nproc-per-node 2` (gloo, CPU): the same version as one process, and a rank
+killed mid-build publishes nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.build import build_index
+from indexer.engine import QueryEngine
+from indexer.publish import VERSIONS, read_current, verify_version, version_dir
+from tests.test_build import tiny_config
+
+METADATA = (
+    'SELECT id, "row", doc_id, chunk, text, token_ids, content_hash, source, norm, loss '
+    'FROM examples ORDER BY "row"'
+)
+
+
+def torchrun(model: Path, corpus: Path, out: Path, env: dict | None = None) -> subprocess.Popen:
+    """The CLI build under torchrun, 2 processes on this host, one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "server.cli", "--quiet", "--threads", "1", "build",
+               "--model", str(model), "--data", str(corpus), "--out", str(out),
+               "--max-length", "64", "--rank-in", "8", "--rank-out", "8", "--json"]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    )
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_model_dir, small_corpus_path) -> Path:
+    root = tmp_path_factory.mktemp("single")
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
+    return root
+
+
+def test_two_ranks_publish_what_one_process_does(
+    tmp_path, single, tiny_model_dir, small_corpus_path
+):
+    process = torchrun(tiny_model_dir, small_corpus_path, tmp_path)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert out.count('"version"') == 1  # rank 0 alone reports
+    one, two = QueryEngine.open(single), QueryEngine.open(tmp_path)
+    rows = [e.metadata._con.execute(METADATA).fetchall() for e in (one, two)]
+    assert [r[:8] for r in rows[0]] == [r[:8] for r in rows[1]]  # ids, rows, texts, tokens
+    stats = [np.array([r[8:] for r in found]) for found in rows]  # norm, loss
+    assert np.allclose(stats[0], stats[1], rtol=1e-4, atol=1e-4)
+    expected, found = one.vectors[:], two.vectors[:]
+    assert np.allclose(found, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    assert two.manifest.counts == one.manifest.counts
+    assert two.manifest.exact_rerank and two.reranker is not None
+    assert not list(version_dir(tmp_path).glob(".*"))  # no scratch file of either rank
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """The process of `rank` among those whose environment carries `marker`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if marker.encode() in environ and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_rank_fails_the_build_and_publishes_nothing(
+    tmp_path, single, tiny_model_dir, small_corpus_path
+):
+    root = tmp_path / "root"
+    shutil.copytree(single, root)
+    before = read_current(root)
+    marker = f"INFLUENCE_TEST_BUILD={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    process = torchrun(tiny_model_dir, small_corpus_path, root, {key: value})
+    deadline = time.monotonic() + 300
+    while not list((root / VERSIONS).glob(".staging-*/.vectors.scratch.1")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.05)
+    os.kill(_rank_pid(marker, 1), signal.SIGKILL)
+    process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert read_current(root) == before
+    verify_version(version_dir(root))
+    assert sorted(p.name for p in (root / VERSIONS).iterdir() if not p.name.startswith(".")) == [
+        before
+    ]

@@ -1,0 +1,158 @@
+"""Incremental builds: unchanged examples keep their vectors, the answers are a full build's,
+and what cannot be reused is said in one line (exit 2 when `--incremental` was explicit)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import indexer.build
+from indexer.build import BuildSummary, build_index
+from indexer.config import IncrementalConfig, IncrementalMode
+from indexer.curvature import Curvature, FittedCurvature
+from indexer.engine import QueryEngine
+from indexer.errors import InvalidInputError
+from indexer.manifest import CURVATURE_FILE, FULL_CURVATURE_FILE, METADATA_FILE
+from indexer.publish import read_current, verify_version, version_dir
+from indexer.query import Query
+from server.cli import main
+from tests.conftest import write_jsonl
+from tests.test_build import tiny_config
+
+
+@dataclass
+class Builds:
+    root: Path  # a full build of the first corpus, then an incremental one of the second
+    first: str
+    second: BuildSummary
+    full_root: Path  # a full build of the second corpus with the first build's curvature
+    corpus: Path  # the second corpus
+
+
+def _edited(documents: list[dict]) -> list[dict]:
+    """Two documents changed, two deleted, two added (all short: one example each)."""
+    short = [d for d in documents if len(d["text"]) < 100]
+    changed = {short[0]["id"], short[1]["id"]}
+    deleted = {short[2]["id"], short[3]["id"]}
+    kept = [
+        {**d, "text": d["text"] + " It was also raining."} if d["id"] in changed else d
+        for d in documents
+        if d["id"] not in deleted
+    ]
+    added = [{"id": f"new-{i}", "text": f"A new market opened in town number {i}."} for i in (1, 2)]
+    return kept + added
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory, tiny_model_dir, small_corpus_path, small_corpus) -> Builds:
+    tmp = tmp_path_factory.mktemp("incremental")
+    root = tmp / "root"
+    build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
+    first = read_current(root)
+    corpus = write_jsonl(tmp / "edited.jsonl", _edited(small_corpus))
+    second = build_index(tiny_config(tiny_model_dir, corpus, root))
+    full_root = tmp / "full"
+    previous = version_dir(root, first)
+    same_curvature = FittedCurvature(
+        Curvature.load(previous / CURVATURE_FILE), Curvature.load(previous / FULL_CURVATURE_FILE)
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(indexer.build, "fit_curvature", lambda *args, **kwargs: same_curvature)
+        build_index(tiny_config(tiny_model_dir, corpus, full_root))
+    return Builds(root, first, second, full_root, corpus)
+
+
+def test_incremental_build_reuses_unchanged_vectors(builds):
+    summary = builds.second
+    assert summary.mode == "incremental" and summary.built_from == builds.first
+    assert (summary.new, summary.changed, summary.deleted) == (2, 2, 2)
+    assert summary.reused == summary.n_examples - 4
+    before = QueryEngine.open(builds.root, version=builds.first)
+    after = QueryEngine.open(builds.root)
+    assert after.manifest.built_from == builds.first
+    assert after.manifest.curvature_fit.changed_since == 6
+    old, new = (
+        engine.metadata._con.execute(
+            'SELECT id, content_hash, norm FROM examples ORDER BY "row"'
+        ).fetchnumpy()
+        for engine in (before, after)
+    )
+    _, old_rows, new_rows = np.intersect1d(old["id"], new["id"], return_indices=True)
+    unchanged = old["content_hash"][old_rows] == new["content_hash"][new_rows]
+    assert unchanged.sum() == summary.reused
+    old_rows, new_rows = old_rows[unchanged], new_rows[unchanged]
+    assert np.array_equal(before.vectors.decode(old_rows), after.vectors.decode(new_rows))
+    assert np.array_equal(old["norm"][old_rows], new["norm"][new_rows])
+    # the curvature is CURRENT's, shared by a hard link; the old version is untouched
+    shared = version_dir(builds.root) / CURVATURE_FILE
+    assert shared.stat().st_nlink == 2
+    original = version_dir(builds.root, builds.first) / CURVATURE_FILE
+    assert shared.stat().st_ino == original.stat().st_ino
+    verify_version(version_dir(builds.root, builds.first))
+
+
+def test_incremental_answers_equal_a_full_build_with_the_same_curvature(builds):
+    incremental, full = QueryEngine.open(builds.root), QueryEngine.open(builds.full_root)
+    assert full.manifest.built_from is None
+    expected, found = full.vectors[:], incremental.vectors[:]
+    assert np.allclose(found, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    queries = [
+        Query("The market", " was busy", top_k=5, rerank_depth=0),
+        Query("A new market opened in", " town", top_k=5),  # re-ranked exactly
+    ]
+    for a, b in zip(incremental.query(queries), full.query(queries), strict=True):
+        assert [h.example_id for h in a.hits] == [h.example_id for h in b.hits]
+        assert [h.score for h in a.hits] == pytest.approx([h.score for h in b.hits], rel=1e-3)
+
+
+def test_a_refit_is_a_full_build_saying_why(builds, tiny_model_dir, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(builds.root, root)
+    refit = IncrementalConfig(refit_threshold=0.01)
+    config = replace(tiny_config(tiny_model_dir, builds.corpus, root), incremental=refit)
+    summary = build_index(config)  # 6 changes since the fit: over 1 % of the corpus
+    assert summary.mode == "full" and summary.built_from is None
+    assert "--refit-threshold 0.01" in summary.full_reason
+    manifest = verify_version(version_dir(root))
+    assert manifest.curvature_fit.changed_since == 0
+    assert manifest.curvature_fit.examples == summary.n_examples
+
+
+def test_explicit_incremental_against_an_unusable_current_exits_2(
+    builds, tiny_model_dir, tmp_path, capsys
+):
+    root = tmp_path / "root"
+    shutil.copytree(builds.root, root)
+    base = ["--quiet", "build", "--model", str(tiny_model_dir), "--data", str(builds.corpus),
+            "--out", str(root), "--max-length", "64", "--rank-in", "8", "--rank-out", "8",
+            "--incremental"]  # fmt: skip
+    before = read_current(root)
+    cases = {
+        "was built with other curvature settings": ["--damping", "0.2"],
+        "was built with other sketch settings": ["--seed", "3"],
+        "was built with other score kind": ["--score", "influence"],
+    }
+    for message, override in cases.items():
+        assert main([*base, *override]) == 2, message
+        err = capsys.readouterr().err.strip()
+        assert "cannot build incrementally" in err and message in err, err
+        assert len(err.splitlines()) == 1
+    with (version_dir(root) / METADATA_FILE).open("r+b") as f:
+        f.seek(100)
+        f.write(b"corrupt")
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CURRENT does not verify" in err and len(err.splitlines()) == 1, err
+    assert read_current(root) == before
+
+
+def test_explicit_incremental_with_nothing_published_is_refused(tiny_model_dir, tmp_path, builds):
+    config = tiny_config(tiny_model_dir, builds.corpus, tmp_path / "root")
+    on = replace(config, incremental=IncrementalConfig(IncrementalMode.ON))
+    with pytest.raises(InvalidInputError, match="nothing published yet"):
+        build_index(on)
+    assert read_current(tmp_path / "root") is None
