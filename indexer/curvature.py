@@ -101,9 +101,15 @@ class Curvature:
         return {name: m.projection for name, m in self.modules.items()}
 
     def vectors(self, capture: Capture) -> Tensor:
-        """Preconditioned vectors `[batch, D]` of a batch's sketches."""
-        sketches = capture.sketches()
-        return torch.cat([m.precondition(sketches[n]) for n, m in self.modules.items()], dim=1)
+        """Preconditioned vectors `[batch, D]` of a batch's sketches (from its tokens, rotated
+        in whichever order costs less: see `rotated_sums`)."""
+        return torch.cat(
+            [
+                m.precondition_tokens(capture.gradients[n], capture.activations[n])
+                for n, m in self.modules.items()
+            ],
+            dim=1,
+        )
 
     def save(self, path: Path) -> None:
         tensors: dict[str, Tensor] = {}
