@@ -380,8 +380,10 @@ class QueryEngine:
         wanted = {int(i) for i in ids.ravel() if i >= 0} | {i for c in candidates for i in c}
         records = self.metadata.lookup(sorted(wanted))
         timings.lookup_us = clock.lap()
-        exact = self._rerank(capture.full, candidates, records) if any(depths) else None
-        timings.rerank_us = clock.lap()
+        exact = None
+        if any(depths):
+            exact = self._rerank(capture.full, candidates, records)
+            timings.rerank_us = clock.lap()
         results = []
         for row, tq in enumerate(queries):
             sketch = _Scoring(q[row], float(q_norms[row]))

@@ -172,6 +172,7 @@ def write_faiss(
         sample = min(n, max(TRAIN_ROWS_PER_LIST * _n_lists(index), 10_000))
         rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
         index.train(_as_search_vectors(vectors[rows], normalize))
+    _reserve_codes(index, n)
     for start in range(0, n, ADD_CHUNK_ROWS):
         block = _as_search_vectors(vectors[start : start + ADD_CHUNK_ROWS], normalize)
         index.add_with_ids(block, ids[start : start + ADD_CHUNK_ROWS])
@@ -185,6 +186,16 @@ def write_faiss(
         ) from e
     faiss.write_index(index, str(path))
     return index
+
+
+def _reserve_codes(index: faiss.Index, n: int) -> None:
+    """Give a flat-code index (e.g. `IDMap,SQfp16`) room for `n` codes before any is added:
+    growing its codes vector one chunk at a time would reallocate and copy it, briefly holding
+    it twice (resizing down keeps a std::vector's capacity)."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexFlatCodes):
+        inner.codes.resize(n * inner.code_size)
+        inner.codes.resize(0)
 
 
 def _add_direct_map(index: faiss.Index) -> None:
