@@ -47,11 +47,19 @@ def bare_forward_backward_seconds(model_dir: Path, corpus: Path, batch_size: int
 
 
 def build_with_cli(
-    model_dir: Path, corpus: Path, out: Path, batch_size: int, threads: int, extra: list[str]
+    model_dir: Path,
+    corpus: Path,
+    out: Path,
+    batch_size: int,
+    threads: int,
+    extra: list[str],
+    launcher: tuple[str, ...] = (),
 ):
-    command = [sys.executable, "-m", "server.cli", "--quiet", "build", "--model", str(model_dir),
-               "--data", str(corpus), "--out", str(out), "--batch-size", str(batch_size),
-               "--json", *extra]  # fmt: skip
+    """The CLI build's `--json` summary and wall seconds; `launcher` goes between the
+    interpreter and `-m server.cli` (e.g. `-m torch.distributed.run ...`), `threads` per process."""
+    command = [sys.executable, *launcher, "-m", "server.cli", "--quiet", "build",
+               "--model", str(model_dir), "--data", str(corpus), "--out", str(out),
+               "--batch-size", str(batch_size), "--json", *extra]  # fmt: skip
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the same threads as the bare pass
     completed = subprocess.run(command, check=True, capture_output=True, text=True, env=env)

@@ -19,7 +19,8 @@ default version's own full factors; the exact scores do not depend on the sketch
         --out benchmarks/results/fidelity_per_byte-large.json
 
 Use the `--work` directory (and `--queries`) of the `benchmarks.rerank` run of the same setting:
-its default build and exact reference are reused.
+its default influence build (whose full factors give the reference) and exact reference are
+reused.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ RANKS = (32, 48, 64)
 FACTORIES = ("Flat", "SQfp16", "SQ8", "SQ6", "SQ4")  # each behind IDMap
 DEPTHS = (100, 200, 500)
 STORED = "IDMap,SQfp16"  # the builds' own index: the vectors as float16, as vectors.f16 held
-BUDGET_BYTES = 24_576 + 49_160  # today's 32x32 vectors.f16 + flat float32 index, per example
+BUDGET_BYTES = 24_576 + 49_160  # format 3's 32x32 vectors.f16 + flat float32 index, per example
+REFERENCE_ROOT = "default-influence"  # `benchmarks.rerank`'s build, with the full factors
 
 
 @dataclass
@@ -81,16 +83,15 @@ class Row:
 
 
 def rank_root(work: Path, rank: int) -> Path:
-    """The default rank's build is `benchmarks.rerank`'s influence version."""
-    return work / ("default-influence" if rank == SketchConfig.rank_in else f"rank{rank}")
+    return work / f"rank{rank}"
 
 
 def build_rank(setting: Setting, work: Path, rank: int) -> dict:
     """A version at `rank` x `rank` whose stored vectors are re-indexed below: influence (raw
-    vectors) over float16 codes, without re-rank factors (the default rank's has them)."""
-    store = StoreConfig(score=ScoreKind.INFLUENCE, index_factory=STORED)
-    if rank != SketchConfig.rank_in:
-        store = replace(store, exact_rerank=False, lexical_index=False)
+    vectors) over float16 codes (the default build's are 8-bit), without re-rank factors."""
+    store = StoreConfig(
+        score=ScoreKind.INFLUENCE, index_factory=STORED, exact_rerank=False, lexical_index=False
+    )
     return ensure_build(setting, rank_root(work, rank), store, SketchConfig(rank, rank))
 
 
@@ -172,7 +173,7 @@ def run(setting_name: str, n_queries: int | None, ranks, factories, work: Path) 
     setting = load_setting(setting_name, n_queries)
     queries = [q.query for q in setting.queries]
     builds = {r: build_rank(setting, work, r) for r in ranks}
-    default = QueryEngine.open(rank_root(work, SketchConfig.rank_in))
+    default = QueryEngine.open(work / REFERENCE_ROOT)
     tokenized = [default.prepare(replace(q, rerank_depth=0)) for q in queries]
     reference = exact_reference(default, tokenized, work)
     default.close()

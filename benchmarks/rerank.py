@@ -8,10 +8,8 @@ candidate depth K′:
 - candidate recall: the exact top-10 within the sketch's (FAISS) top-K′;
 - agreement: the exact top-10 within the top-10 the engine returns re-ranking at K′
   (`Query(rerank_depth=K′)`, one query at a time, warm), and its fact recall@10;
-- latency: p50 of `engine.answer` per query, with re-rank at K′ and without, each stage;
-  every answer starts with the re-ranker's cache of exact norms (cosine) emptied, so it pays
-  for its candidates as if never seen before; the floor queries are answered once more with
-  their norms cached;
+- latency: p50 of `engine.answer` per query, with re-rank at K′ and without, each stage
+  (a cosine re-rank reads its candidates' exact norms from the metadata, as the server does);
 - from the reference alone, for every query: the agreement an exact re-rank of the sketch's
   top-K′ must give (checked against the engine's on the queries it answered), and candidate
   recall when the M largest-norm examples are always among the candidates;
@@ -20,10 +18,10 @@ candidate depth K′:
   exactly the same candidate token sequences, in the same order and batch size
   (`EngineOptions.rerank_batch_size`), on a second copy of the model.
 
-    .venv/bin/python -m benchmarks.rerank --setting demo --work .cache/issue8/demo \
-        --out benchmarks/results/rerank-demo.json
-    .venv/bin/python -m benchmarks.rerank --setting large --work .cache/issue8/large \
-        --queries 24 --out benchmarks/results/rerank-large.json
+    .venv/bin/python -m benchmarks.rerank --setting demo --engine-queries 16 --floor-queries 6 \
+        --work .cache/issue8/demo64 --out benchmarks/results/rerank-demo.json
+    .venv/bin/python -m benchmarks.rerank --setting large --engine-queries 4 --floor-queries 2 \
+        --work .cache/issue8/large --out benchmarks/results/rerank-large.json
 
 `--work` keeps the builds and the exact reference for reuse (by `benchmarks.fidelity_per_byte`
 too); without it everything lives in a temporary directory. One torch thread by default.
@@ -63,6 +61,7 @@ from indexer.model import LoadedModel, load_model
 from indexer.publish import read_current
 from indexer.query import LabeledQuery, TokenizedQuery, query_vectors
 from indexer.sketch import Capture, make_batch, summed_nll
+from indexer.store import default_factory
 
 log = logging.getLogger("rerank")
 
@@ -71,9 +70,6 @@ DEPTHS = (10, 50, 100, 200, 500, 1000)
 RECALL_DEPTHS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 TOP = 10  # returned hits; fidelity = recall of the exact top-10
 KINDS = (ScoreKind.COSINE, ScoreKind.INFLUENCE)
-# Exhaustive search over float16 codes (the default below 50,000 examples): the sketch's own
-# top-K′, which `benchmarks.fidelity_per_byte` re-indexes.
-DEFAULT_FACTORY = "IDMap,SQfp16"
 # Candidate lists that always hold the M largest-norm examples (query-independent), then the
 # sketch's ranking: measured from the reference only, as a candidate-generation alternative.
 NORM_UNION = (10, 20, 50)
@@ -109,8 +105,9 @@ def load_setting(name: str, n_queries: int | None) -> Setting:
 
 
 def ensure_build(setting: Setting, root: Path, store: StoreConfig, sketch: SketchConfig) -> dict:
-    """A published version under `root` (reused when one is there); its build summary or, when
-    reused, what its manifest says."""
+    """A published version under `root` (reused when one is there with this sketch and
+    factory: `store`'s, or the build's default); its build summary or, when reused, what its
+    manifest says."""
     if read_current(root):
         try:
             engine = QueryEngine.open(root)
@@ -119,7 +116,10 @@ def ensure_build(setting: Setting, root: Path, store: StoreConfig, sketch: Sketc
         else:
             manifest = engine.manifest
             engine.close()
-            return {"reused": True, "version": engine.version, "factory": manifest.index_factory}
+            factory = store.index_factory or default_factory(manifest.counts.examples)
+            if manifest.sketch == sketch and manifest.index_factory == factory:
+                return {"reused": True, "version": engine.version, "factory": factory}
+            log.info("rebuilding %s: built with other settings", root)
     log.info("building %s", root)
     config = BuildConfig(
         model=setting.model_dir,
@@ -290,19 +290,6 @@ class DepthRun:
     rerank_over_floor_p50_of_ratios: float | None = None
     rerank_over_floor_ratio_of_sums: float | None = None
     n_floor_queries: int = 0
-    # cosine, the same floor queries answered again with their candidates' norms cached
-    p50_rerank_norms_cached_ms: float | None = None
-    norms_cached_over_floor_p50_of_ratios: float | None = None
-
-
-def forget_norms(engine: QueryEngine) -> bool:
-    """Empty the re-ranker's cache of exact candidate norms (cosine), so the next answer pays
-    for them as for candidates never seen before; whether there was such a cache."""
-    cache = getattr(engine.reranker, "_norms", None)
-    if cache is None:
-        return False
-    cache.clear()
-    return True
 
 
 def run_depth(
@@ -315,23 +302,18 @@ def run_depth(
     n_floor: int,
     ranked_ids: list[list[int]],
 ) -> DepthRun:
-    """Answer every query alone at re-rank `depth` (0: off), warm model, cold norm cache; time
-    the floor of the first `n_floor` right after their answers, over their candidates
-    (`ranked_ids[i][:depth]`), and (cosine) answer them once more with their norms cached."""
+    """Answer every query alone at re-rank `depth` (0: off), warm model; time the floor of the
+    first `n_floor` right after their answers, over their candidates (`ranked_ids[i][:depth]`)."""
     tokenized = [replace(t, query=replace(t.query, rerank_depth=depth)) for t in prepared]
     answer(engine, tokenized[0])  # warm-up, not counted
-    cosine = engine.info.score_kind == ScoreKind.COSINE
-    runs, floors, reranks, warm = [], [], [], []
+    runs, floors, reranks = [], [], []
     for i, t in enumerate(tokenized):
-        cached = forget_norms(engine)
         answered, _ = answer(engine, t)
         runs.append(answered)
         if depth and i < n_floor:
             candidates = ranked_ids[i][: max(depth, TOP)]
             floors.append(1000 * floor.seconds(engine, candidates))
             reranks.append(answered.stages_ms["rerank"])
-            if cosine and cached:
-                warm.append(answer(engine, t)[0].stages_ms["rerank"])
     stage_names = runs[0].stages_ms
     result = DepthRun(
         depth=depth,
@@ -349,10 +331,6 @@ def run_depth(
         result.rerank_over_floor_p50_of_ratios = p50(ratios)
         result.rerank_over_floor_ratio_of_sums = sum(reranks) / sum(floors)
         result.n_floor_queries = len(floors)
-    if warm:
-        result.p50_rerank_norms_cached_ms = p50(warm)
-        ratios = [r / f for r, f in zip(warm, floors, strict=True)]
-        result.norms_cached_over_floor_p50_of_ratios = p50(ratios)
     log.info("depth %d: %s", depth, result)
     return result
 
@@ -458,7 +436,7 @@ def run(config: RunConfig, work: Path) -> dict:
     builds, engines = {}, {}
     for kind in config.kinds:
         root = work / f"default-{kind}"
-        store = StoreConfig(score=kind, index_factory=DEFAULT_FACTORY)
+        store = StoreConfig(score=kind)  # the build's default factory for this corpus size
         builds[str(kind)] = ensure_build(setting, root, store, SketchConfig())
         engines[kind] = QueryEngine.open(root, options=EngineOptions())
     first = engines[config.kinds[0]]

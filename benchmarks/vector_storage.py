@@ -2,9 +2,10 @@
 
     python -m benchmarks.vector_storage --threads 1 [--synthetic 20000] [--out results.json]
 
-Builds the demo index (default settings: cosine, 32×32) once per flat factory: `IDMap,Flat`
-(float32 codes: the index of format 3, which also stored every vector again in vectors.f16,
-2 bytes a dimension) and `IDMap,SQfp16` (float16 codes, the index as the vectors' only copy).
+Builds the demo index (default score and sketch: cosine, 64×64) once per flat factory:
+`IDMap,Flat` (float32 codes: the index of format 3, which also stored every vector again in
+vectors.f16, 2 bytes a dimension) and `IDMap,SQfp16` (float16 codes, the index as the
+vectors' only copy).
 For each: bytes per example on disk, p50 of one FAISS search per query (the demo's fact
 queries, top 10, the index memory-mapped as the server opens it) and the overlap of its top-10
 with the float32 index's. `--synthetic N` repeats the search timing on N random unit vectors

@@ -17,7 +17,7 @@ import numpy as np
 from indexer import __version__
 from indexer.config import BuildConfig, IncrementalMode, ScoreKind, example_max_length
 from indexer.corpus import ExampleTable, stage_corpus
-from indexer.curvature import Curvature, fit_curvature, subsample
+from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
 from indexer.distributed import Ranks, join
 from indexer.errors import IndexVerificationError, InvalidInputError, ResourceLimitError
 from indexer.exact import DEFAULT_MEMORY_LIMIT, required_bytes
@@ -29,6 +29,7 @@ from indexer.incremental import (
     diff,
     difference,
     full_diff,
+    previous_training,
     refit_reason,
 )
 from indexer.lexical import write_lexical_index
@@ -57,7 +58,7 @@ from indexer.publish import (
     version_dir,
     write_manifest,
 )
-from indexer.sketch import GradientSketcher, gaussian_projection
+from indexer.sketch import Capture, GradientSketcher, gaussian_projection
 from indexer.store import (
     ScratchShards,
     ScratchVectors,
@@ -72,7 +73,7 @@ log = logging.getLogger(__name__)
 # Scratch files in the staging directory, one per rank, deleted before the manifest is
 # written (every name starting with a dot is one): the staged corpus (tokenized examples), the
 # sketched vectors waiting to be indexed (the index is the version's only copy of them) and
-# the sketched rows' norms and losses.
+# the sketched rows' norms (sketch and exact) and losses.
 CORPUS_FILE = ".corpus.duckdb"
 SCRATCH_FILE = ".vectors.scratch"
 SKETCHED_FILE = ".sketched.csv"
@@ -159,7 +160,7 @@ def _projections(modules: dict, config: BuildConfig) -> dict:
 
 def _write_vectors(
     example_pass: ExamplePass,
-    curvature: Curvature,
+    curvature: FittedCurvature,
     vectors: ScratchVectors,
     sketched: Path,
     rows: np.ndarray,
@@ -167,11 +168,15 @@ def _write_vectors(
 ) -> None:
     """The main pass over `rows` (ascending): training-loss sketches, preconditioned, into
     `vectors [len(rows), D]` in the order of `rows` (unit vectors when `unit`: a cosine index);
-    each row's norm (before any scaling) and loss go to the CSV file `sketched`."""
+    each row's norm (before any scaling), exact preconditioned norm and loss go to the CSV
+    file `sketched`. The exact norm, what an exact cosine divides by, costs about a per-example
+    gradient: only a cosine index with full factors pays for it (empty otherwise)."""
+    full = curvature.full if unit else None
     with sketched.open("w") as stats:
-        for batch, capture in example_pass.run(rows, "data", "sketch corpus"):
-            block = curvature.vectors(capture).cpu()
+        for batch, capture in example_pass.run(rows, "data", "sketch corpus", full is not None):
+            block = curvature.sketch.vectors(capture).cpu()
             norms = block.double().norm(dim=1).tolist()
+            exact = _exact_norms(full, capture) if full is not None else [None] * len(batch)
             if unit:
                 block = block / block.norm(dim=1, keepdim=True).clamp_min(1e-30)
             stored = block.numpy().astype(np.float16)
@@ -179,8 +184,26 @@ def _write_vectors(
                 raise InvalidInputError("preconditioned vectors overflow float16: raise --damping")
             vectors.write(np.searchsorted(rows, batch), stored)
             losses = capture.losses.double().tolist()
-            lines = zip(batch, norms, losses, strict=True)
-            stats.writelines(f"{r},{norm!r},{loss!r}\n" for r, norm, loss in lines)
+            lines = zip(batch, norms, exact, losses, strict=True)
+            stats.writelines(f"{r},{n!r},{_csv(e)},{loss!r}\n" for r, n, e, loss in lines)
+
+
+def _csv(value: float | None) -> str:
+    return "" if value is None else repr(value)  # an empty field reads back as NULL
+
+
+def _exact_norms(full: Curvature, capture: Capture) -> list[float]:
+    """Each example's exact preconditioned norm `‖(H + λ)^-1/2 ∇L‖`, module by module from its
+    unprojected tokens: what an exact cosine divides by, computed once here so that re-ranking
+    a candidate costs only its contraction with the query."""
+    squared = sum(
+        module.precondition_tokens(capture.full.gradients[name], capture.full.activations[name])
+        .double()
+        .square()
+        .sum(dim=1)
+        for name, module in full.modules.items()
+    )
+    return squared.sqrt().tolist()
 
 
 def _exact_rerank(config: BuildConfig, modules: dict) -> bool:
@@ -412,15 +435,16 @@ def _full(factory: str, exact_rerank: bool, n_examples: int, reason: str) -> _Pl
     return _Plan(factory, exact_rerank, full_diff(n_examples), full_reason=reason)
 
 
-def _curvature(state: _BuildState, plan: _Plan, staging: Path) -> Curvature:
-    """The sketch-space curvature, stored in `staging` with the full-space factors when asked:
+def _curvature(state: _BuildState, plan: _Plan, staging: Path) -> FittedCurvature:
+    """The sketch-space curvature, and the full-space factors when asked, stored in `staging`:
     fitted on a subsample, or (incremental) the previous version's files, hard-linked."""
     config, main = state.config, state.ranks.main
     if plan.previous is not None:
         names = [CURVATURE_FILE] + ([FULL_CURVATURE_FILE] if plan.exact_rerank else [])
         for name in names if main else []:
             _link_or_copy(plan.previous.path / name, staging / name)
-        return Curvature.load(plan.previous.path / CURVATURE_FILE, config.device)
+        loaded = [Curvature.load(plan.previous.path / name, config.device) for name in names]
+        return FittedCurvature(*loaded)
     ids = state.corpus.column("id").tolist()
     rows = subsample(ids, config.curvature.fit_examples, config.curvature.seed)
     if len(rows) < state.ranks.size:
@@ -432,7 +456,7 @@ def _curvature(state: _BuildState, plan: _Plan, staging: Path) -> Curvature:
         fitted.sketch.save(staging / CURVATURE_FILE)
         if fitted.full is not None:
             fitted.full.save(staging / FULL_CURVATURE_FILE)
-    return fitted.sketch
+    return fitted
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -478,13 +502,17 @@ def _write_version(
     with _timed(seconds, "index"), ExitStack() as opened:
         for shard in shards:
             opened.enter_context(shard)
+        sketched, trained = ScratchShards(shards), None
+        if previous is not None:  # unchanged examples keep their codes
+            trained = previous_training(previous, sketched, len(rows), plan.factory)
         try:
             write_faiss(
-                MergedVectors(ScratchShards(shards), plan.change, previous, curvature.dim),
+                MergedVectors(sketched, plan.change, previous, curvature.sketch.dim),
                 ids,
                 plan.factory,
                 False,
                 staging / INDEX_FILE,
+                trained=trained,
             )
         except ValueError as e:
             raise InvalidInputError(str(e)) from e
@@ -504,7 +532,7 @@ def _write_version(
         n_examples=n,
         n_empty_skipped=corpus.n_empty_skipped,
         n_tokens=corpus.n_tokens,
-        dim=curvature.dim,
+        dim=curvature.sketch.dim,
         index_factory=plan.factory,
         index_bytes_per_example=(staging / INDEX_FILE).stat().st_size / n,
         full_curvature_bytes=_size(staging / FULL_CURVATURE_FILE),
@@ -517,7 +545,7 @@ def _write_version(
         deleted=change.deleted,
         seconds=seconds,
     )
-    write_manifest(staging, _manifest(state, plan, curvature, summary))
+    write_manifest(staging, _manifest(state, plan, curvature.sketch, summary))
     return summary
 
 

@@ -129,53 +129,39 @@ class ExactReranker:
 
     Influence contracts every token with the query's preconditioned full-space gradient,
     `Σ_l Σ_t g_tᵀ M_l a_t` with `M_l = (H_l + λ)⁻¹ G_q,l`, and never forms a per-example
-    gradient. Cosine divides that by the candidate's preconditioned norm, which needs its
-    rotated gradient `U_Bᵀ G_n U_A` (module by module, batch by batch); the norm does not depend
-    on the query, so it is computed once per candidate and kept (`max_cached_norms`).
+    gradient. Cosine divides that by the candidate's exact preconditioned norm, which does not
+    depend on the query: the build stored it in the metadata.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        curvature: Curvature,
-        pad_id: int,
-        batch_size: int,
-        max_cached_norms: int = 1 << 20,
-    ):
+    def __init__(self, model: nn.Module, curvature: Curvature, pad_id: int, batch_size: int):
         named = dict(model.named_modules())
         modules = {name: named[name] for name in curvature.modules}
         self.sketcher = GradientSketcher(model, modules, curvature.projections())
         self.curvature = curvature
         self.pad_id = pad_id
         self.batch_size = batch_size
-        self.max_cached_norms = max_cached_norms
-        self._norms: dict[int, float] = {}  # example id -> exact preconditioned norm
 
     def score(
         self,
         queries: Capture,
         wanted: list[list[int]],
         tokens: dict[int, list[int]],
+        norms: dict[int, float | None],
         kind: ScoreKind,
     ) -> list[ExactScores]:
         """`queries`: the unprojected capture of the queries' pass (`Capture.full`);
-        `wanted[q]`: ids of query q's candidates; `tokens`: every candidate's token ids."""
-        targets = self._query_targets(queries, kind)
-        cosine = kind == ScoreKind.COSINE
+        `wanted[q]`: ids of query q's candidates; `tokens`: every candidate's token ids;
+        `norms`: every candidate's exact preconditioned norm (a cosine index's metadata holds
+        them; unused for influence)."""
+        targets = self._query_targets(queries)
         dots = {}
-        unknown = [i for i in tokens if cosine and i not in self._norms]
-        for chunk, capture in self._passes(unknown, tokens):
-            batch_dots, batch_norms = self._vectors_batch(capture, targets)
-            dots.update(zip(chunk, batch_dots.T, strict=True))
-            self._remember(chunk, batch_norms)
-        known = [i for i in tokens if i not in dots]
-        for chunk, capture in self._passes(known, tokens):
+        for chunk, capture in self._passes(list(tokens), tokens):
             dots.update(zip(chunk, self._influence_batch(capture, targets).T, strict=True))
         influence = [np.array([dots[i][q] for i in ids]) for q, ids in enumerate(wanted)]
-        if not cosine:
+        if kind != ScoreKind.COSINE:
             return [ExactScores(d) for d in influence]
         return [
-            ExactScores(d, d / np.maximum(targets.norms[q] * self._norm_of(ids), 1e-30))
+            ExactScores(d, d / np.maximum(targets.norms[q] * _norms_of(ids, norms), 1e-30))
             for q, (d, ids) in enumerate(zip(influence, wanted, strict=True))
         ]
 
@@ -188,15 +174,7 @@ class ExactReranker:
             batch = make_batch(sequences, [1] * len(chunk), self.pad_id, [0] * len(chunk))
             yield chunk, self.sketcher.run(batch, "data")
 
-    def _remember(self, ids: list[int], norms: np.ndarray) -> None:
-        if len(self._norms) + len(ids) > self.max_cached_norms:
-            self._norms.clear()  # a plain bound: norms are cheap to recompute, never wrong
-        self._norms.update(zip(ids, norms.tolist(), strict=True))
-
-    def _norm_of(self, ids: list[int]) -> np.ndarray:
-        return np.array([self._norms[i] for i in ids])
-
-    def _query_targets(self, queries: Capture, kind: ScoreKind) -> _QueryTargets:
+    def _query_targets(self, queries: Capture) -> _QueryTargets:
         gradients = queries.sketches()  # full query gradients `G_q`, [Q, d_out, d_in] per module
         preconditioned = {
             name: module.precondition(gradients[name])
@@ -206,11 +184,8 @@ class ExactReranker:
             name: module.unrotate(preconditioned[name])
             for name, module in self.curvature.modules.items()
         }
-        if kind == ScoreKind.INFLUENCE:
-            return _QueryTargets(folded=folded)
-        vectors = torch.cat(list(preconditioned.values()), dim=1)
-        norms = vectors.double().norm(dim=1).cpu().numpy()
-        return _QueryTargets(folded=folded, vectors=vectors, norms=norms)
+        squared = sum(p.double().square().sum(dim=1) for p in preconditioned.values())
+        return _QueryTargets(folded=folded, norms=squared.sqrt().cpu().numpy())
 
     def _influence_batch(self, capture: Capture, targets: _QueryTargets) -> np.ndarray:
         """Exact influence `[Q, batch]` by per-token contraction with each query's `M_l`."""
@@ -220,27 +195,15 @@ class ExactReranker:
             dots = dots + torch.einsum("qbti,bti->qb", projected, capture.activations[name])
         return dots.double().cpu().numpy()
 
-    def _vectors_batch(
-        self, capture: Capture, targets: _QueryTargets
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact influence `[Q, batch]` and the candidates' preconditioned norms `[batch]`,
-        from their preconditioned full-space vectors."""
-        vectors = torch.cat(
-            [
-                module.precondition_tokens(capture.gradients[name], capture.activations[name])
-                for name, module in self.curvature.modules.items()
-            ],
-            dim=1,
-        )
-        dots = (targets.vectors @ vectors.T).double().cpu().numpy()
-        return dots, vectors.double().norm(dim=1).cpu().numpy()
+
+def _norms_of(ids: list[int], norms: dict[int, float | None]) -> np.ndarray:
+    return np.array([norms[i] for i in ids], dtype=np.float64)
 
 
 @dataclass(frozen=True)
 class _QueryTargets:
-    """What candidates are scored against: per module `M_l [Q, d_out, d_in]`, and for cosine
-    the preconditioned query vectors `[Q, D]` and their norms `[Q]`."""
+    """What candidates are scored against: per module `M_l [Q, d_out, d_in]`, and the
+    preconditioned query vectors' norms `[Q]`."""
 
-    folded: dict[str, Tensor] = field(default_factory=dict)
-    vectors: Tensor | None = None
-    norms: np.ndarray | None = None
+    folded: dict[str, Tensor]
+    norms: np.ndarray

@@ -11,22 +11,31 @@ build) on request or once the examples changed since the fit pass a fraction of 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from indexer.config import CurvatureConfig, ScoreKind, SketchConfig
 from indexer.corpus import ExampleTable
 from indexer.manifest import INDEX_FILE, METADATA_FILE, Manifest
 from indexer.store import (
+    ADD_CHUNK_ROWS,
     REUSE_JOIN,
     MetadataReader,
+    ScratchShards,
     ScratchVectors,
     StoredVectors,
+    copy_training,
+    new_index,
     open_index,
     sql_path,
+    widen_ranges,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -185,3 +194,24 @@ class MergedVectors:
         if not fresh.all():
             block[~fresh] = self._previous.decode(source[~fresh])
         return block
+
+
+def previous_training(
+    previous: StoredVectors, sketched: ScratchShards, n_sketched: int, factory: str
+) -> faiss.Index:
+    """An empty index of `factory` (the previous version's) trained as the previous index, its
+    scalar quantiser's ranges widened where this build's new and changed vectors (the
+    `n_sketched` rows of `sketched`) fall outside them: unchanged examples keep their codes in
+    every other dimension, and no new vector is clipped to the old ranges."""
+    dim = previous.shape[1]
+    index = new_index(dim, factory)
+    copy_training(previous.index, index)
+    starts = range(0, n_sketched, ADD_CHUNK_ROWS)
+    blocks = (
+        sketched[np.arange(s, min(s + ADD_CHUNK_ROWS, n_sketched))].astype(np.float32)
+        for s in starts
+    )
+    widened = widen_ranges(index, blocks)
+    if widened:
+        log.info("code ranges widened in %d of %d dimensions for new vectors", widened, dim)
+    return index

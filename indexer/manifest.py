@@ -14,8 +14,9 @@ from indexer.config import CorpusConfig, CurvatureConfig, ScoreKind, SketchConfi
 from indexer.errors import IndexVerificationError
 
 # 4: the index is the only copy of the vectors (no vectors.f16); content hashes in the metadata;
-# the curvature fit's age; incremental builds.
-FORMAT_VERSION = 4
+# the curvature fit's age; incremental builds. 5: each example's exact preconditioned norm in
+# the metadata (a cosine index with re-rank factors).
+FORMAT_VERSION = 5
 
 MANIFEST_FILE = "manifest.json"
 CURVATURE_FILE = "curvature.safetensors"

@@ -7,7 +7,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +17,9 @@ import numpy as np
 
 from indexer.corpus import ExampleTable
 
-FLAT_FACTORY = "IDMap,SQfp16"  # exhaustive search over float16 codes
+FLAT_FACTORY = "IDMap,SQ8"  # exhaustive search over 8-bit codes (a trained range per dimension)
 EXACT_INDEX_LIMIT = 50_000  # up to this many examples a flat (exact) index is cheap enough
-ADD_CHUNK_ROWS = 1024  # rows decoded and added at a time: 48 MiB of float32 at D = 12,288
+ADD_CHUNK_ROWS = 1024  # rows decoded and added at a time: 192 MiB of float32 at D = 49,152
 TRAIN_ROWS_PER_LIST = 40  # k-means training sample per inverted list (FAISS asks for 30-256)
 
 METADATA_SCHEMA = """
@@ -33,6 +33,7 @@ CREATE TABLE examples (
     token_ids INTEGER[] NOT NULL,
     content_hash BIGINT NOT NULL,
     norm DOUBLE NOT NULL,
+    exact_norm DOUBLE,
     loss DOUBLE NOT NULL,
     source VARCHAR NOT NULL
 )
@@ -40,8 +41,8 @@ CREATE TABLE examples (
 
 
 def default_factory(n_examples: int, keep: str | None = None) -> str:
-    """Exact search over float16 codes for small corpora (2 bytes a dimension, what the build
-    used to keep beside a float32 copy); IVF with 8-bit scalar quantisation beyond that.
+    """Exact search over 8-bit codes for small corpora (1 byte a dimension); IVF with 8-bit
+    scalar quantisation beyond that.
 
     `keep` (the previous version's factory) is kept when it is this default's kind: the list
     count of IVF follows sqrt(N), which would otherwise make every incremental build a full one.
@@ -158,16 +159,27 @@ def _as_search_vectors(block: np.ndarray, normalize: bool) -> np.ndarray:
 
 
 def write_faiss(
-    vectors: np.ndarray, ids: np.ndarray, factory: str, normalize: bool, path: Path, seed: int = 0
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    factory: str,
+    normalize: bool,
+    path: Path,
+    seed: int = 0,
+    trained: faiss.Index | None = None,
 ) -> faiss.Index:
     """Build an inner-product index over `vectors [N, D]` with `ids [N]` and write it.
 
     Rows are added in order, so row r of an `IDMap` index's inner index is `vectors[r]`; an IVF
     index gets a direct map, so that `StoredVectors` can decode any row of either. ValueError
     names a factory FAISS does not know or whose index cannot give its vectors back.
+
+    `trained` (an index of the same factory, e.g. the previous version's) lends its training
+    instead of a fit on `vectors`: the vectors it decoded then encode to the same codes again.
     """
     n, dim = vectors.shape
     index = new_index(dim, factory)
+    if trained is not None:
+        copy_training(trained, index)
     if not index.is_trained:
         sample = min(n, max(TRAIN_ROWS_PER_LIST * _n_lists(index), 10_000))
         rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
@@ -186,6 +198,72 @@ def write_faiss(
         ) from e
     faiss.write_index(index, str(path))
     return index
+
+
+def _codec(index: faiss.Index) -> faiss.Index:
+    """The index that encodes: an `IDMap`'s inner index, an IVF index itself."""
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.downcast_index(index.index)
+    try:
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return faiss.downcast_index(index)
+
+
+def copy_training(source: faiss.Index, target: faiss.Index) -> None:
+    """Give the untrained, empty `target` the training of `source` (the same factory): the
+    scalar quantiser's ranges and, for IVF, the coarse centroids. Other kinds of index stay
+    untrained (the caller fits them anew)."""
+    src, dst = _codec(source), _codec(target)
+    if dst.is_trained or type(src) is not type(dst):
+        return
+    if isinstance(dst, faiss.IndexIVFScalarQuantizer):
+        dst.quantizer.add(src.quantizer.reconstruct_n(0, src.nlist))
+    elif not isinstance(dst, faiss.IndexScalarQuantizer):
+        return
+    dst.sq = src.sq  # a copy of the C++ struct: per-dimension ranges (8/6/4 bits)
+    dst.is_trained = True
+    target.is_trained = True
+
+
+# Scalar quantisers with a range per dimension (`trained` = [vmin, vdiff], D each)
+_PER_DIMENSION = (
+    faiss.ScalarQuantizer.QT_8bit,
+    faiss.ScalarQuantizer.QT_6bit,
+    faiss.ScalarQuantizer.QT_4bit,
+)
+
+
+def widen_ranges(index: faiss.Index, blocks: Iterable[np.ndarray]) -> int:
+    """Widen a trained scalar quantiser's per-dimension ranges to hold every row of `blocks`
+    (each `[n, D]` float32; IVF: their residuals), so that none is clipped; returns how many
+    dimensions widened. Only those dimensions' codes change for vectors encoded before."""
+    codec = _codec(index)
+    sq = getattr(codec, "sq", None)
+    if sq is None or sq.qtype not in _PER_DIMENSION or not codec.is_trained:
+        return 0
+    vmin, vdiff = faiss.vector_to_array(sq.trained).reshape(2, -1)
+    low, high = vmin.copy(), vmin + vdiff
+    for block in blocks:
+        if not len(block):
+            continue
+        values = _encoded_values(codec, block)
+        low, high = np.minimum(low, values.min(axis=0)), np.maximum(high, values.max(axis=0))
+    # Dimensions whose values fit keep their (vmin, vdiff) exactly: recomputing them from
+    # (low, high) could round vdiff, and with it codes.
+    wider = (low < vmin) | (high > vmin + vdiff)
+    trained = np.concatenate([np.where(wider, low, vmin), np.where(wider, high - low, vdiff)])
+    faiss.copy_array_to_vector(trained.astype(np.float32), sq.trained)
+    return int(wider.sum())
+
+
+def _encoded_values(codec: faiss.Index, block: np.ndarray) -> np.ndarray:
+    """What a scalar quantiser encodes of `block [n, D]`: the vectors, or an IVF index's
+    residuals from their lists' centroids."""
+    if not getattr(codec, "by_residual", False):
+        return block
+    _, lists = codec.quantizer.search(block, 1)
+    return block - codec.quantizer.reconstruct_batch(lists[:, 0])
 
 
 def _reserve_codes(index: faiss.Index, n: int) -> None:
@@ -218,14 +296,14 @@ def _decode_rows(index: faiss.Index, rows: np.ndarray, ids: np.ndarray | None) -
     return index.reconstruct_batch(ids)
 
 
-# An example keeps the previous version's vector (and norm, loss) when its id and content
+# An example keeps the previous version's vector (and norms, loss) when its id and content
 # hash are unchanged; `c` is the staged corpus, `previous` the previous version's metadata.
 REUSE_JOIN = "LEFT JOIN previous.examples p ON p.id = c.id AND p.content_hash = c.content_hash"
 
 
 _SKETCHED = (
     "read_csv(?, header=false, delim=',', auto_detect=false, "
-    "columns={'row': 'INTEGER', 'norm': 'DOUBLE', 'loss': 'DOUBLE'})"
+    "columns={'row': 'INTEGER', 'norm': 'DOUBLE', 'exact_norm': 'DOUBLE', 'loss': 'DOUBLE'})"
 )
 
 
@@ -235,20 +313,19 @@ def sql_path(path: Path) -> str:
 
 
 def write_metadata(path: Path, corpus: ExampleTable, sketched: list[Path], reuse: bool) -> None:
-    """The version's examples table, in DuckDB from the staged corpus: each example's norm and
-    loss come from `sketched` (headerless CSVs of row, norm, loss: the main pass's output, one
-    per rank) or, when `reuse`, from the previous version's metadata (attached as
+    """The version's examples table, in DuckDB from the staged corpus: each example's norms and
+    loss come from `sketched` (headerless CSVs of row, norm, exact norm, loss: the main pass's
+    output, one per rank) or, when `reuse`, from the previous version's metadata (attached as
     `previous`)."""
     con = corpus.con
-    norm, loss = ("s.norm", "s.loss")
-    if reuse:
-        norm, loss = ("COALESCE(s.norm, p.norm)", "COALESCE(s.loss, p.loss)")
+    columns = ("norm", "exact_norm", "loss")
+    taken = [f"COALESCE(s.{c}, p.{c})" if reuse else f"s.{c}" for c in columns]
     con.execute(f"ATTACH '{sql_path(path)}' AS out")
     try:
         con.execute(METADATA_SCHEMA.replace("CREATE TABLE examples", "CREATE TABLE out.examples"))
         con.execute(
             'INSERT INTO out.examples SELECT c.id, c."row", c.doc_id, c.chunk, c.text, '
-            f"c.n_tokens, c.token_ids, c.content_hash, {norm}, {loss}, c.source "
+            f"c.n_tokens, c.token_ids, c.content_hash, {', '.join(taken)}, c.source "
             f'FROM examples c LEFT JOIN {_SKETCHED} s ON s."row" = c."row" '
             f'{REUSE_JOIN if reuse else ""} ORDER BY c."row"',
             [[str(p) for p in sketched]],
@@ -266,6 +343,7 @@ class ExampleRecord:
     text: str
     token_ids: list[int]
     norm: float
+    exact_norm: float | None  # only in a cosine index with full-space factors
 
 
 class MetadataReader:
@@ -281,7 +359,7 @@ class MetadataReader:
             return {}
         with self._lock:
             rows = self._con.execute(
-                'SELECT id, "row", doc_id, chunk, text, token_ids, norm '
+                'SELECT id, "row", doc_id, chunk, text, token_ids, norm, exact_norm '
                 "FROM examples WHERE id IN (SELECT UNNEST(?::BIGINT[]))",
                 [list(ids)],
             ).fetchall()

@@ -171,7 +171,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--index-factory",
         help="FAISS factory string; the index is the only copy of the vectors, so it must "
-        "reconstruct them (default: by corpus size, float16 codes for small corpora)",
+        "reconstruct them (default: by corpus size, 8-bit codes for small corpora)",
     )
     parser.add_argument(
         "--nprobe",

@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -39,6 +40,18 @@ def tiny_config(model_dir: Path, corpus: Path, out: Path, **store) -> BuildConfi
         store=StoreConfig(**store),
         progress=False,
     )
+
+
+def code_step(engine: QueryEngine) -> np.ndarray:
+    """One step of the 8-bit codes `[N, D]` of `engine.vectors[:]`: its dimension's trained
+    range / 255, times the example's norm in a cosine index (whose codes are unit vectors)."""
+    sq = faiss.downcast_index(engine.index.index).sq
+    assert sq.qtype == faiss.ScalarQuantizer.QT_8bit
+    step = faiss.vector_to_array(sq.trained).reshape(2, -1)[1] / 255  # [vmin; vdiff] per dim
+    n = len(engine.vectors)
+    norms = engine.metadata.ids_and_norms(np.arange(n))[1]
+    scale = norms if engine.vectors.unit_norm else np.ones(n)
+    return scale[:, None] * step[None, :]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from indexer.build import build_index
 from indexer.engine import QueryEngine
 from indexer.publish import VERSIONS, read_current, verify_version, version_dir
-from tests.test_build import tiny_config
+from tests.test_build import code_step, tiny_config
 
 METADATA = (
     'SELECT id, "row", doc_id, chunk, text, token_ids, content_hash, source, norm, loss '
@@ -58,7 +58,10 @@ def test_two_ranks_publish_what_one_process_does(
     stats = [np.array([r[8:] for r in found]) for found in rows]  # norm, loss
     assert np.allclose(stats[0], stats[1], rtol=1e-4, atol=1e-4)
     expected, found = one.vectors[:], two.vectors[:]
-    assert np.allclose(found, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    # each build fits its own 8-bit ranges to its (float-noise apart) vectors and rounds a value
+    # by half a code step at most: one step apart, besides the sketch's float noise
+    step = np.maximum(code_step(one), code_step(two))
+    assert np.allclose(found, expected, rtol=2e-3, atol=step + 2e-3 * np.abs(expected).max())
     assert two.manifest.counts == one.manifest.counts
     assert two.manifest.exact_rerank and two.reranker is not None
     assert not list(version_dir(tmp_path).glob(".*"))  # no scratch file of either rank
@@ -86,7 +89,9 @@ def test_a_killed_rank_fails_the_build_and_publishes_nothing(
     key, value = marker.split("=")
     process = torchrun(tiny_model_dir, small_corpus_path, root, {key: value})
     deadline = time.monotonic() + 300
-    while not list((root / VERSIONS).glob(".staging-*/.vectors.scratch.1")):
+    # Rank 1 is staging its corpus: it cannot finish before rank 0's all-reduces, so the kill
+    # lands mid-build however fast the machine (its sketch shard alone can take milliseconds).
+    while not list((root / VERSIONS).glob(".staging-*/.corpus.duckdb.1")):
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
         time.sleep(0.05)
     os.kill(_rank_pid(marker, 1), signal.SIGKILL)

@@ -8,13 +8,21 @@ from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig
 from indexer.demo.train import DemoArtifacts
 from indexer.errors import IndexVerificationError
+from indexer.manifest import Manifest
 from indexer.model import weights_sha256
 from indexer.publish import read_current, read_manifest, version_dir
+from indexer.store import default_factory
 
 
 def ensure_demo_index(artifacts: DemoArtifacts, root: Path, rebuild: bool, progress: bool) -> str:
     """The published demo version's id; builds one unless CURRENT's was built from these
-    weights and this corpus (or `rebuild`)."""
+    weights and this corpus with today's default settings (or `rebuild`)."""
+    config = BuildConfig(
+        model=artifacts.model_dir,
+        out=root,
+        corpus=CorpusConfig(str(artifacts.corpus_path)),
+        progress=progress,
+    )
     if read_current(root) and not rebuild:
         path = version_dir(root)
         try:
@@ -24,12 +32,15 @@ def ensure_demo_index(artifacts: DemoArtifacts, root: Path, rebuild: bool, progr
         same_model = manifest and manifest.model.weights_sha256 == weights_sha256(
             artifacts.model_dir
         )
-        if same_model and manifest.corpus.data == str(artifacts.corpus_path):
+        same_corpus = same_model and manifest.corpus.data == str(artifacts.corpus_path)
+        if same_corpus and _same_settings(manifest, config):
             return path.name
-    config = BuildConfig(
-        model=artifacts.model_dir,
-        out=root,
-        corpus=CorpusConfig(str(artifacts.corpus_path)),
-        progress=progress,
-    )
     return build_index(config).version
+
+
+def _same_settings(manifest: Manifest, config: BuildConfig) -> bool:
+    """Whether a version was built with `config`'s sketch, curvature, score and factory (a
+    changed default rebuilds the demo's index)."""
+    factory = config.store.index_factory or default_factory(manifest.counts.examples)
+    built = (manifest.sketch, manifest.curvature, manifest.score, manifest.index_factory)
+    return built == (config.sketch, config.curvature, config.store.score, factory)
