@@ -38,6 +38,11 @@ def peak_rss_mib(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
+def comma_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: `"100,200,500"` -> `(100, 200, 500)`."""
+    return tuple(int(v) for v in text.split(","))
+
+
 def emit(result: dict, out: Path | None) -> None:
     """Print the result as JSON and, when asked, write it to a file too."""
     text = json.dumps(result, indent=2)

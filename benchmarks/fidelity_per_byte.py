@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.common import emit
+from benchmarks.common import comma_ints, emit
 from benchmarks.rerank import (
     TOP,
     Setting,
@@ -199,15 +199,11 @@ def run(setting_name: str, n_queries: int | None, ranks, factories, work: Path) 
     }
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=("demo", "large"), default="demo")
     parser.add_argument("--queries", type=int, help="queries (the same as the rerank run's)")
-    parser.add_argument("--ranks", type=_ints, default=RANKS)
+    parser.add_argument("--ranks", type=comma_ints, default=RANKS)
     parser.add_argument("--factories", default=",".join(FACTORIES), help="behind IDMap")
     parser.add_argument("--work", type=Path, required=True, help="the rerank run's --work")
     parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")

@@ -45,11 +45,11 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.common import demo_artifacts, emit
+from benchmarks.common import comma_ints, demo_artifacts, emit
 from benchmarks.large_model import ensure_large_model, large_corpus_config, sample_queries
 from indexer import metrics
 from indexer.baselines import ScoreTarget, stream_scores
-from indexer.build import build_index
+from indexer.build import build_index, built_with
 from indexer.config import BuildConfig, CorpusConfig, ScoreKind, SketchConfig, StoreConfig
 from indexer.curvature import Curvature
 from indexer.engine import EngineOptions, QueryEngine, QueryResult
@@ -58,10 +58,9 @@ from indexer.evaluate import json_safe, matching_corpus
 from indexer.exact import ExactConfig, ExactScorer
 from indexer.manifest import FULL_CURVATURE_FILE
 from indexer.model import LoadedModel, load_model
-from indexer.publish import read_current
+from indexer.publish import read_current, verify_version, version_dir
 from indexer.query import LabeledQuery, TokenizedQuery, query_vectors
 from indexer.sketch import Capture, make_batch, summed_nll
-from indexer.store import default_factory
 
 log = logging.getLogger("rerank")
 
@@ -105,22 +104,8 @@ def load_setting(name: str, n_queries: int | None) -> Setting:
 
 
 def ensure_build(setting: Setting, root: Path, store: StoreConfig, sketch: SketchConfig) -> dict:
-    """A published version under `root` (reused when one is there with this sketch and
-    factory: `store`'s, or the build's default); its build summary or, when reused, what its
-    manifest says."""
-    if read_current(root):
-        try:
-            engine = QueryEngine.open(root)
-        except IndexVerificationError as e:
-            log.warning("rebuilding %s: %s", root, e)
-        else:
-            manifest = engine.manifest
-            engine.close()
-            factory = store.index_factory or default_factory(manifest.counts.examples)
-            if manifest.sketch == sketch and manifest.index_factory == factory:
-                return {"reused": True, "version": engine.version, "factory": factory}
-            log.info("rebuilding %s: built with other settings", root)
-    log.info("building %s", root)
+    """A published version under `root` (reused when one is there built with these settings:
+    `indexer.build.built_with`); its build summary or, when reused, what its manifest says."""
     config = BuildConfig(
         model=setting.model_dir,
         out=root,
@@ -129,6 +114,17 @@ def ensure_build(setting: Setting, root: Path, store: StoreConfig, sketch: Sketc
         store=store,
         progress=False,
     )
+    if read_current(root):
+        try:
+            manifest = verify_version(version_dir(root))
+        except IndexVerificationError as e:
+            log.warning("rebuilding %s: %s", root, e)
+        else:
+            if built_with(manifest, config):
+                version = version_dir(root).name
+                return {"reused": True, "version": version, "factory": manifest.index_factory}
+            log.info("rebuilding %s: built with other settings", root)
+    log.info("building %s", root)
     return build_index(config).to_dict()
 
 
@@ -470,15 +466,11 @@ def run(config: RunConfig, work: Path) -> dict:
     }
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=("demo", "large"), default="demo")
     parser.add_argument("--queries", type=int, help="queries (deterministic sample; default 48)")
-    parser.add_argument("--depths", type=_ints, default=DEPTHS)
+    parser.add_argument("--depths", type=comma_ints, default=DEPTHS)
     parser.add_argument(
         "--engine-queries", type=int, help="answer only the first N through the engine"
     )

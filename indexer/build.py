@@ -206,6 +206,14 @@ def _exact_norms(full: Curvature, capture: Capture) -> list[float]:
     return squared.sqrt().tolist()
 
 
+def built_with(manifest: Manifest, config: BuildConfig) -> bool:
+    """Whether a version was built with `config`'s sketch, curvature, score and factory (its
+    own, or the default for the version's size)."""
+    factory = config.store.index_factory or default_factory(manifest.counts.examples)
+    built = (manifest.sketch, manifest.curvature, manifest.score, manifest.index_factory)
+    return built == (config.sketch, config.curvature, config.store.score, factory)
+
+
 def _exact_rerank(config: BuildConfig, modules: dict) -> bool:
     """Whether to fit and store full-space factors: as asked, or (auto) when they fit."""
     need = required_bytes(modules, config.batch_size, n_queries=0)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from indexer.build import build_index
+from indexer.build import build_index, built_with
 from indexer.config import BuildConfig, CorpusConfig
 from indexer.demo.train import DemoArtifacts
 from indexer.errors import IndexVerificationError
-from indexer.manifest import Manifest
 from indexer.model import weights_sha256
 from indexer.publish import read_current, read_manifest, version_dir
-from indexer.store import default_factory
 
 
 def ensure_demo_index(artifacts: DemoArtifacts, root: Path, rebuild: bool, progress: bool) -> str:
@@ -33,14 +31,6 @@ def ensure_demo_index(artifacts: DemoArtifacts, root: Path, rebuild: bool, progr
             artifacts.model_dir
         )
         same_corpus = same_model and manifest.corpus.data == str(artifacts.corpus_path)
-        if same_corpus and _same_settings(manifest, config):
+        if same_corpus and built_with(manifest, config):
             return path.name
     return build_index(config).version
-
-
-def _same_settings(manifest: Manifest, config: BuildConfig) -> bool:
-    """Whether a version was built with `config`'s sketch, curvature, score and factory (a
-    changed default rebuilds the demo's index)."""
-    factory = config.store.index_factory or default_factory(manifest.counts.examples)
-    built = (manifest.sketch, manifest.curvature, manifest.score, manifest.index_factory)
-    return built == (config.sketch, config.curvature, config.store.score, factory)
