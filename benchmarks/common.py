@@ -39,8 +39,8 @@ def peak_rss_mib(children: bool = False) -> float:
 
 
 def comma_ints(text: str) -> tuple[int, ...]:
-    """An argparse type: `"100,200,500"` -> `(100, 200, 500)`."""
-    return tuple(int(v) for v in text.split(","))
+    """An argparse type: `"100,200,500"` -> `(100, 200, 500)`, `""` -> `()`."""
+    return tuple(int(v) for v in text.split(",") if v)
 
 
 def emit(result: dict, out: Path | None) -> None:

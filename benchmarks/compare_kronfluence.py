@@ -266,7 +266,8 @@ def run(config: CompareConfig) -> dict:
         examples = matching_corpus(engine, None)
         encoded = [engine.prepare(q) for q in inputs]
         latency = query_latency(engine, inputs)
-        index_scores = sketch_scores(engine.vectors, engine.query_vectors(encoded)).dots
+        q = engine.query_vectors(encoded)
+        index_scores = sketch_scores(engine.vectors.preconditioned, q).dots
         kron = kronfluence_scores(engine, examples, encoded, work / "kronfluence", config)
         seed = engine.manifest.curvature.seed
         exact = [

@@ -1,10 +1,13 @@
-"""Fidelity per byte (issue 8, item 3): sketch rank x vector storage (FAISS factory), re-rank off.
+"""Fidelity per byte (issues 8 and 13): sketch allocation x vector storage (FAISS factory),
+re-rank off.
 
-For each rank r×r per module it builds (or reuses) an influence version over float16 codes
+For each sketch — a uniform rank r×r per module (`--ranks`), or a budget of D dimensions per
+example split across the modules by an allocation rule (`--dims` x `--rules`,
+`indexer.budget`) — it builds (or reuses) an influence version over float16 codes
 (`IDMap,SQfp16`: the raw preconditioned vectors as float16, what `vectors.f16` held), then
 indexes those stored vectors with each FAISS factory through the build's own `write_faiss`,
 and measures, per score kind, against the exact EK-FAC reference of `benchmarks.rerank` (the
-default version's own full factors; the exact scores do not depend on the sketch rank):
+default version's own full factors; the exact scores do not depend on the sketch):
 
 - exact top-10 recall within the index's top-10 (sketch-only fidelity, re-rank off);
 - candidate recall: the exact top-10 within the index's top-K′, K′ = 100 / 200 / 500;
@@ -18,9 +21,13 @@ default version's own full factors; the exact scores do not depend on the sketch
         --ranks 32,64 --factories SQfp16,SQ8,SQ4 --queries 24 \
         --out benchmarks/results/fidelity_per_byte-large.json
 
-Use the `--work` directory (and `--queries`) of the `benchmarks.rerank` run of the same setting:
-its default influence build (whose full factors give the reference) and exact reference are
-reused.
+    .venv/bin/python -m benchmarks.fidelity_per_byte --setting demo --work .cache/issue13/demo \
+        --ranks '' --dims 16384,32768,49152 --rules uniform,params --factories SQ8 \
+        --out benchmarks/results/budget-demo.json
+
+The reference is the default influence build of `benchmarks.rerank` in the same `--work`
+(built here when missing) and its exact reference, shared with a `benchmarks.rerank` run of
+the same setting and `--queries`.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 
 from benchmarks.common import comma_ints, emit
 from benchmarks.rerank import (
+    SETTINGS,
     TOP,
     Setting,
     candidate_recall,
@@ -47,7 +55,8 @@ from benchmarks.rerank import (
     load_setting,
 )
 from indexer import metrics
-from indexer.config import ScoreKind, SketchConfig, StoreConfig
+from indexer.budget import describe, layout_ranks
+from indexer.config import AllocationRule, ScoreKind, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
 from indexer.evaluate import json_safe
 from indexer.query import Query
@@ -56,6 +65,7 @@ from indexer.store import write_faiss
 log = logging.getLogger("fidelity_per_byte")
 
 RANKS = (32, 48, 64)
+RULES = tuple(AllocationRule)
 FACTORIES = ("Flat", "SQfp16", "SQ8", "SQ6", "SQ4")  # each behind IDMap
 DEPTHS = (100, 200, 500)
 STORED = "IDMap,SQfp16"  # the builds' own index: the vectors as float16, as vectors.f16 held
@@ -65,9 +75,10 @@ REFERENCE_ROOT = "default-influence"  # `benchmarks.rerank`'s build, with the fu
 
 @dataclass
 class Row:
-    """One rank x factory x score kind."""
+    """One sketch x factory x score kind."""
 
-    rank: str
+    sketch: str  # `r x r` per module, or `D/rule`
+    allocation: str  # `r_out x r_in` per module group
     dim: int
     factory: str
     score: str
@@ -82,17 +93,32 @@ class Row:
     within_budget_with_vectors: bool
 
 
-def rank_root(work: Path, rank: int) -> Path:
-    return work / f"rank{rank}"
+@dataclass(frozen=True)
+class Sketch:
+    """One measured sketch: its label, where its version lives under `--work`, its settings."""
+
+    label: str
+    directory: str
+    config: SketchConfig
 
 
-def build_rank(setting: Setting, work: Path, rank: int) -> dict:
-    """A version at `rank` x `rank` whose stored vectors are re-indexed below: influence (raw
-    vectors) over float16 codes (the default build's are 8-bit), without re-rank factors."""
+def sketches(ranks: tuple[int, ...], dims: tuple[int, ...], rules: tuple[str, ...]) -> list[Sketch]:
+    """Uniform `r x r` per module for each rank, then each budget under each rule."""
+    uniform = [Sketch(f"{r}x{r}", f"rank{r}", SketchConfig(r, r)) for r in ranks]
+    return uniform + [
+        Sketch(f"{d}/{rule}", f"dims{d}-{rule}", SketchConfig(dims=d, allocation=rule))
+        for d in dims
+        for rule in rules
+    ]
+
+
+def build_sketch(setting: Setting, work: Path, sketch: Sketch) -> dict:
+    """A version of `sketch` whose stored vectors are re-indexed below: influence (raw vectors)
+    over float16 codes (the default build's are 8-bit), without re-rank factors."""
     store = StoreConfig(
         score=ScoreKind.INFLUENCE, index_factory=STORED, exact_rerank=False, lexical_index=False
     )
-    return ensure_build(setting, rank_root(work, rank), store, SketchConfig(rank, rank))
+    return ensure_build(setting, work / sketch.directory, store, sketch.config)
 
 
 def search(index: faiss.Index, q: np.ndarray, depth: int) -> tuple[list[list[int]], float]:
@@ -106,8 +132,9 @@ def search(index: faiss.Index, q: np.ndarray, depth: int) -> tuple[list[list[int
     return rows, float(statistics.median(times))
 
 
-def measure_rank(
+def measure_sketch(
     engine: QueryEngine,
+    label: str,
     queries: list[Query],
     exact: dict[str, np.ndarray],
     factories: tuple[str, ...],
@@ -115,9 +142,9 @@ def measure_rank(
 ) -> list[Row]:
     """Every factory over this version's stored vectors, both score kinds; `exact` holds the
     reference scores `[Q, N]` per kind."""
-    vectors = engine.vectors
+    vectors = engine.vectors.preconditioned
     n, dim = vectors.shape
-    rank = f"{engine.manifest.sketch.rank_out}x{engine.manifest.sketch.rank_in}"
+    allocation = describe(layout_ranks(engine.manifest.modules))
     tokenized = [engine.prepare(replace(q, rerank_depth=0)) for q in queries]
     q_raw = engine.query_vectors(tokenized)
     rows = []
@@ -126,10 +153,10 @@ def measure_rank(
         q = q_raw / np.linalg.norm(q_raw, axis=1, keepdims=True) if normalize else q_raw
         flat_top: list[list[int]] | None = None
         for factory in factories:
-            path = work / f"{rank}-{kind}-{factory}.faiss"
-            log.info("%s %s %s", rank, kind, factory)
+            path = work / f"{label.replace('/', '-')}-{kind}-{factory}.faiss"
+            log.info("%s %s %s", label, kind, factory)
             index = write_faiss(
-                vectors, np.arange(n, dtype=np.int64), f"IDMap,{factory}", normalize, path
+                vectors, np.arange(n, dtype=np.int64), f"IDMap,{factory}", path, normalize=normalize
             )
             found, ms = search(index, q, max(DEPTHS))
             flat_top = flat_top or found  # the first factory is the reference scan
@@ -137,7 +164,8 @@ def measure_rank(
             size = path.stat().st_size / n
             rows.append(
                 Row(
-                    rank=rank,
+                    sketch=label,
+                    allocation=allocation,
                     dim=dim,
                     factory=factory,
                     score=str(kind),
@@ -168,19 +196,24 @@ def measure_rank(
     return rows
 
 
-def run(setting_name: str, n_queries: int | None, ranks, factories, work: Path) -> dict:
+def run(
+    setting_name: str, n_queries: int | None, measured: list[Sketch], factories, work: Path
+) -> dict:
     started = time.perf_counter()
     setting = load_setting(setting_name, n_queries)
     queries = [q.query for q in setting.queries]
-    builds = {r: build_rank(setting, work, r) for r in ranks}
+    reference_build = ensure_build(
+        setting, work / REFERENCE_ROOT, StoreConfig(score=ScoreKind.INFLUENCE), SketchConfig()
+    )
+    builds = {s.label: build_sketch(setting, work, s) for s in measured}
     default = QueryEngine.open(work / REFERENCE_ROOT)
     tokenized = [default.prepare(replace(q, rerank_depth=0)) for q in queries]
     reference = exact_reference(default, tokenized, work)
     default.close()
     rows = []
-    for rank in ranks:
-        engine = QueryEngine.open(rank_root(work, rank))
-        rows += measure_rank(engine, queries, reference.scores, factories, work)
+    for sketch in measured:
+        engine = QueryEngine.open(work / sketch.directory)
+        rows += measure_sketch(engine, sketch.label, queries, reference.scores, factories, work)
         engine.close()
     return {
         "benchmark": "fidelity_per_byte",
@@ -191,7 +224,8 @@ def run(setting_name: str, n_queries: int | None, ranks, factories, work: Path) 
         "budget_bytes_per_example": BUDGET_BYTES,
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss.omp_get_max_threads(),
-        "builds": {str(r): b for r, b in builds.items()},
+        "reference_build": reference_build,
+        "builds": builds,
         "exact_reference_seconds": reference.seconds,
         "full_curvature_sha256": reference.full_curvature_sha256,
         "rows": [asdict(r) for r in rows],
@@ -201,9 +235,11 @@ def run(setting_name: str, n_queries: int | None, ranks, factories, work: Path) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", choices=("demo", "large"), default="demo")
+    parser.add_argument("--setting", choices=SETTINGS, default="demo")
     parser.add_argument("--queries", type=int, help="queries (the same as the rerank run's)")
-    parser.add_argument("--ranks", type=comma_ints, default=RANKS)
+    parser.add_argument("--ranks", type=comma_ints, default=RANKS, help="uniform r x r ('': none)")
+    parser.add_argument("--dims", type=comma_ints, default=(), help="budgets per example")
+    parser.add_argument("--rules", default=",".join(RULES), help="allocation rules of --dims")
     parser.add_argument("--factories", default=",".join(FACTORIES), help="behind IDMap")
     parser.add_argument("--work", type=Path, required=True, help="the rerank run's --work")
     parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
@@ -214,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     factories = tuple(args.factories.split(","))
-    emit(json_safe(run(args.setting, args.queries, args.ranks, factories, args.work)), args.out)
+    measured = sketches(args.ranks, args.dims, tuple(args.rules.split(",")))
+    emit(json_safe(run(args.setting, args.queries, measured, factories, args.work)), args.out)
     return 0
 
 

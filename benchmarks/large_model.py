@@ -23,7 +23,7 @@ import hashlib
 import json
 import random
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +45,9 @@ from indexer.query import LabeledQuery, read_queries
 
 LARGE_SEEDS = 13  # generator seeds: 13 x 1,611 documents
 LARGE_CONFIG = DemoTrainingConfig(n_layer=4, n_embd=128, n_head=4, epochs=6, add_bos=False)
+# The `mid` setting (issue 13): 4 layers 256 wide, trained the same way on 2 seeds (~3.5k examples).
+MID_SEEDS = 2
+MID_CONFIG = replace(LARGE_CONFIG, n_embd=256)
 SEPARATOR = BOS_TOKEN  # `<|endoftext|>`: what every training document followed
 CORPUS_FORMAT = 1  # bump when `large_corpus` changes what it generates
 

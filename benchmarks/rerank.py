@@ -38,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import faiss
@@ -46,21 +45,28 @@ import numpy as np
 import torch
 
 from benchmarks.common import comma_ints, demo_artifacts, emit
-from benchmarks.large_model import ensure_large_model, large_corpus_config, sample_queries
+from benchmarks.large_model import (
+    MID_CONFIG,
+    MID_SEEDS,
+    ensure_large_model,
+    large_corpus_config,
+    sample_queries,
+)
 from indexer import metrics
 from indexer.baselines import ScoreTarget, stream_scores
-from indexer.build import build_index, built_with
+from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, ScoreKind, SketchConfig, StoreConfig
 from indexer.curvature import Curvature
-from indexer.engine import EngineOptions, QueryEngine, QueryResult
+from indexer.engine import EngineOptions, QueryEngine, QueryResult, ScoreSpace
 from indexer.errors import IndexVerificationError
 from indexer.evaluate import json_safe, matching_corpus
 from indexer.exact import ExactConfig, ExactScorer
+from indexer.incremental import built_with
 from indexer.manifest import FULL_CURVATURE_FILE
 from indexer.model import LoadedModel, load_model
 from indexer.publish import read_current, verify_version, version_dir
 from indexer.query import LabeledQuery, TokenizedQuery, query_vectors
-from indexer.sketch import Capture, make_batch, summed_nll
+from indexer.sketch import make_batch, summed_nll
 
 log = logging.getLogger("rerank")
 
@@ -69,6 +75,7 @@ DEPTHS = (10, 50, 100, 200, 500, 1000)
 RECALL_DEPTHS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 TOP = 10  # returned hits; fidelity = recall of the exact top-10
 KINDS = (ScoreKind.COSINE, ScoreKind.INFLUENCE)
+SETTINGS = ("demo", "large", "mid")  # see `load_setting`
 # Candidate lists that always hold the M largest-norm examples (query-independent), then the
 # sketch's ranking: measured from the reference only, as a candidate-generation alternative.
 NORM_UNION = (10, 20, 50)
@@ -87,25 +94,26 @@ class Setting:
 
 def load_setting(name: str, n_queries: int | None) -> Setting:
     """`demo`: the bundled demo (tokenizer's BOS framing); `large`: 13 generator seeds and a
-    4-layer model trained GPT-2 style, framed with `<|endoftext|>`. `n_queries`: a
-    deterministic sample (None: all of the demo's 48, 48 of the large one's 624)."""
+    4-layer, 128-wide model trained GPT-2 style, framed with `<|endoftext|>`; `mid`: the same
+    on 2 seeds, 256 wide. `n_queries`: a deterministic sample (None: 48 queries)."""
     if name == "demo":
         artifacts = demo_artifacts()
         corpus = CorpusConfig(str(artifacts.corpus_path))
-        default = 48
     elif name == "large":
         artifacts = ensure_large_model()
         corpus = large_corpus_config(artifacts)
-        default = 48
+    elif name == "mid":
+        artifacts = ensure_large_model(config=MID_CONFIG, n_seeds=MID_SEEDS)
+        corpus = large_corpus_config(artifacts)
     else:
         raise ValueError(f"unknown setting {name!r}")
-    queries = sample_queries(artifacts.queries_path, n_queries or default)
+    queries = sample_queries(artifacts.queries_path, n_queries or 48)
     return Setting(name, artifacts.model_dir, corpus, queries, artifacts.fact_accuracy)
 
 
 def ensure_build(setting: Setting, root: Path, store: StoreConfig, sketch: SketchConfig) -> dict:
     """A published version under `root` (reused when one is there built with these settings:
-    `indexer.build.built_with`); its build summary or, when reused, what its manifest says."""
+    `indexer.incremental.built_with`); its build summary or, when reused, what its manifest says."""
     config = BuildConfig(
         model=setting.model_dir,
         out=root,
@@ -141,7 +149,7 @@ class Reference:
 def exact_reference(engine: QueryEngine, tokenized: list[TokenizedQuery], cache: Path) -> Reference:
     """Exact influence and cosine of every query on every example, from the version's own full
     factors (one streaming pass: preconditioned full gradients, their norms for cosine; as
-    tests/test_rerank.py's `exact_scores`, with the tokens rotated first).
+    tests/test_rerank.py's `exact_scores`).
     Cached in `cache` (npz), keyed by the factors' sha256 and the queries' tokens."""
     sha = engine.manifest.files[FULL_CURVATURE_FILE].sha256
     key = hashlib.sha256(repr([sha, [t.token_ids for t in tokenized]]).encode()).hexdigest()
@@ -159,7 +167,7 @@ def exact_reference(engine: QueryEngine, tokenized: list[TokenizedQuery], cache:
     )
     scorer = ExactScorer(engine.loaded, examples, config, curvature=full)
     q = query_vectors(scorer.sketcher, full, tokenized, engine.pad_id)
-    target = ScoreTarget(partial(token_vectors, full), q)
+    target = ScoreTarget(full.vectors, q)
     streamed = stream_scores(scorer.pass_, {"exact": target}, "exact")
     streamed = streamed["exact"]
     scores = {
@@ -169,19 +177,6 @@ def exact_reference(engine: QueryEngine, tokenized: list[TokenizedQuery], cache:
     seconds = time.perf_counter() - start
     np.savez(path, seconds=seconds, **scores)
     return Reference(scores, sha, seconds, doc_ids)
-
-
-def token_vectors(curvature: Curvature, capture: Capture) -> torch.Tensor:
-    """Preconditioned full-space vectors `[batch, D]`: `curvature.vectors(capture)` computed by
-    rotating the tokens first (`precondition_tokens`, as the re-ranker does), several times
-    cheaper than rotating per-example gradients when sequences are short; the same numbers."""
-    return torch.cat(
-        [
-            module.precondition_tokens(capture.gradients[name], capture.activations[name])
-            for name, module in curvature.modules.items()
-        ],
-        dim=1,
-    )
 
 
 def candidate_recall(reference: np.ndarray, predicted: Sequence[int], depth: int) -> float:
@@ -196,10 +191,9 @@ def candidate_recall(reference: np.ndarray, predicted: Sequence[int], depth: int
 def search_ids(engine: QueryEngine, tokenized: list[TokenizedQuery], depth: int) -> list[list]:
     """The index's top-`depth` example ids per query, best first, searched as the engine does
     (cosine: unit query vectors); the engine re-ranks the first K′ of them."""
-    q = engine.query_vectors(tokenized)
-    if engine.info.score_kind == ScoreKind.COSINE:
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-    _, ids = engine.index.search(np.ascontiguousarray(q), depth)
+    kind = engine.info.score_kind
+    search = [ScoreSpace.of(kind, q).search for q in engine.query_vectors(tokenized)]
+    _, ids = engine.index.search(np.stack(search), depth)
     return [[int(i) for i in line if i >= 0] for line in ids]
 
 
@@ -434,7 +428,8 @@ def run(config: RunConfig, work: Path) -> dict:
         root = work / f"default-{kind}"
         store = StoreConfig(score=kind)  # the build's default factory for this corpus size
         builds[str(kind)] = ensure_build(setting, root, store, SketchConfig())
-        engines[kind] = QueryEngine.open(root, options=EngineOptions())
+        # Every candidate of each depth re-ranked: the fixed-depth curve (no early stop).
+        engines[kind] = QueryEngine.open(root, options=EngineOptions(rerank_early_stop=False))
     first = engines[config.kinds[0]]
     tokenized = [first.prepare(replace(q.query, rerank_depth=0)) for q in setting.queries]
     reference = exact_reference(first, tokenized, work)
@@ -468,7 +463,7 @@ def run(config: RunConfig, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", choices=("demo", "large"), default="demo")
+    parser.add_argument("--setting", choices=SETTINGS, default="demo")
     parser.add_argument("--queries", type=int, help="queries (deterministic sample; default 48)")
     parser.add_argument("--depths", type=comma_ints, default=DEPTHS)
     parser.add_argument(

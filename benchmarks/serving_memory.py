@@ -63,7 +63,7 @@ class RandomUnitRows:
 
 
 def write_ivf_in_shards(rows: RandomUnitRows, factory: str, path: Path, shard_rows: int) -> None:
-    """What `write_faiss(rows, 0..N-1, factory, False, path)` writes for an IVF factory (same
+    """What `write_faiss(rows, 0..N-1, factory, path)` writes for an IVF factory (same
     training sample and seed, rows added in order, a hashtable direct map), holding one shard's
     codes at a time: each shard of `shard_rows` rows is added to the trained index and its
     lists appended to one scratch file per list; FAISS then writes the header (quantizer, direct
@@ -195,7 +195,7 @@ def main() -> None:
         if args.shard_rows:
             write_ivf_in_shards(rows, factory, path, args.shard_rows)
         else:
-            write_faiss(rows, np.arange(args.examples, dtype=np.int64), factory, False, path)
+            write_faiss(rows, np.arange(args.examples, dtype=np.int64), factory, path)
         build_seconds = time.perf_counter() - start
         opened = []
         for mmap in (True, False) if args.plain_read else (True,):

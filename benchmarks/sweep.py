@@ -70,7 +70,7 @@ log = logging.getLogger("sweep")
 @dataclass(frozen=True)
 class SweepConfig:
     ranks: tuple[int, ...] = (4, 8, 16, 32, 64)
-    default_rank: int = SketchConfig.rank_in
+    default_rank: int = 64  # the uniform r x r per module this sweep chose (issue 8)
     dampings: tuple[float, ...] = (0.01, 0.1, 1.0)
     default_damping: float = CurvatureConfig.damping
     pq_bytes: tuple[int, ...] = (32, 128)  # two PQ code sizes, bytes per vector
@@ -181,7 +181,7 @@ def projected_fold(
     for name, module in curvature.modules.items():
         p = gaussian_projection(name, named[name], rank, rank, SketchConfig.seed)
         folded = p.P.T @ p.P @ query_gradients[name] @ p.R.T @ p.R
-        parts.append(module.unrotate(module.precondition(folded)).flatten(1))
+        parts.append(module.fold(module.precondition(folded)).flatten(1))
     return torch.cat(parts, dim=1)
 
 
@@ -321,7 +321,7 @@ def measure_rank(
     summary = build(setup, root, rank, config)
     engine = QueryEngine.open(root)
     q = engine.query_vectors(setup.encoded)
-    kinds = in_kinds(sketch_scores(engine.vectors, q), q)
+    kinds = in_kinds(sketch_scores(engine.vectors.preconditioned, q), q)
     engine.close()
     sizes = {"index_bytes_per_example": summary["index_bytes_per_example"]}
     return [
@@ -354,7 +354,7 @@ def measure_dampings(
     rows = []
     for damping in config.all_dampings:
         scale = damping_scale(engine.curvature, damping)
-        kinds = in_kinds(sketch_scores(engine.vectors, q, scale), q * scale)
+        kinds = in_kinds(sketch_scores(engine.vectors.preconditioned, q, scale), q * scale)
         for kind, scores in kinds.items():
             setting = {
                 "rank": f"{config.default_rank}x{config.default_rank}",
@@ -429,7 +429,7 @@ def measure_factories(
     """Each FAISS factory over the default build's stored vectors, per score kind and search
     setting."""
     engine = QueryEngine.open(root)
-    vectors, q = engine.vectors, engine.query_vectors(setup.encoded)
+    vectors, q = engine.vectors.preconditioned, engine.query_vectors(setup.encoded)
     flat = in_kinds(sketch_scores(vectors, q), q)
     n, dim = vectors.shape
     rows = []
@@ -446,7 +446,11 @@ def measure_factories(
             start = time.perf_counter()
             try:
                 index = write_faiss(
-                    vectors, np.arange(n, dtype=np.int64), factory, kind == "cosine", path
+                    vectors,
+                    np.arange(n, dtype=np.int64),
+                    factory,
+                    path,
+                    normalize=kind == "cosine",
                 )
             except RuntimeError as e:  # the build's index writer cannot make this factory
                 log.warning("%s (%s): %s", factory, kind, e)

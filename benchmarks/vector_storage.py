@@ -90,7 +90,7 @@ def synthetic_search(work: Path, n: int, dim: int, repeats: int) -> list[dict]:
     results = []
     for factory in FACTORIES:
         path = work / f"synthetic-{factory.replace(',', '_')}.faiss"
-        write_faiss(vectors, np.arange(n, dtype=np.int64), factory, False, path)
+        write_faiss(vectors, np.arange(n, dtype=np.int64), factory, path)
         index = open_index(path)
         index.search(queries, TOP_K)  # fault the mapped pages in once: a warm server
         results.append(

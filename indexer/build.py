@@ -15,20 +15,21 @@ from pathlib import Path
 import numpy as np
 
 from indexer import __version__
+from indexer.budget import ModuleRanks, describe, module_ranks, total_dim
+from indexer.calibration import Calibrator
 from indexer.config import BuildConfig, IncrementalMode, ScoreKind, example_max_length
 from indexer.corpus import ExampleTable, stage_corpus
 from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
 from indexer.distributed import Ranks, join
 from indexer.errors import IndexVerificationError, InvalidInputError, ResourceLimitError
-from indexer.exact import DEFAULT_MEMORY_LIMIT, required_bytes
+from indexer.exact import ExactReranker
 from indexer.incremental import (
     Diff,
     MergedVectors,
     Previous,
     Settings,
+    all_new,
     diff,
-    difference,
-    full_diff,
     previous_training,
     refit_reason,
 )
@@ -58,17 +59,25 @@ from indexer.publish import (
     version_dir,
     write_manifest,
 )
-from indexer.sketch import Capture, GradientSketcher, gaussian_projection
+from indexer.scores import RerankBound
+from indexer.sketch import GradientSketcher, Projection, gaussian_projection
 from indexer.store import (
+    MetadataReader,
     ScratchShards,
     ScratchVectors,
     default_factory,
     new_index,
+    open_index,
+    set_nprobe,
     write_faiss,
     write_metadata,
 )
 
 log = logging.getLogger(__name__)
+
+# The most of the free disk that the exact stage's factors may take: the rest of the version
+# (and the next one) need room too.
+_FACTORS_SHARE_OF_FREE_DISK = 0.5
 
 # Scratch files in the staging directory, one per rank, deleted before the manifest is
 # written (every name starting with a dot is one): the staged corpus (tokenized examples), the
@@ -95,6 +104,7 @@ class BuildSummary:
     n_empty_skipped: int
     n_tokens: int
     dim: int
+    allocation: str  # `r_out x r_in` per module group (`indexer.budget.describe`)
     index_factory: str
     index_bytes_per_example: float
     full_curvature_bytes: int  # the exact re-rank factors; 0 when not stored
@@ -128,8 +138,6 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
         raise InvalidInputError(f"--score must be one of {', '.join(map(str, ScoreKind))}")
     if config.batch_size < 1:
         raise InvalidInputError("--batch-size must be at least 1")
-    if min(config.sketch.rank_in, config.sketch.rank_out) < 1:
-        raise InvalidInputError("--rank-in and --rank-out must be at least 1")
     if config.curvature.damping <= 0:
         raise InvalidInputError("--damping must be positive")
     if config.incremental.refit_threshold < 0:
@@ -143,19 +151,17 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
     return max_length
 
 
-def _projections(modules: dict, config: BuildConfig) -> dict:
-    projections = {}
-    for name, module in modules.items():
-        shape = module_shape(module)
-        if config.sketch.rank_in > shape.d_in or config.sketch.rank_out > shape.d_out:
-            raise InvalidInputError(
-                f"ranks {config.sketch.rank_out}x{config.sketch.rank_in} (out x in) exceed module "
-                f"{name} ({shape.d_out}x{shape.d_in}); lower --rank-out/--rank-in"
-            )
-        projections[name] = gaussian_projection(
-            name, module, config.sketch.rank_in, config.sketch.rank_out, config.sketch.seed
-        )
-    return projections
+def _projections(modules: dict, ranks: dict[str, ModuleRanks], seed: int) -> dict:
+    return {
+        name: gaussian_projection(name, module, ranks[name].rank_in, ranks[name].rank_out, seed)
+        for name, module in modules.items()
+    }
+
+
+def _ranks(projections: dict[str, Projection]) -> dict[str, ModuleRanks]:
+    """Each module's `r_out x r_in`, as its projections `P [r_out, d_out]`, `R [r_in, d_in]`
+    have them."""
+    return {n: ModuleRanks(p.P.shape[0], p.R.shape[0]) for n, p in projections.items()}
 
 
 def _write_vectors(
@@ -164,27 +170,34 @@ def _write_vectors(
     vectors: ScratchVectors,
     sketched: Path,
     rows: np.ndarray,
-    unit: bool,
+    *,
+    cosine: bool,
 ) -> None:
     """The main pass over `rows` (ascending): training-loss sketches, preconditioned, into
-    `vectors [len(rows), D]` in the order of `rows` (unit vectors when `unit`: a cosine index);
+    `vectors [len(rows), D]` in the order of `rows` (unit vectors for a `cosine` index);
     each row's norm (before any scaling), exact preconditioned norm and loss go to the CSV
     file `sketched`. The exact norm, what an exact cosine divides by, costs about a per-example
-    gradient: only a cosine index with full factors pays for it (empty otherwise)."""
-    full = curvature.full if unit else None
+    gradient: only a cosine index with unprojected factors pays for it (empty otherwise), once
+    here, so that re-ranking a candidate costs only its contraction with the query."""
+    unprojected = curvature.unprojected if cosine else None
+    keep = unprojected is not None
     with sketched.open("w") as stats:
-        for batch, capture in example_pass.run(rows, "data", "sketch corpus", full is not None):
+        for batch, capture in example_pass.run(
+            rows, "data", "sketch corpus", keep_unprojected=keep
+        ):
             block = curvature.sketch.vectors(capture).cpu()
             norms = block.double().norm(dim=1).tolist()
-            exact = _exact_norms(full, capture) if full is not None else [None] * len(batch)
-            if unit:
+            exact_norms = (
+                unprojected.norms(capture.unprojected).tolist() if keep else [None] * len(batch)
+            )
+            if cosine:
                 block = block / block.norm(dim=1, keepdim=True).clamp_min(1e-30)
             stored = block.numpy().astype(np.float16)
             if not np.isfinite(stored).all():
                 raise InvalidInputError("preconditioned vectors overflow float16: raise --damping")
             vectors.write(np.searchsorted(rows, batch), stored)
             losses = capture.losses.double().tolist()
-            lines = zip(batch, norms, exact, losses, strict=True)
+            lines = zip(batch, norms, exact_norms, losses, strict=True)
             stats.writelines(f"{r},{n!r},{_csv(e)},{loss!r}\n" for r, n, e, loss in lines)
 
 
@@ -192,40 +205,33 @@ def _csv(value: float | None) -> str:
     return "" if value is None else repr(value)  # an empty field reads back as NULL
 
 
-def _exact_norms(full: Curvature, capture: Capture) -> list[float]:
-    """Each example's exact preconditioned norm `‖(H + λ)^-1/2 ∇L‖`, module by module from its
-    unprojected tokens: what an exact cosine divides by, computed once here so that re-ranking
-    a candidate costs only its contraction with the query."""
-    squared = sum(
-        module.precondition_tokens(capture.full.gradients[name], capture.full.activations[name])
-        .double()
-        .square()
-        .sum(dim=1)
-        for name, module in full.modules.items()
-    )
-    return squared.sqrt().tolist()
+def exact_factors_bytes(modules: dict) -> int:
+    """Bytes of the unprojected factors the exact stage needs (float32 `U_A [d_in, d_in]`,
+    `U_B [d_out, d_out]`, `Λ [d_out, d_in]` per module): what `curvature-full.safetensors`
+    holds."""
+    shapes = [module_shape(m) for m in modules.values()]
+    return 4 * sum(s.d_in**2 + s.d_out**2 + s.d_out * s.d_in for s in shapes)
 
 
-def built_with(manifest: Manifest, config: BuildConfig) -> bool:
-    """Whether a version was built with `config`'s sketch, curvature, score and factory (its
-    own, or the default for the version's size)."""
-    factory = config.store.index_factory or default_factory(manifest.counts.examples)
-    built = (manifest.sketch, manifest.curvature, manifest.score, manifest.index_factory)
-    return built == (config.sketch, config.curvature, config.store.score, factory)
-
-
-def _exact_rerank(config: BuildConfig, modules: dict) -> bool:
-    """Whether to fit and store full-space factors: as asked, or (auto) when they fit."""
-    need = required_bytes(modules, config.batch_size, n_queries=0)
-    if config.store.exact_rerank is None:
-        if need > DEFAULT_MEMORY_LIMIT:
-            log.warning(
-                "not storing exact re-rank factors: they need ~%.1f GiB (over %.0f GiB)",
-                need / 2**30,
-                DEFAULT_MEMORY_LIMIT / 2**30,
-            )
-        return need <= DEFAULT_MEMORY_LIMIT
-    return config.store.exact_rerank
+def store_exact_factors(config: BuildConfig, modules: dict) -> bool:
+    """Whether to fit and store the exact stage's factors: as asked, or (auto) when they fit on
+    the index's disk with room to spare. Fitting them needs no more memory than they take
+    (float64 sums) plus one batch's activations: the exact stage works module by module."""
+    size = exact_factors_bytes(modules)
+    if config.store.exact_rerank is not None:
+        return config.store.exact_rerank
+    existing = next(p for p in (config.out, *config.out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if size > free * _FACTORS_SHARE_OF_FREE_DISK:
+        log.warning(
+            "not storing exact re-rank factors: they need %.1f GiB, and %s has %.1f GiB free",
+            size / 2**30,
+            existing,
+            free / 2**30,
+        )
+        return False
+    log.info("exact re-rank factors: %.1f MiB", size / 2**20)
+    return True
 
 
 @dataclass
@@ -250,8 +256,8 @@ class _Plan:
     """What a build reuses: a previous version (incremental) or nothing (full, and why)."""
 
     factory: str
-    exact_rerank: bool
     change: Diff
+    exact_rerank: bool
     previous: Previous | None = None
     full_reason: str = ""
 
@@ -261,9 +267,14 @@ class _Plan:
 
 
 def _manifest(
-    state: _BuildState, plan: _Plan, curvature: Curvature, summary: BuildSummary
+    state: _BuildState,
+    plan: _Plan,
+    curvature: Curvature,
+    summary: BuildSummary,
+    rerank_bound: RerankBound | None,
 ) -> Manifest:
     config, loaded, corpus = state.config, state.loaded, state.corpus
+    ranks = _ranks(curvature.projections())
     now = datetime.now(timezone.utc).isoformat()
     fit = CurvatureFit(created=now, examples=len(corpus))
     if plan.previous is not None:
@@ -279,7 +290,13 @@ def _manifest(
             context_length=loaded.context_length,
         ),
         modules=tuple(
-            ModuleLayout(n, s.start, s.stop, **asdict(module_shape(state.modules[n])))
+            ModuleLayout(
+                n,
+                s.start,
+                s.stop,
+                **asdict(module_shape(state.modules[n])),
+                **asdict(ranks[n]),
+            )
             for n, s in curvature.layer_slices().items()
         ),
         corpus=replace(config.corpus, max_length=state.max_length),
@@ -299,6 +316,7 @@ def _manifest(
         ),
         curvature_fit=fit,
         built_from=summary.built_from,
+        rerank_bound=rerank_bound,
         build_seconds=summary.seconds,
     )
 
@@ -364,7 +382,8 @@ def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
         loaded = load_model(config.model, config.device)
         max_length = _check_config(config, loaded)
         modules = tracked_modules(loaded.model, config.sketch.modules)
-        projections = _projections(modules, config)
+        allocation = module_ranks({n: module_shape(m) for n, m in modules.items()}, config.sketch)
+        projections = _projections(modules, allocation, config.sketch.seed)
         staged = _scratch(staging, CORPUS_FILE, ranks.rank)
         corpus = stage_corpus(config.corpus, loaded.tokenizer, max_length, staged)
     example_pass = ExamplePass(
@@ -374,11 +393,12 @@ def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
         config.batch_size,
         config.curvature.seed,
         config.progress and ranks.main,
+        config.autocast,
     )
     return _BuildState(config, loaded, modules, corpus, example_pass, max_length, seconds, ranks)
 
 
-def _settings(state: _BuildState, factory: str, exact_rerank: bool) -> Settings:
+def _settings(state: _BuildState, factory: str, *, exact_rerank: bool) -> Settings:
     """This build's settings, as `Settings.of` reads them from a manifest."""
     config, loaded = state.config, state.loaded
     return Settings(
@@ -402,7 +422,7 @@ def _plan(state: _BuildState) -> _Plan:
     incompatible); a refit, asked for or past the threshold, is a full build either way."""
     config, n = state.config, len(state.corpus)
     options, factory = config.incremental, config.store.index_factory
-    exact = _exact_rerank(config, state.modules)
+    exact = store_exact_factors(config, state.modules)
     current = read_current(config.out)
     manifest, refused = None, ""
     if options.mode == IncrementalMode.OFF:
@@ -416,35 +436,35 @@ def _plan(state: _BuildState) -> _Plan:
             refused = f"CURRENT does not verify ({e})"
     if manifest is not None:
         factory = factory or default_factory(n, keep=manifest.index_factory)
-        other = difference(Settings.of(manifest), _settings(state, factory, exact))
+        other = Settings.of(manifest).difference(_settings(state, factory, exact_rerank=exact))
         refused = f"CURRENT ({current}) was built with other {other}" if other else ""
     factory = factory or default_factory(n)
     if refused:
         if options.mode == IncrementalMode.ON:
             raise InvalidInputError(f"cannot build incrementally: {refused}")
-        return _full(factory, exact, n, refused)
+        return _full_build(factory, n, refused, exact_rerank=exact)
     if options.refit_curvature:
-        return _full(factory, exact, n, "--refit-curvature")
+        return _full_build(factory, n, "--refit-curvature", exact_rerank=exact)
     previous = Previous.open(version_dir(config.out, current), manifest)
     change = diff(state.corpus, previous)
     refit = refit_reason(manifest, change, n, options.refit_threshold)
     if refit:
         previous.close()
-        return _full(factory, exact, n, refit)
+        return _full_build(factory, n, refit, exact_rerank=exact)
     log.info(
         "incremental build from %s: %d reused, %d new, %d changed, %d deleted",
         current, change.reused, change.new, change.changed, change.deleted,
     )  # fmt: skip
-    return _Plan(factory, exact, change, previous)
+    return _Plan(factory, change, exact_rerank=exact, previous=previous)
 
 
-def _full(factory: str, exact_rerank: bool, n_examples: int, reason: str) -> _Plan:
+def _full_build(factory: str, n_examples: int, reason: str, *, exact_rerank: bool) -> _Plan:
     log.info("full build: %s", reason)
-    return _Plan(factory, exact_rerank, full_diff(n_examples), full_reason=reason)
+    return _Plan(factory, all_new(n_examples), exact_rerank=exact_rerank, full_reason=reason)
 
 
 def _curvature(state: _BuildState, plan: _Plan, staging: Path) -> FittedCurvature:
-    """The sketch-space curvature, and the full-space factors when asked, stored in `staging`:
+    """The sketch-space curvature, and the unprojected factors when asked, stored in `staging`:
     fitted on a subsample, or (incremental) the previous version's files, hard-linked."""
     config, main = state.config, state.ranks.main
     if plan.previous is not None:
@@ -458,12 +478,16 @@ def _curvature(state: _BuildState, plan: _Plan, staging: Path) -> FittedCurvatur
     if len(rows) < state.ranks.size:
         raise InvalidInputError(f"{state.ranks.size} ranks need as many examples to fit on")
     fitted = fit_curvature(
-        state.example_pass, rows, config.curvature.damping, plan.exact_rerank, state.ranks
+        state.example_pass,
+        rows,
+        config.curvature.damping,
+        unprojected=plan.exact_rerank,
+        ranks=state.ranks,
     )
     if main:
         fitted.sketch.save(staging / CURVATURE_FILE)
-        if fitted.full is not None:
-            fitted.full.save(staging / FULL_CURVATURE_FILE)
+        if fitted.unprojected is not None:
+            fitted.unprojected.save(staging / FULL_CURVATURE_FILE)
     return fitted
 
 
@@ -482,7 +506,7 @@ def _write_version(
     sketches its shard; rank 0 then assembles the version (other ranks return None)."""
     config, corpus, seconds, ranks = state.config, state.corpus, state.seconds, state.ranks
     n = len(corpus)
-    dim = len(state.modules) * config.sketch.rank_in * config.sketch.rank_out
+    dim = total_dim(_ranks(state.example_pass.sketcher.projections))
     try:
         new_index(dim, plan.factory)  # refuse an unknown factory before the passes, not after
     except ValueError as e:
@@ -495,7 +519,7 @@ def _write_version(
     with ScratchVectors(scratch, len(mine), dim) as vectors, _timed(seconds, "sketch"):
         cosine = config.store.score == ScoreKind.COSINE
         stats = _scratch(staging, SKETCHED_FILE, ranks.rank)
-        _write_vectors(state.example_pass, curvature, vectors, stats, mine, cosine)
+        _write_vectors(state.example_pass, curvature, vectors, stats, mine, cosine=cosine)
     if not ranks.main:
         state.close()  # before rank 0 deletes the staged corpus and publishes
     ranks.barrier()  # every rank's shard is written
@@ -503,7 +527,9 @@ def _write_version(
         return None
     ids = corpus.column("id").astype(np.int64)
     shards = [
-        ScratchVectors(_scratch(staging, SCRATCH_FILE, k), len(rows[k :: ranks.size]), dim, False)
+        ScratchVectors(
+            _scratch(staging, SCRATCH_FILE, k), len(rows[k :: ranks.size]), dim, create=False
+        )
         for k in range(ranks.size)
     ]
     previous = plan.previous.vectors if plan.previous is not None else None
@@ -518,7 +544,6 @@ def _write_version(
                 MergedVectors(sketched, plan.change, previous, curvature.sketch.dim),
                 ids,
                 plan.factory,
-                False,
                 staging / INDEX_FILE,
                 trained=trained,
             )
@@ -526,9 +551,14 @@ def _write_version(
             raise InvalidInputError(str(e)) from e
     with _timed(seconds, "metadata"):
         sketched = [_scratch(staging, SKETCHED_FILE, k) for k in range(ranks.size)]
-        write_metadata(staging / METADATA_FILE, corpus, sketched, plan.previous is not None)
+        reuse = plan.previous is not None
+        write_metadata(staging / METADATA_FILE, corpus, sketched, reuse=reuse)
         if config.store.lexical_index:
             write_lexical_index(corpus.texts(), ids, staging / LEXICAL_DIR)
+    rerank_bound = None
+    if curvature.unprojected is not None and config.calibration.queries:
+        with _timed(seconds, "calibration"):
+            rerank_bound = _calibrate(state, curvature, staging, ids)
     state.close()  # the staged corpus is in the metadata now
     for scratch in staging.glob(".*"):
         scratch.unlink()
@@ -541,6 +571,7 @@ def _write_version(
         n_empty_skipped=corpus.n_empty_skipped,
         n_tokens=corpus.n_tokens,
         dim=curvature.sketch.dim,
+        allocation=describe(_ranks(curvature.sketch.projections())),
         index_factory=plan.factory,
         index_bytes_per_example=(staging / INDEX_FILE).stat().st_size / n,
         full_curvature_bytes=_size(staging / FULL_CURVATURE_FILE),
@@ -553,8 +584,37 @@ def _write_version(
         deleted=change.deleted,
         seconds=seconds,
     )
-    write_manifest(staging, _manifest(state, plan, curvature.sketch, summary))
+    write_manifest(staging, _manifest(state, plan, curvature.sketch, summary, rerank_bound))
     return summary
+
+
+def _calibrate(
+    state: _BuildState, curvature: FittedCurvature, staging: Path, ids: np.ndarray
+) -> RerankBound:
+    """The exact stage's bound, measured on the staged version's own index and metadata."""
+    config = state.config
+    index = open_index(staging / INDEX_FILE)
+    set_nprobe(index, config.store.nprobe)
+    metadata = MetadataReader(staging / METADATA_FILE)
+    pad_id = state.loaded.tokenizer.pad_token_id
+    try:
+        calibrator = Calibrator(
+            sketcher=state.example_pass.sketcher,
+            sketch=curvature.sketch,
+            reranker=ExactReranker(
+                state.loaded.model, curvature.unprojected, pad_id, config.batch_size
+            ),
+            index=index,
+            metadata=metadata,
+            kind=ScoreKind(config.store.score),
+            pad_id=pad_id,
+        )
+        calibration = config.calibration
+        return calibrator.calibrate(
+            ids, calibration.queries, calibration.depth, calibration.quantile, config.sketch.seed
+        )
+    finally:
+        metadata.close()
 
 
 def _size(path: Path) -> int:

@@ -1,6 +1,7 @@
 """Configuration dataclasses: what defines an index (stored in its manifest) and how to build it.
 
-The command line takes its defaults from these classes, so a default is stated once.
+The command line is generated from these classes (`server.cli.options`): a field with
+`metadata["help"]` is an option, with the field's default, so a default is stated once.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from enum import Enum
 from pathlib import Path
 
 DEFAULT_MAX_LENGTH = 512  # tokens per example when the model's context is longer
+# Stored dimensions per example unless `--dims` says otherwise: at most 32,768 so that
+# distributed vector engines can hold the vectors (benchmarks/RESULTS.md, issue 13).
+DEFAULT_DIMS = 32_768
 
 
 class ScoreKind(str, Enum):
@@ -17,6 +21,17 @@ class ScoreKind(str, Enum):
 
     INFLUENCE = "influence"
     COSINE = "cosine"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class AllocationRule(str, Enum):
+    """How a budget of dimensions per example is split across the tracked modules
+    (`indexer.budget`)."""
+
+    UNIFORM = "uniform"
+    PARAMS = "params"
 
     def __str__(self) -> str:
         return self.value
@@ -32,6 +47,17 @@ def example_max_length(requested: int | None, context_length: int) -> int:
     return requested or min(context_length, DEFAULT_MAX_LENGTH)
 
 
+class Autocast(str, Enum):
+    """The precision of the build's passes over the corpus: float32, or the model's forward
+    under bfloat16 autocast (`torch.autocast`; sketches and curvature still sum in float32)."""
+
+    OFF = "off"
+    BF16 = "bf16"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
     """Where the training corpus lives and how its rows become examples.
@@ -42,12 +68,35 @@ class CorpusConfig:
     tokens (e.g. its BOS). Queries get the same prefix; the suffix ends each document.
     """
 
-    data: str
-    id_column: str = "id"
-    text_column: str = "text"
-    max_length: int | None = None  # tokens per example; None = the model's context, capped at 512
-    prefix_tokens: tuple[str, ...] | None = None
-    suffix_tokens: tuple[str, ...] = ()
+    data: str = field(metadata={"help": "JSONL/Parquet/CSV file or glob"})
+    id_column: str = field(default="id", metadata={"help": "document id column"})
+    text_column: str = field(default="text", metadata={"help": "text column"})
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "tokens per example; longer documents are chunked (default: the model's "
+            "context, at most 512)"
+        },
+    )
+    prefix_tokens: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "special token that starts every example and query, as in training "
+            "(repeatable; default: the tokenizer's own, e.g. its BOS)",
+            "flags": ("--prefix-token",),
+            "action": "append",
+            "metavar": "TOKEN",
+        },
+    )
+    suffix_tokens: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "special token that ends every document, as in training (repeatable)",
+            "flags": ("--suffix-token",),
+            "action": "append",
+            "metavar": "TOKEN",
+        },
+    )
 
     def __post_init__(self) -> None:
         # JSON gives lists; tuples keep the config hashable and comparable.
@@ -58,36 +107,90 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class SketchConfig:
-    """The Kronecker projection: `S = sum_t (P g_t)(R a_t)^T`, an `rank_out x rank_in` matrix."""
+    """The Kronecker projection: `S = sum_t (P g_t)(R a_t)^T`, an `r_out x r_in` matrix per
+    module, the ranks allocated from a budget of `dims` per example (`indexer.budget`) unless
+    `rank_in` / `rank_out` fix them for every module."""
 
-    # 64x64 (8-bit codes) holds 0.97 / 0.91 of exact top-10 (cosine / influence) within its
-    # top 200 on the demo, 32x32 0.90 / 0.83 (benchmarks/RESULTS.md, issue 8)
-    rank_in: int = 64
-    rank_out: int = 64
-    seed: int = 0
-    modules: str | None = None  # regex over module names; None = Linear/Conv1D inside the blocks
+    rank_in: int | None = field(
+        default=None,
+        metadata={
+            "help": "sketch rows of R in every module: a uniform allocation that overrides "
+            "--dims (default: --rank-out's if given, else allocated from --dims)"
+        },
+    )
+    rank_out: int | None = field(
+        default=None,
+        metadata={
+            "help": "sketch rows of P in every module, overriding --dims (default: --rank-in's "
+            "if given, else allocated from --dims)"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "projections and label sampling"})
+    modules: str | None = field(
+        default=None,
+        metadata={"help": "regex of module names to track (default: Linear/Conv1D in the blocks)"},
+    )
+    dims: int | None = field(
+        default=None,
+        metadata={
+            "help": "stored dimensions per example, allocated across the tracked modules by "
+            f"--allocation (default: {DEFAULT_DIMS:,}, or all the modules hold when fewer)"
+        },
+    )
+    # By parameters: at the same bytes, sketch-only top-10 agreement with exact EK-FAC as
+    # good as uniform's or better (benchmarks/RESULTS.md, issue 13).
+    allocation: AllocationRule = field(
+        default=AllocationRule.PARAMS,
+        metadata={
+            "help": "how --dims is split across modules: uniform (the same r_out x r_in in "
+            "each) or params (by the module's parameters d_out*d_in); near-square either way"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allocation", AllocationRule(self.allocation))  # from JSON
 
 
 @dataclass(frozen=True)
 class CurvatureConfig:
     """EK-FAC in sketch space, fitted on a subsample with labels sampled from the model."""
 
-    fit_examples: int = 2000  # subsample for covariances and eigenvalue correction
-    damping: float = 0.1  # lambda = damping * mean(Lambda), per module
-    seed: int = 0
+    fit_examples: int = field(default=2000, metadata={"help": "EK-FAC fit subsample"})
+    damping: float = field(default=0.1, metadata={"help": "lambda = damping * mean(Λ), per module"})
+    seed: int = field(default=0, metadata={"help": "label sampling"})
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     """How vectors are indexed and kept."""
 
-    score: ScoreKind = ScoreKind.COSINE  # traces facts better (benchmarks/RESULTS.md)
-    index_factory: str | None = None  # None = chosen from the corpus size
-    nprobe: int = 32  # inverted lists scanned per query (IVF indexes only)
-    keep_versions: int = 3
-    # Full-space EK-FAC factors for exact re-ranking; None: stored when they fit in memory.
-    exact_rerank: bool | None = None
-    lexical_index: bool = True  # BM25 over the texts, for lexical candidates
+    # Cosine traces facts better (benchmarks/RESULTS.md).
+    score: ScoreKind = field(default=ScoreKind.COSINE, metadata={"help": "what the index ranks by"})
+    index_factory: str | None = field(
+        default=None,
+        metadata={
+            "help": "FAISS factory string; the index is the only copy of the vectors, so it must "
+            "reconstruct them (default: by corpus size, 8-bit codes for small corpora)"
+        },
+    )
+    nprobe: int = field(default=32, metadata={"help": "IVF lists scanned per query"})
+    keep_versions: int = field(
+        default=3,
+        metadata={
+            "help": "published versions kept in ROOT (never CURRENT's or PINNED's; the rollback "
+            "target while there is room)"
+        },
+    )
+    exact_rerank: bool | None = field(
+        default=None,
+        metadata={
+            "help": "store full-space EK-FAC factors so that answers can be re-ranked exactly "
+            "(auto: when they fit on the index's disk; the build says their size)"
+        },
+    )
+    lexical_index: bool = field(
+        default=True, metadata={"help": "store a BM25 index of the texts, for lexical candidates"}
+    )
 
 
 class IncrementalMode(str, Enum):
@@ -106,22 +209,81 @@ class IncrementalMode(str, Enum):
 class IncrementalConfig:
     """How a build reuses the previous version (`indexer.incremental`)."""
 
-    mode: IncrementalMode = IncrementalMode.AUTO
-    refit_curvature: bool = False  # refit (and re-sketch everything) even when reusable
-    # Refit once the examples added, changed or deleted since the fit pass this fraction of the
-    # corpus: the curvature describes the corpus it was fitted on.
-    refit_threshold: float = 0.25
+    mode: IncrementalMode = field(
+        default=IncrementalMode.AUTO,
+        metadata={
+            "help": "reuse CURRENT's curvature and the vectors of unchanged examples; auto: when "
+            "CURRENT is compatible (else a full build, saying why); on (the bare flag): or exit 2",
+            "flags": ("--incremental",),
+            "nargs": "?",
+            "const": IncrementalMode.ON,
+        },
+    )
+    refit_curvature: bool = field(
+        default=False,
+        metadata={"help": "refit the curvature (a full build) even when CURRENT's could be reused"},
+    )
+    # The curvature describes the corpus it was fitted on.
+    refit_threshold: float = field(
+        default=0.25,
+        metadata={
+            "help": "refit once the examples added, changed or deleted since the curvature's fit "
+            "exceed this fraction of the corpus"
+        },
+    )
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the build calibrates the exact stage's early stop (`indexer.calibration`): its
+    pseudo-queries, cut from corpus examples, each get their top `depth` sketch candidates
+    scored exactly, and the bound is the `quantile` of the sketch's error (per band of ranks).
+    """
+
+    queries: int = field(
+        default=32,
+        metadata={
+            "help": "pseudo-queries the exact stage's early stop is calibrated on (0: none; "
+            "queries then re-rank their whole depth)",
+            "flags": ("--calibration-queries",),
+        },
+    )
+    depth: int = field(
+        default=200,
+        metadata={
+            "help": "sketch candidates of each pseudo-query scored exactly",
+            "flags": ("--calibration-depth",),
+        },
+    )
+    quantile: float = field(
+        default=0.99,
+        metadata={
+            "help": "how surely a candidate's exact score stays under its bound",
+            "flags": ("--calibration-quantile",),
+        },
+    )
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    model: Path
-    out: Path
+    model: Path = field(metadata={"help": "local Hugging Face model dir"})
+    out: Path = field(metadata={"help": "index ROOT (versions + CURRENT)"})
     corpus: CorpusConfig
     sketch: SketchConfig = field(default_factory=SketchConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
-    batch_size: int = 16
-    device: str = "cpu"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    batch_size: int = field(default=16, metadata={"help": "examples per forward/backward pass"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
+    autocast: Autocast = field(
+        default=Autocast.OFF,
+        metadata={
+            "help": "the model's forward in the passes over the corpus: off (float32) or bf16 "
+            "autocast, for GPUs (its fidelity cost: benchmarks/RESULTS.md); queries stay float32"
+        },
+    )
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "autocast", Autocast(self.autocast))  # from JSON

@@ -70,13 +70,18 @@ class ModuleCurvature:
         rotated = rotated_sums(gradients, activations, self.eigvecs_a, self.eigvecs_b)
         return (rotated * self.inverse_sqrt).flatten(1)
 
-    def unrotate(self, vectors: Tensor) -> Tensor:
-        """Map preconditioned vectors `[batch, r_out * r_in]` back to `U_B (v / sqrt(Λ+λ)) U_Aᵀ`.
-
-        `⟨S_n, unrotate(q)⟩ = ⟨q, precondition(S_n)⟩`, which splits over a sketch's tokens.
-        """
+    def fold(self, vectors: Tensor) -> Tensor:
+        """`M = U_B (q / sqrt(Λ+λ)) U_Aᵀ` `[Q, r_out, r_in]` of preconditioned vectors `q [Q, r_out
+        * r_in]`: `⟨M, S⟩ = ⟨q, precondition(S)⟩` for any `S`, and `⟨M, S⟩` splits over the
+        tokens of a sketch (`contract`)."""
         scaled = vectors.view(-1, *self.eigvals.shape) * self.inverse_sqrt
         return self.eigvecs_b @ scaled @ self.eigvecs_a.T
+
+    def contract(self, gradients: Tensor, activations: Tensor, folded: Tensor) -> Tensor:
+        """`g_tᵀ M_q a_t` `[Q, batch, tokens]` of the tokens `g [batch, tokens, r_out]`, `a [batch,
+        tokens, r_in]` with folded queries `M [Q, r_out, r_in]` (see `fold`)."""
+        projected = torch.einsum("bto,qoi->qbti", gradients, folded)
+        return torch.einsum("qbti,bti->qbt", projected, activations)
 
 
 @dataclass
@@ -110,6 +115,44 @@ class Curvature:
             ],
             dim=1,
         )
+
+    def fold(self, vectors: Tensor) -> dict[str, Tensor]:
+        """Preconditioned query vectors `[Q, D]` folded, per module, into `M_l [Q, r_out, r_in]`
+        (see `ModuleCurvature.fold`)."""
+        slices = self.layer_slices()
+        return {name: m.fold(vectors[:, slices[name]]) for name, m in self.modules.items()}
+
+    def token_scores(self, capture: Capture, folded: dict[str, Tensor]) -> Tensor:
+        """Influence `[Q, batch, tokens]` of each token of a batch on each folded query:
+        `Σ_l g_tᵀ M_l a_t`. An example's tokens sum to `⟨q, v_n⟩` (as `vectors` would give it),
+        with one module's contraction in memory at a time and no per-example gradient."""
+        return sum(
+            m.contract(capture.gradients[name], capture.activations[name], folded[name])
+            for name, m in self.modules.items()
+        )
+
+    def example_scores(self, capture: Capture, folded: dict[str, Tensor]) -> Tensor:
+        """Influence `[Q, batch]` of each example of a batch on each folded query: `token_scores`
+        summed over the tokens, contracted in the cheaper order for more than one query: each
+        example's gradient of one module `Σ_t g_t a_tᵀ` `[batch, r_out, r_in]` at a time, then
+        `⟨M_l, ·⟩` (batch·tokens·r_out·r_in + Q·batch·r_out·r_in multiply-adds, against
+        Q·batch·tokens·r_out·r_in token by token)."""
+        return sum(
+            torch.einsum("boi,qoi->qb", capture.sketches_of(name), folded[name])
+            for name in self.modules
+        )
+
+    def norms(self, capture: Capture) -> Tensor:
+        """`‖v_n‖` `[batch]` (float64) of a batch's preconditioned vectors, module by module:
+        never every module's part of `v_n` at once."""
+        squared = sum(
+            m.precondition_tokens(capture.gradients[name], capture.activations[name])
+            .double()
+            .square()
+            .sum(dim=1)
+            for name, m in self.modules.items()
+        )
+        return squared.sqrt()
 
     def save(self, path: Path) -> None:
         tensors: dict[str, Tensor] = {}
@@ -231,18 +274,19 @@ def subsample(example_ids: Iterable[int], size: int, seed: int) -> list[int]:
 
 @dataclass
 class FittedCurvature:
-    """The sketch-space factors, and (when asked) the full-space ones (P = R = I) fitted in the
-    same passes with the same sampled labels: what exact re-ranking needs."""
+    """The sketch-space factors, and (when asked) the unprojected ones (P = R = I) fitted in
+    the same passes with the same sampled labels: what exact re-ranking needs."""
 
     sketch: Curvature
-    full: Curvature | None = None
+    unprojected: Curvature | None = None
 
 
 def fit_curvature(
     example_pass: ExamplePass,
     rows: list[int],
     damping: float,
-    full: bool = False,
+    *,
+    unprojected: bool = False,
     ranks: Ranks | None = None,
 ) -> FittedCurvature:
     """Two passes over `rows` with sampled labels: covariances -> eigenbases, then Λ in them.
@@ -253,9 +297,11 @@ def fit_curvature(
     """
     ranks = ranks or Ranks()
     mine = ranks.shard(rows)
-    views = ("sketch", "full") if full else ("sketch",)
+    views = ("sketch", "unprojected") if unprojected else ("sketch",)
     covariances = {view: CovarianceAccumulator() for view in views}
-    for _, capture in example_pass.run(mine, "sampled", "curvature: covariances", keep_full=full):
+    for _, capture in example_pass.run(
+        mine, "sampled", "curvature: covariances", keep_unprojected=unprojected
+    ):
         for view in views:
             covariances[view].add(_view(capture, view))
     for view in views:
@@ -264,7 +310,9 @@ def fit_curvature(
         {view: covariances[view].eigenbases() for view in views} if ranks.main else None
     )
     eigenvalues = {view: EigenvalueAccumulator(bases[view]) for view in views}
-    for _, capture in example_pass.run(mine, "sampled", "curvature: eigenvalues", keep_full=full):
+    for _, capture in example_pass.run(
+        mine, "sampled", "curvature: eigenvalues", keep_unprojected=unprojected
+    ):
         for view in views:
             eigenvalues[view].add(_view(capture, view))
     for view in views:
@@ -273,9 +321,9 @@ def fit_curvature(
     identity = {name: Projection(None, None) for name in projections}
     return FittedCurvature(
         eigenvalues["sketch"].finish(projections, damping),
-        eigenvalues["full"].finish(identity, damping) if full else None,
+        eigenvalues["unprojected"].finish(identity, damping) if unprojected else None,
     )
 
 
 def _view(capture: Capture, view: str) -> Capture:
-    return capture.full if view == "full" else capture
+    return capture.unprojected if view == "unprojected" else capture

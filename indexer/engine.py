@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from indexer.errors import (
     NotFoundError,
     PreconditionError,
 )
-from indexer.exact import ExactReranker, ExactScores
+from indexer.exact import ExactReranker, ExactScores, QueryTargets
 from indexer.lexical import LexicalIndex
 from indexer.manifest import (
     CURVATURE_FILE,
@@ -43,10 +44,18 @@ from indexer.query import (
     max_query_chars,
     query_capture,
     query_vectors,
-    token_influence,
     tokenize_query,
 )
-from indexer.sketch import Capture, GradientSketcher, make_batch
+from indexer.rerank import (
+    CandidateList,
+    SecondsPerCandidate,
+    StageResult,
+    StopReason,
+    run_exact_stage,
+)
+from indexer.scan import Searcher, device_searcher
+from indexer.scores import ScoreSpace
+from indexer.sketch import GradientSketcher, make_batch
 from indexer.store import (
     ExampleRecord,
     MetadataReader,
@@ -62,11 +71,29 @@ log = logging.getLogger(__name__)
 class EngineOptions:
     """How a served engine answers: the default exact re-rank depth and the budget guarding it."""
 
-    # Candidates re-ranked exactly when a query does not say (0: off); 200 holds 0.97 (cosine) and
-    # 0.91 (influence) of exact top-10 at 64x64 on the demo (benchmarks/RESULTS.md)
-    rerank_depth: int = 200
-    max_rerank_tokens: int = 131_072  # re-rank depth x tokens per example, at most
+    # 200 holds 0.97 (cosine) and 0.91 (influence) of exact top-10 at 64x64 on the demo
+    # (benchmarks/RESULTS.md)
+    rerank_depth: int = field(
+        default=200,
+        metadata={"help": "candidates re-ranked exactly when a query does not say (0: off)"},
+    )
+    max_rerank_tokens: int = field(
+        default=131_072,
+        metadata={"help": "budget of one query's re-rank: depth x tokens per example"},
+    )
     rerank_batch_size: int = 32  # candidates per forward/backward of the re-rank pass
+    rerank_chunk: int = field(
+        default=16,
+        metadata={"help": "candidates each query re-ranks per round of the exact stage"},
+    )
+    rerank_early_stop: bool = field(
+        default=True,
+        metadata={
+            "help": "stop re-ranking a query once no remaining candidate can enter its exact "
+            "top-k (within the bound its version calibrated); off: always the whole depth",
+            "flags": ("--rerank-early-stop",),
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -99,12 +126,15 @@ class StageTimings:
 
 @dataclass
 class QueryResult:
-    """A query's top hits, best first, in `score_kind`."""
+    """A query's top hits, best first, in `score_kind`; `candidates_reranked` were scored
+    exactly, and `rerank_stop` says why that stopped (None: not re-ranked)."""
 
     hits: list[Hit]
     n_completion_tokens: int
     score_kind: ScoreKind
     timings: StageTimings = field(default_factory=StageTimings)
+    candidates_reranked: int = 0
+    rerank_stop: StopReason | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +161,8 @@ class IndexInfo:
     faiss_factory: str
     build_time: str
     tracked_modules: list[str]
+    # The sketch ranks when every module has the same (a uniform allocation), else 0: the
+    # manifest's layouts hold each module's.
     rank_in: int
     rank_out: int
     damping: float
@@ -144,6 +176,7 @@ class IndexInfo:
     def from_manifest(
         cls, version: str, manifest: Manifest, options: EngineOptions | None = None
     ) -> IndexInfo:
+        rank_out, rank_in = manifest.shared_ranks()
         return cls(
             version=version,
             model_path=manifest.model.path,
@@ -154,8 +187,8 @@ class IndexInfo:
             faiss_factory=manifest.index_factory,
             build_time=manifest.created,
             tracked_modules=[m.name for m in manifest.modules],
-            rank_in=manifest.sketch.rank_in,
-            rank_out=manifest.sketch.rank_out,
+            rank_in=rank_in,
+            rank_out=rank_out,
             damping=manifest.curvature.damping,
             max_length=manifest.model.context_length,
             rerank_available=manifest.exact_rerank,
@@ -170,25 +203,94 @@ class IndexInfo:
 
 
 @dataclass(frozen=True)
-class _Scoring:
-    """A query's preconditioned sketch vector `[D]` and its norm."""
-
-    vector: np.ndarray
-    norm: float
-
-
-@dataclass(frozen=True)
-class _ExactRow:
-    """A query's re-ranked candidates: ids `[n]`, the sketch's scores `[n]`, exact scores."""
+class _Ranked:
+    """A query's hits, best first, before they become `Hit`s: example ids `[k]`, their scores
+    in the index's kind, influence and cosine `[k]`, and whether each is exact `[k]`."""
 
     ids: list[int]
-    estimates: np.ndarray
-    exact: ExactScores
+    score: np.ndarray
+    influence: np.ndarray
+    cosine: np.ndarray
+    exact: np.ndarray
 
 
 def _candidates(query: Query) -> int:
     """How many candidates the query's exact re-rank scores (0: none); at least its top_k."""
     return max(query.rerank_depth, query.top_k) if query.rerank_depth else 0
+
+
+def _norms(example_ids: list[int], records: dict[int, ExampleRecord]) -> np.ndarray:
+    """The examples' sketch norms `[n]`."""
+    return np.array([records[i].norm for i in example_ids], dtype=np.float64)
+
+
+def _first(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[list[int], np.ndarray]:
+    """The first `k` results of a search (`scores [depth]`, `ids [depth]`, -1: no result) that
+    exist: their example ids and scores."""
+    found = ids[:k] >= 0
+    return ids[:k][found].tolist(), scores[:k][found]
+
+
+def _sketch_ranking(
+    space: ScoreSpace,
+    scores: np.ndarray,
+    ids: np.ndarray,
+    top_k: int,
+    records: dict[int, ExampleRecord],
+) -> _Ranked:
+    """The search's `top_k` (`scores [depth]`, `ids [depth]`, -1: none), both scores estimated
+    from the sketch."""
+    example_ids, score = _first(scores, ids, top_k)
+    influence, cosine = space.both(score, _norms(example_ids, records))
+    return _Ranked(example_ids, score, influence, cosine, np.zeros(len(example_ids), bool))
+
+
+def _exact_ranking(
+    space: ScoreSpace,
+    candidates: CandidateList,
+    stage: StageResult,
+    records: dict[int, ExampleRecord],
+) -> _Ranked:
+    """The re-ranked candidates by exact score, best `top_k` first. When the stage stopped at
+    a deadline, the candidates it did not reach rank by their sketch estimates, marked not
+    exact. A cosine the re-rank did not compute (an influence index) stays estimated."""
+    position = {i: k for k, i in enumerate(candidates.ids)}
+    reached = [position[i] for i in stage.ids]
+    if stage.stop == StopReason.DEADLINE:
+        scored = set(reached)
+        reached += [k for k in range(len(candidates.ids)) if k not in scored]
+    scores = np.concatenate([stage.scores, candidates.estimates[reached[len(stage.ids) :]]])
+    order = np.argsort(-scores, kind="stable")[: candidates.top_k]
+    example_ids = [candidates.ids[reached[k]] for k in order]
+    exact = order < len(stage.ids)
+    estimates = candidates.estimates[[reached[k] for k in order]].astype(np.float64)
+    influence, cosine = space.both(estimates, _norms(example_ids, records))
+    influence[exact] = np.asarray(stage.influence)[order[exact]]
+    if stage.cosine is not None:
+        cosine[exact] = np.asarray(stage.cosine)[order[exact]]
+    return _Ranked(example_ids, scores[order], influence, cosine, exact)
+
+
+def _hits(
+    ranked: _Ranked,
+    query: Query,
+    records: dict[int, ExampleRecord],
+    layers: list[dict[str, float]] | None,
+) -> list[Hit]:
+    return [
+        Hit(
+            example_id=records[i].example_id,
+            doc_id=records[i].doc_id,
+            chunk=records[i].chunk,
+            score=float(ranked.score[k]),
+            influence=float(ranked.influence[k]),
+            cosine=float(ranked.cosine[k]),
+            exact=bool(ranked.exact[k]),
+            text=records[i].text if query.include_text else None,
+            layer_scores=None if layers is None else layers[k],
+        )
+        for k, i in enumerate(ranked.ids)
+    ]
 
 
 class _Clock:
@@ -228,7 +330,9 @@ class QueryEngine:
         reranker: ExactReranker | None = None,
         lexical: LexicalIndex | None = None,
         options: EngineOptions | None = None,
+        searcher: Searcher | None = None,
     ):
+        """`searcher` answers the search (default: `index` itself, FAISS on the CPU)."""
         self.path = path
         self.version = path.name
         self.manifest = manifest
@@ -239,6 +343,7 @@ class QueryEngine:
         self._model = model
         self.curvature = curvature
         self.index = index
+        self.searcher = index if searcher is None else searcher
         self.metadata = metadata
         self.vectors = vectors
         named = dict(model.loaded.model.named_modules())
@@ -248,6 +353,7 @@ class QueryEngine:
         self.pad_id = model.loaded.tokenizer.pad_token_id
         self._max_query_chars = max_query_chars(model.loaded.tokenizer, self.info.max_length)
         self._prefix = framing(model.loaded.tokenizer, manifest.corpus).prefix
+        self._rerank_cost = SecondsPerCandidate()
 
     @classmethod
     def open(
@@ -273,7 +379,7 @@ class QueryEngine:
         index = open_index(path / INDEX_FILE)
         set_nprobe(index, manifest.nprobe)
         metadata = MetadataReader(path / METADATA_FILE)
-        vectors = StoredVectors(index, metadata, unit_norm=manifest.score == ScoreKind.COSINE)
+        vectors = StoredVectors(index, metadata, unit=manifest.score == ScoreKind.COSINE)
         reranker = None
         if manifest.exact_rerank:
             options = options or EngineOptions()
@@ -283,7 +389,17 @@ class QueryEngine:
         lexical = LexicalIndex(path / LEXICAL_DIR) if manifest.lexical_index else None
         log.info("opened index version %s (%d examples)", path.name, metadata.count())
         return cls(
-            path, manifest, model, curvature, index, metadata, vectors, reranker, lexical, options
+            path,
+            manifest,
+            model,
+            curvature,
+            index,
+            metadata,
+            vectors,
+            reranker,
+            lexical,
+            options,
+            searcher=device_searcher(index, device),  # the codes scanned on a CUDA device
         )
 
     @property
@@ -354,137 +470,193 @@ class QueryEngine:
         """Prepare and answer queries (see `answer`)."""
         return self.answer([self.prepare(q) for q in queries])
 
-    def answer(self, queries: list[TokenizedQuery]) -> list[QueryResult]:
+    def answer(
+        self,
+        queries: list[TokenizedQuery],
+        *,
+        deadlines: Sequence[float | None] | None = None,
+        on_sketch: Callable[[int, QueryResult], None] | None = None,
+    ) -> list[QueryResult]:
         """Top-k influencers of each prepared query: one batched forward/backward, one search,
-        one metadata lookup, and for queries with a re-rank depth K′ one batched
-        forward/backward over their K′ candidates that scores them exactly. Each query gets its
-        own top_k, depth and include flags."""
+        one metadata lookup, then the exact stage for the queries with a re-rank depth K′: their
+        candidates scored exactly, a chunk per round (one forward/backward over the round's
+        candidates), until each query's top-k is settled or K′ are scored (see
+        `indexer.rerank`). Each query gets its own top_k, depth and include flags.
+
+        `deadlines[q]` (`time.monotonic()` seconds): when query q's answer is due; its exact
+        stage starts no round that would end later. `on_sketch(q, result)` receives each
+        re-ranked query's sketch answer as soon as the index was searched."""
         clock = _Clock()
         queries = self._prepared(queries)
+        deadlines = deadlines or [None] * len(queries)
         timings = StageTimings(tokenize_us=clock.lap())
         depths = [_candidates(tq.query) for tq in queries]
         with self._model.lock:
-            capture = query_capture(self.sketcher, queries, self.pad_id, keep_full=any(depths))
+            capture = query_capture(
+                self.sketcher, queries, self.pad_id, keep_unprojected=any(depths)
+            )
             q = self.curvature.vectors(capture).cpu().numpy().astype(np.float32)
         timings.gradient_us = clock.lap()
-        q_norms = np.linalg.norm(q, axis=1)
-        kind = self.info.score_kind
-        search = q / np.maximum(q_norms[:, None], 1e-30) if kind == ScoreKind.COSINE else q
-        depth = max(max(tq.query.top_k, d) for tq, d in zip(queries, depths, strict=True))
-        scores, ids = self.index.search(np.ascontiguousarray(search), depth)
+        spaces = [ScoreSpace.of(self.info.score_kind, vector) for vector in q]
+        top_ks = [tq.query.top_k for tq in queries]
+        depth = max(max(top_ks), *depths)
+        scores, ids = self.searcher.search(np.stack([space.search for space in spaces]), depth)
         timings.search_us = clock.lap()
-        candidates, estimates = [], []
-        for row, d in enumerate(depths):
-            kept = ids[row][:d] >= 0
-            candidates.append(ids[row][:d][kept].tolist())
-            estimates.append(scores[row][:d][kept])
-        self._add_lexical(queries, candidates, estimates, q)
-        wanted = {int(i) for i in ids.ravel() if i >= 0} | {i for c in candidates for i in c}
+        retrieved = [_first(scores[row], ids[row], d) for row, d in enumerate(depths)]
+        lexical = self._lexical(queries, [c for c, _ in retrieved])
+        wanted = {int(i) for i in ids.ravel() if i >= 0} | {i for c in lexical for i in c}
         records = self.metadata.lookup(sorted(wanted))
         timings.lookup_us = clock.lap()
-        exact = None
-        if any(depths):
-            exact = self._rerank(capture.full, candidates, records)
+        ranked = [
+            _sketch_ranking(space, scores[row], ids[row], k, records)
+            for row, (space, k) in enumerate(zip(spaces, top_ks, strict=True))
+        ]
+        reranked = [row for row, d in enumerate(depths) if d]
+        if on_sketch is not None:
+            sketched = self._results(queries, spaces, ranked, records, replace(timings), {})
+            for row in reranked:
+                on_sketch(row, sketched[row])
+        stages: dict[int, StageResult] = {}
+        if reranked:
+            lists = {
+                row: self._candidate_list(
+                    spaces[row], retrieved[row], lexical[row], records, top_ks[row], deadlines[row]
+                )
+                for row in reranked
+            }
+            with self._model.lock:
+                targets = self.reranker.targets(capture.unprojected)
+            stages = self._exact_stage(lists, targets, records)
+            for row, stage in stages.items():
+                ranked[row] = _exact_ranking(spaces[row], lists[row], stage, records)
             timings.rerank_us = clock.lap()
-        results = []
-        for row, tq in enumerate(queries):
-            sketch = _Scoring(q[row], float(q_norms[row]))
-            if depths[row]:
-                exact_row = _ExactRow(candidates[row], estimates[row], exact[row])
-                hits = self._exact_hits(records, exact_row, sketch, tq.query)
-            else:
-                ranked = zip(scores[row][: tq.query.top_k], ids[row][: tq.query.top_k], strict=True)
-                hits = [
-                    self._hit(records[int(i)], float(s), sketch, tq.query)
-                    for s, i in ranked
-                    if i >= 0
-                ]
-            results.append(QueryResult(hits, tq.n_completion_tokens, kind, timings))
-        return results
+        return self._results(queries, spaces, ranked, records, timings, stages)
 
-    def _add_lexical(
+    def _results(
         self,
         queries: list[TokenizedQuery],
-        candidates: list[list[int]],
-        estimates: list[np.ndarray],
-        q: np.ndarray,
-    ) -> None:
-        """Append each query's BM25 matches (prompt + completion) to its candidates, with the
-        sketch's estimates of their scores."""
+        spaces: list[ScoreSpace],
+        ranked: list[_Ranked],
+        records: dict[int, ExampleRecord],
+        timings: StageTimings,
+        stages: dict[int, StageResult],
+    ) -> list[QueryResult]:
+        layers = self._layer_scores(queries, spaces, ranked, records)
+        return [
+            QueryResult(
+                _hits(ranked[row], tq.query, records, layers[row]),
+                tq.n_completion_tokens,
+                self.info.score_kind,
+                timings,
+                candidates_reranked=len(stages[row].ids) if row in stages else 0,
+                rerank_stop=stages[row].stop if row in stages else None,
+            )
+            for row, tq in enumerate(queries)
+        ]
+
+    def _candidate_list(
+        self,
+        space: ScoreSpace,
+        retrieved: tuple[list[int], np.ndarray],
+        lexical: list[int],
+        records: dict[int, ExampleRecord],
+        top_k: int,
+        deadline: float | None,
+    ) -> CandidateList:
+        """A query's candidates in the order the exact stage scores them: by the upper bound of
+        their exact scores (from the version's calibrated bound and their sketch ranks), lexical
+        candidates first (they have no sketch rank to bound them by). Without a bound (or with
+        early stopping off) every candidate's bound is infinite: all are scored, in sketch
+        order."""
+        ids, estimates = retrieved
+        bound = self.manifest.rerank_bound if self.options.rerank_early_stop else None
+        upper = np.full(len(ids), np.inf)
+        if bound is not None:
+            scale = space.cosine_scale(_norms(ids, records))
+            upper = bound.upper(estimates / scale, np.arange(len(ids))) * scale
+        extra = self._index_scores(space, lexical, records)
+        order = np.argsort(-np.concatenate([np.full(len(lexical), np.inf), upper]), kind="stable")
+        all_ids = lexical + ids
+        return CandidateList(
+            ids=[all_ids[k] for k in order],
+            estimates=np.concatenate([extra, estimates])[order],
+            upper=np.concatenate([np.full(len(lexical), np.inf), upper])[order],
+            top_k=top_k,
+            deadline=deadline,
+        )
+
+    def _exact_stage(
+        self,
+        lists: dict[int, CandidateList],
+        targets: QueryTargets,
+        records: dict[int, ExampleRecord],
+    ) -> dict[int, StageResult]:
+        """Each listed query's exact stage (by batch row), all sharing each round's pass."""
+        rows = list(lists)
+
+        def score(wanted: dict[int, list[int]]) -> list[ExactScores]:
+            needed = {i for ids in wanted.values() for i in ids}
+            tokens = {i: records[i].token_ids for i in needed}
+            norms = {i: records[i].exact_norm for i in needed}
+            chosen = targets.select([rows[k] for k in wanted])
+            with self._model.lock:
+                return self.reranker.score(
+                    chosen, list(wanted.values()), tokens, norms, self.info.score_kind
+                )
+
+        results = run_exact_stage(
+            list(lists.values()), score, self.options.rerank_chunk, self._rerank_cost
+        )
+        return dict(zip(rows, results, strict=True))
+
+    def _lexical(
+        self, queries: list[TokenizedQuery], candidates: list[list[int]]
+    ) -> list[list[int]]:
+        """Each query's BM25 matches (prompt + completion) not among its candidates already
+        (none for a query that asks for no lexical candidates)."""
+        extra: list[list[int]] = [[] for _ in queries]
         asking = [row for row, tq in enumerate(queries) if tq.query.lexical_candidates]
         if not asking:
-            return
+            return extra
         texts = [f"{queries[r].query.prompt}{queries[r].query.completion}" for r in asking]
         k = max(queries[r].query.lexical_candidates for r in asking)
         for row, found in zip(asking, self.lexical.search(texts, k), strict=True):
             seen = set(candidates[row])
-            new = [i for i in found[: queries[row].query.lexical_candidates] if i not in seen]
-            candidates[row].extend(new)
-            estimates[row] = np.concatenate([estimates[row], self._sketch_scores(q[row], new)])
+            wanted = found[: queries[row].query.lexical_candidates]
+            extra[row] = [i for i in wanted if i not in seen]
+        return extra
 
-    def _sketch_scores(self, q: np.ndarray, example_ids: list[int]) -> np.ndarray:
-        """The index's score `[n]` of the given examples, from the stored vectors."""
-        records = self.metadata.lookup(example_ids)
-        rows = [records[i].row for i in example_ids]
-        v = np.asarray(self.vectors[rows], dtype=np.float32)
-        if self.info.score_kind == ScoreKind.COSINE:
-            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
-            q = q / max(float(np.linalg.norm(q)), 1e-30)
-        return v @ q
+    def _index_scores(
+        self, space: ScoreSpace, example_ids: list[int], records: dict[int, ExampleRecord]
+    ) -> np.ndarray:
+        """The index's scores `[n]` of the given examples, as a search would give them."""
+        return self.vectors[[records[i].row for i in example_ids]] @ space.search
 
-    def _rerank(
-        self, full: Capture, candidates: list[list[int]], records: dict[int, ExampleRecord]
-    ) -> list[ExactScores]:
-        tokens = {i: records[i].token_ids for ids in candidates for i in ids}
-        norms = {i: records[i].exact_norm for i in tokens}
-        with self._model.lock:
-            return self.reranker.score(full, candidates, tokens, norms, self.info.score_kind)
-
-    def _exact_hits(
-        self, records: dict[int, ExampleRecord], row: _ExactRow, sketch: _Scoring, query: Query
-    ) -> list[Hit]:
-        """The query's candidates ranked by exact score, best `top_k` first. The exact scores
-        replace the sketch's estimates; a cosine the re-rank did not compute stays estimated."""
-        exact = row.exact
-        scores = exact.influence if exact.cosine is None else exact.cosine
-        hits = []
-        for i in np.argsort(-scores, kind="stable")[: query.top_k]:
-            estimated = self._hit(records[row.ids[i]], float(row.estimates[i]), sketch, query)
-            cosine = estimated.cosine if exact.cosine is None else float(exact.cosine[i])
-            influence = float(exact.influence[i])
-            hits.append(
-                replace(
-                    estimated,
-                    score=float(scores[i]),
-                    influence=influence,
-                    cosine=cosine,
-                    exact=True,
-                )
-            )
-        return hits
-
-    def _hit(self, record: ExampleRecord, score: float, sketch: _Scoring, query: Query) -> Hit:
-        """A hit whose other score is estimated from the sketch norms."""
-        q, q_norm = sketch.vector, sketch.norm
-        scale = max(q_norm * record.norm, 1e-30)
-        if self.info.score_kind == ScoreKind.COSINE:
-            influence, cosine = score * scale, score
-        else:
-            influence, cosine = score, score / scale
-        layers = None
-        if query.include_layer_scores:
-            v = np.asarray(self.vectors[record.row], dtype=np.float32)
-            layers = {n: float(q[s] @ v[s]) for n, s in self.curvature.layer_slices().items()}
-        return Hit(
-            example_id=record.example_id,
-            doc_id=record.doc_id,
-            chunk=record.chunk,
-            score=score,
-            influence=influence,
-            cosine=cosine,
-            text=record.text if query.include_text else None,
-            layer_scores=layers,
-        )
+    def _layer_scores(
+        self,
+        queries: list[TokenizedQuery],
+        spaces: list[ScoreSpace],
+        ranked: list[_Ranked],
+        records: dict[int, ExampleRecord],
+    ) -> list[list[dict[str, float]] | None]:
+        """Per query that asks, each hit's sketch influence per tracked module (they sum to the
+        hit's sketch influence): one decode of every row those hits need."""
+        asking = [row for row, tq in enumerate(queries) if tq.query.include_layer_scores]
+        layers: list[list[dict[str, float]] | None] = [None] * len(queries)
+        if not asking:
+            return layers
+        rows = sorted({records[i].row for row in asking for i in ranked[row].ids})
+        position = {r: k for k, r in enumerate(rows)}
+        stored = self.vectors[rows]
+        slices = self.curvature.layer_slices()
+        starts = [s.start for s in slices.values()]
+        for row in asking:
+            hits = ranked[row].ids
+            vectors = stored[[position[records[i].row] for i in hits]]
+            per_module = np.add.reduceat(vectors * spaces[row].search, starts, axis=1)
+            influence = spaces[row].both(per_module, _norms(hits, records)[:, None])[0]
+            layers[row] = [dict(zip(slices, map(float, hit), strict=True)) for hit in influence]
+        return layers
 
     def attribute_tokens(
         self, query: TokenizedQuery, example_ids: list[int]
@@ -500,8 +672,9 @@ class QueryEngine:
             [r.token_ids for r in ordered], [1] * len(ordered), self.pad_id, [0] * len(ordered)
         )
         with self._model.lock:
-            q = query_vectors(self.sketcher, self.curvature, [query], self.pad_id)[0]
-            scores = token_influence(self.sketcher.run(batch), self.curvature, q)
+            q = query_vectors(self.sketcher, self.curvature, [query], self.pad_id)
+            folded = self.curvature.fold(q)
+            scores = self.curvature.token_scores(self.sketcher.run(batch), folded)[0]
         tokenizer = self.loaded.tokenizer
         with self._model.tokenizer_lock:
             tokens = [[tokenizer.decode([t]) for t in r.token_ids] for r in ordered]

@@ -45,7 +45,7 @@ from indexer.engine import EngineOptions, QueryEngine
 from indexer.errors import InvalidInputError
 from indexer.exact import DEFAULT_MEMORY_LIMIT, ExactConfig, ExactScorer
 from indexer.query import LabeledQuery, TokenizedQuery, query_vectors
-from indexer.store import StoredVectors
+from indexer.store import StoredVectors, VectorsAtNorms
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,45 @@ T = TypeVar("T")
 class EvalConfig:
     """What to evaluate and against what."""
 
-    index: Path
+    index: Path = field(metadata={"help": "index ROOT"})
     queries: tuple[LabeledQuery, ...]
-    exact: bool = False
-    baselines: tuple[str, ...] = ()
-    ks: tuple[int, ...] = (10, 100)  # fidelity: recall of the exact top-k within the top-k
-    fact_ks: tuple[int, ...] = (1, 10)  # fact tracing: recall@k of the first gold document
-    version: str | None = None
-    data: str | None = None  # corpus location, when it moved since the build
-    batch_size: int = 32
-    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT
-    device: str = "cpu"
+    exact: bool = field(
+        default=False, metadata={"help": "compare with exact EK-FAC (small models)"}
+    )
+    baselines: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "comma list of: " + ", ".join(BASELINES), "choices": BASELINES},
+    )
+    # fidelity: recall of the exact top-k within the top-k
+    ks: tuple[int, ...] = field(
+        default=(10, 100), metadata={"help": "fidelity ks", "flags": ("-k", "--k"), "min": 1}
+    )
+    # fact tracing: recall@k of the first gold document
+    fact_ks: tuple[int, ...] = field(
+        default=(1, 10), metadata={"help": "fact-tracing ks", "flags": ("--fact-k",), "min": 1}
+    )
+    version: str | None = field(default=None, metadata={"help": "a version id (default: CURRENT)"})
+    data: str | None = field(
+        default=None, metadata={"help": "corpus path or glob, if it moved since the build"}
+    )
+    batch_size: int = field(default=32, metadata={"help": "examples per pass batch"})
+    memory_limit_bytes: int = field(
+        default=DEFAULT_MEMORY_LIMIT,
+        metadata={
+            "help": "refuse exact/gradient baselines needing more",
+            "flags": ("--memory-limit-gb",),
+            "unit": 1 << 30,
+        },
+    )
+    device: str = field(default="cpu", metadata={"help": "torch device"})
     progress: bool = True
-    rerank_depth: int = EngineOptions.rerank_depth  # K′ of the re-ranked methods
-    lexical_candidates: int = 100  # BM25 candidates of `index+lexical+rerank`
+    rerank_depth: int = field(
+        default=EngineOptions.rerank_depth,
+        metadata={"help": "K′ of the re-ranked methods (0: evaluate the sketch only)"},
+    )
+    lexical_candidates: int = field(
+        default=100, metadata={"help": "BM25 candidates of the index+lexical+rerank method"}
+    )
 
     @property
     def depth(self) -> int:
@@ -135,7 +160,9 @@ def json_safe(value: object) -> object:
 
 
 def sketch_scores(
-    vectors: StoredVectors | np.ndarray, queries: np.ndarray, column_scale: np.ndarray | None = None
+    vectors: StoredVectors | VectorsAtNorms | np.ndarray,
+    queries: np.ndarray,
+    column_scale: np.ndarray | None = None,
 ) -> StreamedScores:
     """Exhaustive inner products of `queries [Q, D]` with the stored `vectors [N, D]` (decoded
     from the index in chunks of rows, in row order) and the vectors' norms: what a flat index
@@ -164,13 +191,12 @@ def in_kind(streamed: StreamedScores, query_norms: np.ndarray, kind: ScoreKind) 
 def exact_influence_target(curvature: Curvature, queries: Tensor) -> ScoreTarget:
     """Exact influence as inner products with the raw full gradients `G_n`.
 
-    `⟨q, precondition(G_n)⟩ = ⟨unrotate(q), G_n⟩`, so folding the preconditioning into the
-    queries `[Q, D]` (once) spares rotating every example's gradient (several times cheaper).
+    `⟨q, precondition(G_n)⟩ = ⟨M, G_n⟩` (`Curvature.fold`), so folding the preconditioning into
+    the queries `[Q, D]` (once) spares rotating every example's gradient (several times cheaper).
     """
-    slices = curvature.layer_slices()
-    folded = [m.unrotate(queries[:, slices[n]]).flatten(1) for n, m in curvature.modules.items()]
-    names = list(curvature.modules)
-    return ScoreTarget(partial(flat_gradients, names=names), torch.cat(folded, dim=1))
+    folded = curvature.fold(queries)
+    flat = torch.cat([m.flatten(1) for m in folded.values()], dim=1)  # [Q, D_full]
+    return ScoreTarget(partial(flat_gradients, names=list(folded)), flat)
 
 
 def matching_corpus(engine: QueryEngine, data: str | None) -> list[Example]:

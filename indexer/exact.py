@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from indexer.config import CurvatureConfig, ScoreKind
@@ -30,9 +29,19 @@ DEFAULT_MEMORY_LIMIT = 8 << 30
 @dataclass(frozen=True)
 class ExactConfig:
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
-    modules: str | None = None
-    batch_size: int = 8
-    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT
+    modules: str | None = field(
+        default=None,
+        metadata={"help": "regex of module names to track (default: Linear/Conv1D in the blocks)"},
+    )
+    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward pass"})
+    memory_limit_bytes: int = field(
+        default=DEFAULT_MEMORY_LIMIT,
+        metadata={
+            "help": "refuse models whose full factors need more",
+            "flags": ("--memory-limit-gb",),
+            "unit": 1 << 30,
+        },
+    )
     progress: bool = False
 
 
@@ -141,19 +150,28 @@ class ExactReranker:
         self.pad_id = pad_id
         self.batch_size = batch_size
 
+    def targets(self, queries: Capture) -> QueryTargets:
+        """What the queries' candidates are scored against, from the unprojected capture of the
+        queries' pass (`Capture.unprojected`): computed once, however many rounds score."""
+        folded, squared = {}, 0
+        for name, module in self.curvature.modules.items():
+            # One module's preconditioned gradients `[Q, d_out * d_in]` at a time.
+            vectors = module.precondition_tokens(queries.gradients[name], queries.activations[name])
+            squared = squared + vectors.double().square().sum(dim=1)
+            folded[name] = module.fold(vectors)
+        return QueryTargets(folded=folded, norms=squared.sqrt().cpu().numpy())
+
     def score(
         self,
-        queries: Capture,
+        targets: QueryTargets,
         wanted: list[list[int]],
         tokens: dict[int, list[int]],
         norms: dict[int, float | None],
         kind: ScoreKind,
     ) -> list[ExactScores]:
-        """`queries`: the unprojected capture of the queries' pass (`Capture.full`);
-        `wanted[q]`: ids of query q's candidates; `tokens`: every candidate's token ids;
-        `norms`: every candidate's exact preconditioned norm (a cosine index's metadata holds
-        them; unused for influence)."""
-        targets = self._query_targets(queries)
+        """`wanted[q]`: ids of the candidates of `targets`' query q; `tokens`: the token ids of
+        every candidate to pass over (at least those wanted); `norms`: every candidate's exact
+        preconditioned norm (a cosine index's metadata holds them; unused for influence)."""
         dots = {}
         for chunk, capture in self._passes(list(tokens), tokens):
             dots.update(zip(chunk, self._influence_batch(capture, targets).T, strict=True))
@@ -174,26 +192,10 @@ class ExactReranker:
             batch = make_batch(sequences, [1] * len(chunk), self.pad_id, [0] * len(chunk))
             yield chunk, self.sketcher.run(batch, "data")
 
-    def _query_targets(self, queries: Capture) -> _QueryTargets:
-        gradients = queries.sketches()  # full query gradients `G_q`, [Q, d_out, d_in] per module
-        preconditioned = {
-            name: module.precondition(gradients[name])
-            for name, module in self.curvature.modules.items()
-        }
-        folded = {
-            name: module.unrotate(preconditioned[name])
-            for name, module in self.curvature.modules.items()
-        }
-        squared = sum(p.double().square().sum(dim=1) for p in preconditioned.values())
-        return _QueryTargets(folded=folded, norms=squared.sqrt().cpu().numpy())
-
-    def _influence_batch(self, capture: Capture, targets: _QueryTargets) -> np.ndarray:
-        """Exact influence `[Q, batch]` by per-token contraction with each query's `M_l`."""
-        dots: Tensor = 0
-        for name, folded in targets.folded.items():
-            projected = torch.einsum("bto,qoi->qbti", capture.gradients[name], folded)
-            dots = dots + torch.einsum("qbti,bti->qb", projected, capture.activations[name])
-        return dots.double().cpu().numpy()
+    def _influence_batch(self, capture: Capture, targets: QueryTargets) -> np.ndarray:
+        """Exact influence `[Q, batch]`: each token contracted with each query's `M_l`."""
+        scores = self.curvature.example_scores(capture, targets.folded)
+        return scores.double().cpu().numpy()
 
 
 def _norms_of(ids: list[int], norms: dict[int, float | None]) -> np.ndarray:
@@ -201,9 +203,37 @@ def _norms_of(ids: list[int], norms: dict[int, float | None]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _QueryTargets:
+class QueryTargets:
     """What candidates are scored against: per module `M_l [Q, d_out, d_in]`, and the
     preconditioned query vectors' norms `[Q]`."""
 
     folded: dict[str, Tensor]
     norms: np.ndarray
+
+    def select(self, rows: list[int]) -> QueryTargets:
+        """The targets of queries `rows` only, in that order."""
+        return QueryTargets({n: m[rows] for n, m in self.folded.items()}, self.norms[rows])
+
+
+def exact_top_hits(
+    loaded: LoadedModel,
+    examples: list[Example],
+    queries: list[TokenizedQuery],
+    config: ExactConfig,
+    top_k: int,
+) -> list[list[dict[str, object]]]:
+    """Each query's `top_k` examples by exact EK-FAC influence over all of `examples`, best
+    first, as `{example_id, doc_id, chunk, score}` (what `influence-index exact` reports)."""
+    scores = ExactScorer(loaded, examples, config).score(queries)
+    return [
+        [
+            {
+                "example_id": examples[i].example_id,
+                "doc_id": examples[i].doc_id,
+                "chunk": examples[i].chunk,
+                "score": float(row[i]),
+            }
+            for i in row.argsort()[::-1][:top_k]
+        ]
+        for row in scores
+    ]

@@ -12,13 +12,13 @@ build) on request or once the examples changed since the fit pass a fraction of 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from indexer.config import CurvatureConfig, ScoreKind, SketchConfig
+from indexer.config import BuildConfig, CurvatureConfig, ScoreKind, SketchConfig
 from indexer.corpus import ExampleTable
 from indexer.manifest import INDEX_FILE, METADATA_FILE, Manifest
 from indexer.store import (
@@ -29,6 +29,7 @@ from indexer.store import (
     ScratchVectors,
     StoredVectors,
     copy_training,
+    default_factory,
     new_index,
     open_index,
     sql_path,
@@ -69,6 +70,14 @@ class Settings:
             exact_rerank=manifest.exact_rerank,
         )
 
+    def difference(self, other: Settings) -> str | None:
+        """The first setting in which `other` differs, in words (None: the vectors are
+        comparable)."""
+        for f in fields(Settings):
+            if getattr(self, f.name) != getattr(other, f.name):
+                return _WORDS[f.name]
+        return None
+
 
 _WORDS = {
     "code_version": "code version",
@@ -84,12 +93,19 @@ _WORDS = {
 }
 
 
-def difference(previous: Settings, current: Settings) -> str | None:
-    """The first setting that differs, in words (None: the vectors are comparable)."""
-    for f in fields(Settings):
-        if getattr(previous, f.name) != getattr(current, f.name):
-            return _WORDS[f.name]
-    return None
+def built_with(manifest: Manifest, config: BuildConfig) -> bool:
+    """Whether a version was built with the settings `config` fixes without loading a model:
+    sketch, curvature, score and index factory (`config`'s, or the default for the version's
+    size). The others (model, tokenizer, code, framing, ...) count as the version's own."""
+    built = Settings.of(manifest)
+    asked = replace(
+        built,
+        sketch=config.sketch,
+        curvature=config.curvature,
+        score=config.store.score,
+        index_factory=config.store.index_factory or default_factory(manifest.counts.examples),
+    )
+    return built.difference(asked) is None
 
 
 @dataclass
@@ -104,7 +120,8 @@ class Previous:
     def open(cls, path: Path, manifest: Manifest) -> Previous:
         metadata = MetadataReader(path / METADATA_FILE)
         index = open_index(path / INDEX_FILE)
-        return cls(path, manifest, StoredVectors(index, metadata, unit_norm=False))
+        unit = manifest.score == ScoreKind.COSINE
+        return cls(path, manifest, StoredVectors(index, metadata, unit=unit))
 
     def close(self) -> None:
         self.vectors.metadata.close()
@@ -134,8 +151,8 @@ class Diff:
         return self.new + self.changed + self.deleted
 
 
-def full_diff(n_examples: int) -> Diff:
-    """A full build: every example is sketched (and counted as new)."""
+def all_new(n_examples: int) -> Diff:
+    """A full build's: every example is sketched (and counted as new)."""
     return Diff(np.full(n_examples, -1, dtype=np.int64), n_examples, 0, 0)
 
 
@@ -192,7 +209,7 @@ class MergedVectors:
         fresh = source < 0
         block[fresh] = self._sketched[self._slot[rows[fresh]]]
         if not fresh.all():
-            block[~fresh] = self._previous.decode(source[~fresh])
+            block[~fresh] = self._previous[source[~fresh]]
         return block
 
 

@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 from indexer.config import CorpusConfig, CurvatureConfig, ScoreKind, SketchConfig
 from indexer.errors import IndexVerificationError
+from indexer.scores import RerankBound
 
 # 4: the index is the only copy of the vectors (no vectors.f16); content hashes in the metadata;
 # the curvature fit's age; incremental builds. 5: each example's exact preconditioned norm in
-# the metadata (a cosine index with re-rank factors).
-FORMAT_VERSION = 5
+# the metadata (a cosine index with re-rank factors). 6: the exact stage's calibrated bound;
+# each module's sketch ranks in its layout (a budget per example, allocated across modules).
+FORMAT_VERSION = 6
 
 MANIFEST_FILE = "manifest.json"
 CURVATURE_FILE = "curvature.safetensors"
@@ -50,7 +52,8 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class ModuleLayout:
-    """A tracked module and its columns `[start, stop)` in every stored vector."""
+    """A tracked module and its columns `[start, stop)` in every stored vector: its
+    `rank_out x rank_in` sketch (`stop - start` coordinates) of a `d_out x d_in` gradient."""
 
     name: str
     start: int
@@ -58,6 +61,8 @@ class ModuleLayout:
     d_in: int  # counts the appended 1 of a bias
     d_out: int
     has_bias: bool
+    rank_out: int
+    rank_in: int
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,8 @@ class Manifest:
     counts: Counts
     curvature_fit: CurvatureFit
     built_from: str | None = None  # the version whose curvature and vectors were reused
+    # How far the sketch's score may be from the exact one (with re-rank factors only)
+    rerank_bound: RerankBound | None = None
     build_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -113,6 +120,11 @@ class Manifest:
         """Tokens per example."""
         assert self.corpus.max_length is not None
         return self.corpus.max_length
+
+    def shared_ranks(self) -> tuple[int, int]:
+        """`(rank_out, rank_in)` when every module has the same ranks, else `(0, 0)`."""
+        ranks = {(m.rank_out, m.rank_in) for m in self.modules}
+        return ranks.pop() if len(ranks) == 1 else (0, 0)
 
     def required_files(self) -> tuple[str, ...]:
         """The files the format requires of this version, whatever `files` lists."""
@@ -156,6 +168,9 @@ class Manifest:
                 counts=Counts(**data["counts"]),
                 curvature_fit=CurvatureFit(**data["curvature_fit"]),
                 built_from=data["built_from"],
+                rerank_bound=(
+                    RerankBound(**data["rerank_bound"]) if data["rerank_bound"] else None
+                ),
                 build_seconds=dict(data["build_seconds"]),
                 files={name: FileRecord(**f) for name, f in data["files"].items()},
             )

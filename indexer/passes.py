@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from indexer.config import Autocast
 from indexer.corpus import Example, ExampleTable
 from indexer.hashing import int63
 from indexer.sketch import Capture, GradientSketcher, LabelMode, make_batch
@@ -33,12 +34,19 @@ class ExamplePass:
     batch_size: int
     seed: int
     progress: bool = True
+    autocast: Autocast = Autocast.OFF  # the build's passes only: queries run in float32
 
     def run(
-        self, rows: Sequence[int], labels: LabelMode, desc: str, keep_full: bool = False
+        self,
+        rows: Sequence[int],
+        labels: LabelMode,
+        desc: str,
+        *,
+        keep_unprojected: bool = False,
     ) -> Iterator[tuple[list[int], Capture]]:
         """Yield `(rows of the batch, capture)`: `rows` are read `WINDOW_ROWS` at a time, in the
-        given order, and each window goes in length order."""
+        given order, and each window goes in length order; `keep_unprojected`: see
+        `GradientSketcher.run`."""
         with tqdm(total=len(rows), desc=desc, unit="ex", disable=not self.progress) as bar:
             for start in range(0, len(rows), WINDOW_ROWS):
                 window = [int(r) for r in rows[start : start + WINDOW_ROWS]]
@@ -53,5 +61,8 @@ class ExamplePass:
                         [int63(self.seed, e.example_id) for e in chunk],
                     )
                     batch_rows = [window[i] for i in order[first : first + self.batch_size]]
-                    yield batch_rows, self.sketcher.run(batch, labels, keep_full)
+                    capture = self.sketcher.run(
+                        batch, labels, keep_unprojected=keep_unprojected, autocast=self.autocast
+                    )
+                    yield batch_rows, capture
                     bar.update(len(chunk))

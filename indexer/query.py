@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
@@ -112,10 +111,15 @@ def query_token_batch(queries: list[TokenizedQuery], pad_id: int) -> TokenBatch:
 
 
 def query_capture(
-    sketcher: GradientSketcher, queries: list[TokenizedQuery], pad_id: int, keep_full: bool = False
+    sketcher: GradientSketcher,
+    queries: list[TokenizedQuery],
+    pad_id: int,
+    *,
+    keep_unprojected: bool = False,
 ) -> Capture:
     """One forward/backward of the completion-only loss for the whole batch of queries."""
-    return sketcher.run(query_token_batch(queries, pad_id), "data", keep_full)
+    batch = query_token_batch(queries, pad_id)
+    return sketcher.run(batch, "data", keep_unprojected=keep_unprojected)
 
 
 def query_vectors(
@@ -123,22 +127,6 @@ def query_vectors(
 ) -> Tensor:
     """Preconditioned query vectors `[n_queries, D]`."""
     return curvature.vectors(query_capture(sketcher, queries, pad_id))
-
-
-def token_influence(capture: Capture, curvature: Curvature, query_vector: Tensor) -> Tensor:
-    """Per-token influence `[batch, tokens]` of training sequences on one query.
-
-    `⟨q, v_n⟩ = Σ_l ⟨M_l, S_n,l⟩` with `M_l = U_B (q_l / sqrt(Λ+λ)) U_Aᵀ`, and `S_n = Σ_t g_t a_tᵀ`,
-    so token t contributes `Σ_l g_tᵀ M_l a_t`; the tokens sum to the example's score.
-    """
-    slices = curvature.layer_slices()
-    total = 0
-    for name, module in curvature.modules.items():
-        m = module.unrotate(query_vector[slices[name]].unsqueeze(0))[0]
-        total = total + torch.einsum(
-            "bto,oi,bti->bt", capture.gradients[name], m, capture.activations[name]
-        )
-    return total
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from indexer.config import Autocast
 from indexer.hashing import int63
 from indexer.model import module_shape
 
 IGNORE = -100
 LabelMode = Literal["data", "sampled"]
+AUTOCAST_DTYPES = {Autocast.BF16: torch.bfloat16}  # Autocast.OFF: float32, no autocast
 
 
 @dataclass(frozen=True)
@@ -109,22 +111,23 @@ def sample_targets(logits: Tensor, batch: TokenBatch) -> Tensor:
 class Capture:
     """Per module: projected inputs `a [batch, tokens, r_in]`, output grads `g [.., r_out]`.
 
-    `full`, when asked for, holds the same pass unprojected: `a [batch, tokens, d_in]` (bias
-    column included) and `g [batch, tokens, d_out]`, as identity projections would give.
+    `unprojected`, when asked for, holds the same pass without projection: `a [batch, tokens,
+    d_in]` (bias column included) and `g [batch, tokens, d_out]`, as identity projections give.
     """
 
     activations: dict[str, Tensor]
     gradients: dict[str, Tensor]
     losses: Tensor  # [batch], the loss that was back-propagated, per example
     n_tokens: int  # non-padding tokens in the batch
-    full: Capture | None = None
+    unprojected: Capture | None = None
 
     def sketches(self) -> dict[str, Tensor]:
         """`S = sum_t g_t a_t^T` per module: `[batch, r_out, r_in]`."""
-        return {
-            name: torch.einsum("bto,bti->boi", self.gradients[name], a)
-            for name, a in self.activations.items()
-        }
+        return {name: self.sketches_of(name) for name in self.activations}
+
+    def sketches_of(self, name: str) -> Tensor:
+        """`S = sum_t g_t a_t^T` of one module: `[batch, r_out, r_in]`."""
+        return torch.einsum("bto,bti->boi", self.gradients[name], self.activations[name])
 
 
 @dataclass
@@ -165,7 +168,7 @@ class GradientSketcher:
         self.device = next(model.parameters()).device
 
     @contextmanager
-    def _hooks(self, mask: Tensor, projected: _Tensors, full: _Tensors | None):
+    def _hooks(self, mask: Tensor, projected: _Tensors, unprojected: _Tensors | None):
         handles = [
             self.model.get_input_embeddings().register_forward_hook(
                 lambda _m, _i, out: out.requires_grad_(True)
@@ -174,7 +177,9 @@ class GradientSketcher:
         token_mask = mask.unsqueeze(-1).to(torch.float32)
         for name, module in self.modules.items():
             handles.append(
-                module.register_forward_hook(self._forward_hook(name, token_mask, projected, full))
+                module.register_forward_hook(
+                    self._forward_hook(name, token_mask, projected, unprojected)
+                )
             )
         try:
             yield
@@ -183,37 +188,51 @@ class GradientSketcher:
                 handle.remove()
 
     def _forward_hook(
-        self, name: str, token_mask: Tensor, projected: _Tensors, full: _Tensors | None
+        self, name: str, token_mask: Tensor, projected: _Tensors, unprojected: _Tensors | None
     ) -> Callable:
         projection = self.projections[name]
         has_bias = module_shape(self.modules[name]).has_bias
 
         def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
             a = inputs[0].detach().float()
-            projected.activations[name] = _project_inputs(a, projection.R, has_bias) * token_mask
-            if full is not None:
-                full.activations[name] = _project_inputs(a, None, has_bias) * token_mask
+            # The sketch's own products stay float32 under the forward's autocast.
+            with torch.autocast(a.device.type, enabled=False):
+                projected.activations[name] = (
+                    _project_inputs(a, projection.R, has_bias) * token_mask
+                )
+                if unprojected is not None:
+                    unprojected.activations[name] = _project_inputs(a, None, has_bias) * token_mask
 
             def grad_hook(g: Tensor) -> None:
                 g = g.detach().float()
                 projected.gradients[name] = _project(g, projection.P)
-                if full is not None:
-                    full.gradients[name] = g
+                if unprojected is not None:
+                    unprojected.gradients[name] = g
 
             output.register_hook(grad_hook)
 
         return hook
 
     def run(
-        self, batch: TokenBatch, labels: LabelMode = "data", keep_full: bool = False
+        self,
+        batch: TokenBatch,
+        labels: LabelMode = "data",
+        *,
+        keep_unprojected: bool = False,
+        autocast: Autocast = Autocast.OFF,
     ) -> Capture:
-        """One forward and one backward of the summed per-example loss; `keep_full` also
-        keeps the unprojected activations and output gradients (`Capture.full`)."""
-        projected, full = _Tensors(), _Tensors() if keep_full else None
+        """One forward and one backward of the summed per-example loss; `keep_unprojected`
+        also keeps the unprojected activations and output gradients (`Capture.unprojected`).
+        `autocast` runs the model's forward (and so its backward) in bfloat16 where torch's
+        autocast does; what the hooks capture is float32 either way."""
+        projected = _Tensors()
+        unprojected = _Tensors() if keep_unprojected else None
         input_ids = batch.input_ids.to(self.device)
         attention_mask = batch.attention_mask.to(self.device)
-        with self._hooks(attention_mask, projected, full), torch.enable_grad():
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        dtype = AUTOCAST_DTYPES.get(autocast)
+        with self._hooks(attention_mask, projected, unprojected), torch.enable_grad():
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = batch.targets.to(self.device)
             if labels == "sampled":
                 targets = sample_targets(logits, batch)
@@ -225,5 +244,7 @@ class GradientSketcher:
             projected.gradients,
             losses,
             n_tokens,
-            None if full is None else Capture(full.activations, full.gradients, losses, n_tokens),
+            None
+            if unprojected is None
+            else Capture(unprojected.activations, unprojected.gradients, losses, n_tokens),
         )

@@ -88,7 +88,7 @@ class ScratchVectors:
     (ENOSPC) here rather than a SIGBUS when a page of a sparse mapping is first written.
     """
 
-    def __init__(self, path: Path, n_rows: int, dim: int, create: bool = True):
+    def __init__(self, path: Path, n_rows: int, dim: int, *, create: bool = True):
         """A new matrix at `path`, or (`create` False) one another process wrote, to read."""
         self.shape = (n_rows, dim)
         self._row_bytes = dim * np.dtype(np.float16).itemsize
@@ -162,12 +162,14 @@ def write_faiss(
     vectors: np.ndarray,
     ids: np.ndarray,
     factory: str,
-    normalize: bool,
     path: Path,
+    *,
+    normalize: bool = False,
     seed: int = 0,
     trained: faiss.Index | None = None,
 ) -> faiss.Index:
-    """Build an inner-product index over `vectors [N, D]` with `ids [N]` and write it.
+    """Build an inner-product index over `vectors [N, D]` (unit-normalised first when
+    `normalize`) with `ids [N]` and write it.
 
     Rows are added in order, so row r of an `IDMap` index's inner index is `vectors[r]`; an IVF
     index gets a direct map, so that `StoredVectors` can decode any row of either. ValueError
@@ -312,7 +314,9 @@ def sql_path(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-def write_metadata(path: Path, corpus: ExampleTable, sketched: list[Path], reuse: bool) -> None:
+def write_metadata(
+    path: Path, corpus: ExampleTable, sketched: list[Path], *, reuse: bool = False
+) -> None:
     """The version's examples table, in DuckDB from the staged corpus: each example's norms and
     loss come from `sketched` (headerless CSVs of row, norm, exact norm, loss: the main pass's
     output, one per rank) or, when `reuse`, from the previous version's metadata (attached as
@@ -386,41 +390,36 @@ class MetadataReader:
 
 
 class StoredVectors:
-    """The preconditioned vectors `[N, D]` (float32), decoded from the FAISS index, which is
-    their only copy; row r is the example whose metadata `row` is r.
+    """The vectors `[N, D]` (float32) the index searches, decoded from it (their only copy); row
+    r is the example whose metadata `row` is r. An influence index stores the preconditioned
+    vectors `v`, a cosine index (`unit`) the unit vectors `v / ‖v‖`, whose norms `‖v‖` the
+    metadata keeps: `preconditioned` gives `v` from either.
 
     Index it like an array (`v[r]`, `v[a:b]`, `v[[r1, r2]]`): each access decodes only those
-    rows, so an index mapped from disk is read only where it is used. A cosine index stores unit
-    vectors; `unit_norm` scales them back by the norms kept in the metadata.
+    rows, so an index mapped from disk is read only where it is used.
     """
 
-    def __init__(self, index: faiss.Index, metadata: MetadataReader, unit_norm: bool):
+    def __init__(self, index: faiss.Index, metadata: MetadataReader, *, unit: bool):
         self.index = index
         self.metadata = metadata
-        self.unit_norm = unit_norm
+        self.unit = unit
         self.shape = (index.ntotal, index.d)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        rows = self._rows(key)
-        block = self.decode(np.atleast_1d(rows))
-        if self.unit_norm:
-            block *= self.metadata.ids_and_norms(np.atleast_1d(rows))[1][:, None]
+        rows = self.rows(key)
+        block = self._decode(np.atleast_1d(rows))
         return block if rows.ndim else block[0]
 
-    def decode(self, rows: np.ndarray) -> np.ndarray:
-        """The index's own vectors `[n, D]` of `rows`: what a search scores (unit vectors in a
-        cosine index)."""
-        if not len(rows):
-            return np.zeros((0, self.shape[1]), dtype=np.float32)
-        ids = None
-        if not isinstance(self.index, faiss.IndexIDMap | faiss.IndexIDMap2):
-            ids = self.metadata.ids_and_norms(rows)[0]
-        return _decode_rows(self.index, rows, ids)
+    @property
+    def preconditioned(self) -> StoredVectors | VectorsAtNorms:
+        """The preconditioned vectors `v [N, D]`, indexed alike."""
+        return VectorsAtNorms(self) if self.unit else self
 
-    def _rows(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+    def rows(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        """The rows an array index `key` selects (0-d for a single row); IndexError outside."""
         n = self.shape[0]
         if isinstance(key, slice):
             return np.arange(*key.indices(n), dtype=np.int64)
@@ -428,3 +427,29 @@ class StoredVectors:
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             raise IndexError(f"rows outside [0, {n})")
         return rows
+
+    def _decode(self, rows: np.ndarray) -> np.ndarray:
+        if not len(rows):
+            return np.zeros((0, self.shape[1]), dtype=np.float32)
+        ids = None
+        if not isinstance(self.index, faiss.IndexIDMap | faiss.IndexIDMap2):
+            ids = self.metadata.ids_and_norms(rows)[0]
+        return _decode_rows(self.index, rows, ids)
+
+
+class VectorsAtNorms:
+    """A cosine index's preconditioned vectors `v [N, D]` (float32): its stored unit vectors
+    times the norms its metadata keeps. Indexed like `StoredVectors`."""
+
+    def __init__(self, stored: StoredVectors):
+        self.stored = stored
+        self.shape = stored.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = self.stored.rows(key)
+        block = self.stored[np.atleast_1d(rows)]
+        block *= self.stored.metadata.ids_and_norms(np.atleast_1d(rows))[1][:, None]
+        return block if rows.ndim else block[0]

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from indexer.engine import EngineOptions, QueryEngine
 from indexer.errors import InvalidInputError
 from influence.v1 import influence_pb2
-from server.auth import BearerTokenInterceptor, TlsFiles, load_token, server_credentials
+from server.auth import BearerTokenInterceptor, SecurityConfig, TlsFiles, server_credentials
 from server.batching import BatcherConfig, MicroBatcher
 from server.dispatch import Dispatcher, WorkItem
 from server.metrics import ServerMetrics
@@ -42,46 +42,86 @@ _HEALTH_PORT_THREADS = 2
 
 @dataclass
 class ServerConfig:
-    """Everything `influence-index serve` can set. Times in seconds unless named _ms."""
+    """Everything `influence-index serve` can set (its options are generated from these fields).
+    Times in seconds unless named _ms."""
 
-    index_root: Path
-    host: str = "127.0.0.1"
-    port: int = 50051
-    device: str = "cpu"
-    model_dir: Path | None = None
-    max_batch_size: int = 16
-    max_wait_ms: float = 5.0
-    max_queue: int = 256
-    max_top_k: int = 1000
-    max_queries_per_batch: int = 256
-    max_attribution_examples: int = 32
-    max_workers: int = 64  # concurrent query RPCs; beyond them RESOURCE_EXHAUSTED
-    poll_seconds: float = 5.0
-    grace_seconds: float = 10.0
-    auth_token_file: Path | None = None
-    auth_token_env: str | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_client_ca_file: Path | None = None
-    metrics_port: int | None = None
-    health_port: int | None = None  # plaintext, health service only, even when TLS is on
-    max_connection_age_s: float | None = None  # then clients reconnect (and rebalance)
-    pin_version: str | None = None  # serve exactly this version
-    max_message_bytes: int = 16 * 1024 * 1024
-    # Largest Query or AttributeTokens request (QueryBatch: times max_queries_per_batch);
-    # larger ones are refused before they are parsed. 1 MiB holds ~250k tokens of text.
-    max_query_bytes: int = 1024 * 1024
-    engine: EngineOptions = field(default_factory=EngineOptions)  # re-rank depth and budget
-
-    def tls(self) -> TlsFiles | None:
-        """The TLS files, or None for plaintext; raises InvalidInputError if incomplete."""
-        if self.tls_cert_file is None and self.tls_key_file is None:
-            if self.tls_client_ca_file is not None:
-                raise InvalidInputError("--tls-client-ca needs --tls-cert and --tls-key")
-            return None
-        if self.tls_cert_file is None or self.tls_key_file is None:
-            raise InvalidInputError("TLS needs both --tls-cert and --tls-key")
-        return TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+    index_root: Path = field(
+        metadata={"help": "published index root", "flags": ("--index",), "metavar": "ROOT"}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: all)"})
+    port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one"})
+    device: str = field(
+        default="cpu", metadata={"help": "torch device for the query model: cpu, cuda, ..."}
+    )
+    model_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "model directory overriding the manifest's (its sha256 must match)",
+            "flags": ("--model",),
+        },
+    )
+    metrics_port: int | None = field(
+        default=None, metadata={"help": "serve Prometheus metrics over HTTP on this port"}
+    )
+    health_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "also serve grpc.health.v1.Health alone, in plaintext (even with TLS), on "
+            "this port: service '' = ready (an index is loaded), 'liveness' = the process is up"
+        },
+    )
+    batching: BatcherConfig = field(
+        default_factory=BatcherConfig, metadata={"group": "batching and limits"}
+    )
+    limits: ServiceLimits = field(
+        default_factory=ServiceLimits, metadata={"group": "batching and limits"}
+    )
+    # 1 MiB holds ~250k tokens of text.
+    max_query_bytes: int = field(
+        default=1 << 20,
+        metadata={
+            "help": "largest Query or AttributeTokens request, in MiB (QueryBatch: times "
+            "--max-queries-per-batch); larger ones get INVALID_ARGUMENT before they are parsed",
+            "flags": ("--max-query-mb",),
+            "unit": 1 << 20,
+            "group": "batching and limits",
+        },
+    )
+    max_message_bytes: int = field(
+        default=16 << 20,
+        metadata={
+            "help": "largest gRPC message, in MiB",
+            "flags": ("--max-message-mb",),
+            "unit": 1 << 20,
+            "group": "batching and limits",
+        },
+    )
+    reload: ReloadPolicy = field(
+        default_factory=ReloadPolicy, metadata={"group": "reload and shutdown"}
+    )
+    grace_seconds: float = field(
+        default=10.0,
+        metadata={
+            "help": "time in-flight requests get to finish on SIGTERM/SIGINT (and on a "
+            "connection closed for its age)",
+            "group": "reload and shutdown",
+        },
+    )
+    max_connection_age_s: float | None = field(
+        default=None,
+        metadata={
+            "help": "close client connections after this age so that clients of a Kubernetes "
+            "ClusterIP Service reconnect and rebalance over the pods (default: never)",
+            "flags": ("--max-connection-age-seconds",),
+            "group": "reload and shutdown",
+        },
+    )
+    security: SecurityConfig = field(
+        default_factory=SecurityConfig, metadata={"group": "security (off by default)"}
+    )
+    engine: EngineOptions = field(
+        default_factory=EngineOptions, metadata={"group": "exact re-ranking"}
+    )
 
 
 def open_engine(
@@ -143,20 +183,20 @@ class InfluenceServer:
 
     def start(self) -> None:
         config = self.config
-        tls = config.tls()
-        token = load_token(config.auth_token_file, config.auth_token_env)
+        tls = config.security.tls()
+        token = config.security.token()
         if not config.index_root.is_dir():
             raise InvalidInputError(f"index root {config.index_root} is not a directory")
         batcher: MicroBatcher[WorkItem, Served] = MicroBatcher(
             Dispatcher(self._holder, self.metrics),
-            BatcherConfig(config.max_batch_size, config.max_wait_ms, config.max_queue),
+            config.batching,
             name="query-batcher",
         )
         reloader = Reloader(
             config.index_root,
             self._holder,
             self._opener,
-            ReloadPolicy(config.poll_seconds, pin_version=config.pin_version),
+            config.reload,
             on_swap=self._on_swap,
             on_failure=self.metrics.reload_failed,
         )
@@ -273,7 +313,9 @@ class InfluenceServer:
         # No maximum_concurrent_rpcs: it would shed health checks and GetIndexInfo along with
         # queries. The servicer bounds the query RPCs instead and answers the rest at once.
         server = grpc.server(
-            ThreadPoolExecutor(config.max_workers + _SPARE_THREADS, thread_name_prefix="grpc"),
+            ThreadPoolExecutor(
+                config.limits.max_concurrent_queries + _SPARE_THREADS, thread_name_prefix="grpc"
+            ),
             interceptors=interceptors,
             options=self._channel_options(),
         )
@@ -281,19 +323,14 @@ class InfluenceServer:
             self._holder,
             batcher,
             reloader,
-            ServiceLimits(
-                config.max_top_k,
-                config.max_queries_per_batch,
-                config.max_attribution_examples,
-                max_concurrent_queries=config.max_workers,
-            ),
+            config.limits,
             self.metrics,
         )
         query_bytes = config.max_query_bytes
         max_request_bytes = {
             "Query": query_bytes,
             "AttributeTokens": query_bytes,
-            "QueryBatch": query_bytes * config.max_queries_per_batch,
+            "QueryBatch": query_bytes * config.limits.max_queries_per_batch,
         }
         server.add_generic_rpc_handlers((service_handler(SERVICE, servicer, max_request_bytes),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -103,6 +103,51 @@ class TlsFiles:
     cert_file: Path
     key_file: Path
     client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """A server's bearer token (from a file or an environment variable) and TLS files."""
+
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata={"help": "require 'authorization: Bearer <token>' with the token in this file"},
+    )
+    auth_token_env: str | None = field(
+        default=None,
+        metadata={
+            "help": "as --auth-token-file, with the token in environment variable VAR",
+            "metavar": "VAR",
+        },
+    )
+    tls_cert_file: Path | None = field(
+        default=None,
+        metadata={"help": "server certificate chain (PEM); turns TLS on", "flags": ("--tls-cert",)},
+    )
+    tls_key_file: Path | None = field(
+        default=None, metadata={"help": "server private key (PEM)", "flags": ("--tls-key",)}
+    )
+    tls_client_ca_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "CA (PEM) that client certificates must be signed by: mutual TLS",
+            "flags": ("--tls-client-ca",),
+        },
+    )
+
+    def token(self) -> str | None:
+        """The bearer token clients must send, or None for no authentication."""
+        return load_token(self.auth_token_file, self.auth_token_env)
+
+    def tls(self) -> TlsFiles | None:
+        """The TLS files, or None for plaintext; raises InvalidInputError if incomplete."""
+        if self.tls_cert_file is None and self.tls_key_file is None:
+            if self.tls_client_ca_file is not None:
+                raise InvalidInputError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            raise InvalidInputError("TLS needs both --tls-cert and --tls-key")
+        return TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
 
 
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:

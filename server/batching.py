@@ -70,9 +70,15 @@ class ConcurrencyLimit:
 class BatcherConfig:
     """Limits of a MicroBatcher. Sizes count items, not jobs."""
 
-    max_batch_size: int = 16
-    max_wait_ms: float = 5.0
-    max_queue: int = 256
+    max_batch_size: int = field(default=16, metadata={"help": "queries per forward/backward pass"})
+    max_wait_ms: float = field(
+        default=5.0,
+        metadata={"help": "longest a query waits for others to share its batch, in milliseconds"},
+    )
+    max_queue: int = field(
+        default=256,
+        metadata={"help": "queued queries beyond which requests get RESOURCE_EXHAUSTED"},
+    )
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1 or self.max_wait_ms < 0:

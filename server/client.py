@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -12,7 +13,7 @@ from indexer.config import ScoreKind
 from indexer.query import Query
 from influence.v1 import influence_pb2 as pb
 from influence.v1 import influence_pb2_grpc
-from server.auth import read_pem
+from server.auth import load_token, read_pem
 from server.messages import query_request
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -30,6 +31,44 @@ _ANSI = {
     (False, False): "\x1b[31m",
 }
 _ANSI_RESET = "\x1b[0m"
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a command-line client reaches a server."""
+
+    target: str = field(default=DEFAULT_TARGET, metadata={"help": "server", "metavar": "HOST:PORT"})
+    token_file: Path | None = field(
+        default=None, metadata={"help": "file holding the server's bearer token"}
+    )
+    tls_ca_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "CA (PEM) of the server certificate; turns TLS on",
+            "flags": ("--tls-ca",),
+        },
+    )
+    tls_cert_file: Path | None = field(
+        default=None,
+        metadata={"help": "client certificate (PEM), for mutual TLS", "flags": ("--tls-cert",)},
+    )
+    tls_key_file: Path | None = field(
+        default=None,
+        metadata={"help": "client private key (PEM), for mutual TLS", "flags": ("--tls-key",)},
+    )
+    timeout_s: float = field(
+        default=DEFAULT_TIMEOUT_S, metadata={"help": "seconds", "flags": ("--timeout",)}
+    )
+
+    def connect(self) -> InfluenceClient:
+        return InfluenceClient(
+            self.target,
+            token=load_token(self.token_file),
+            tls_ca_file=self.tls_ca_file,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
+            timeout_s=self.timeout_s,
+        )
 
 
 class InfluenceClient:
@@ -82,7 +121,22 @@ class InfluenceClient:
         self._channel.close()
 
     def query(
-        self,
+        self, prompt: str, completion: str, *, timeout_s: float | None = None, **options: object
+    ) -> pb.QueryResponse:
+        """The top influences (`options`: see `request`)."""
+        request = self.request(prompt, completion, **options)
+        return self._stub.Query(request, **self._call_options(timeout_s))
+
+    def query_stream(
+        self, prompt: str, completion: str, *, timeout_s: float | None = None, **options: object
+    ) -> Iterator[pb.QueryResponse]:
+        """QueryStream: a re-ranked query's sketch answer first (`final` False) as soon as the
+        server searched its index, then the final, exact one (`options`: see `request`)."""
+        request = self.request(prompt, completion, **options)
+        return self._stub.QueryStream(request, **self._call_options(timeout_s))
+
+    @staticmethod
+    def request(
         prompt: str,
         completion: str,
         *,
@@ -92,10 +146,9 @@ class InfluenceClient:
         include_layer_scores: bool = False,
         rerank_depth: int | None = None,
         lexical_candidates: int = 0,
-        timeout_s: float | None = None,
-    ) -> pb.QueryResponse:
-        """`rerank_depth`: candidates re-ranked exactly (None: the server's default; 0: off);
-        `lexical_candidates`: BM25 matches re-ranked with them."""
+    ) -> pb.QueryRequest:
+        """`rerank_depth`: at most this many candidates re-ranked exactly (None: the server's
+        default; 0: off); `lexical_candidates`: BM25 matches re-ranked with them."""
         query = Query(
             prompt,
             completion,
@@ -106,7 +159,7 @@ class InfluenceClient:
             rerank_depth,
             lexical_candidates,
         )
-        return self._stub.Query(query_request(query), **self._call_options(timeout_s))
+        return query_request(query)
 
     def query_batch(
         self,
@@ -120,10 +173,15 @@ class InfluenceClient:
         timeout_s: float | None = None,
     ) -> pb.QueryBatchResponse:
         """(prompt, completion) pairs, all with the same options; answers in the same order."""
-        kind = _score_kind(score_kind)
         requests = [
-            query_request(
-                Query(p, c, top_k, kind, include_text, include_layer_scores, rerank_depth)
+            self.request(
+                p,
+                c,
+                top_k=top_k,
+                score_kind=score_kind,
+                include_text=include_text,
+                include_layer_scores=include_layer_scores,
+                rerank_depth=rerank_depth,
             )
             for p, c in queries
         ]
@@ -173,8 +231,12 @@ def format_query_table(response: pb.QueryResponse, *, excerpt_chars: int = 72) -
         f"{response.n_completion_tokens} completion tokens, {t.total_us / 1000:.1f} ms "
         f"(gradient {t.gradient_us / 1000:.1f} ms, search {t.search_us / 1000:.1f} ms)"
     ]
-    if t.rerank_us:
-        lines[0] = lines[0][:-1] + f", exact re-rank {t.rerank_us / 1000:.1f} ms)"
+    if response.candidates_reranked:
+        stop = pb.RerankStop.Name(response.rerank_stop).removeprefix("RERANK_STOP_").lower()
+        lines[0] = lines[0][:-1] + (
+            f", exact re-rank of {response.candidates_reranked} candidates "
+            f"{t.rerank_us / 1000:.1f} ms, stopped: {stop})"
+        )
     docs = [f"{hit.doc_id}#{hit.chunk}" for hit in response.influences]
     doc_width = max([len("doc id"), *map(len, docs)])
     lines.append(f"{'rank':>4}  {'score':>10}  {'doc id':<{doc_width}}  text")

@@ -9,6 +9,7 @@ fails only its own items.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class QueryWork:
+    """A query to answer; `deadline` (`time.monotonic()` seconds) bounds its exact stage, and
+    `on_sketch` receives its sketch answer before the exact stage (a streaming RPC's first
+    message)."""
+
     query: TokenizedQuery
+    deadline: float | None = None
+    on_sketch: Callable[[ServedQuery], None] | None = None
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -90,11 +97,17 @@ def _attribute(engine: QueryEngine, item: AttributionWork) -> ServedAttribution 
 def _answer(
     engine: QueryEngine, work: list[QueryWork], started: float
 ) -> list[ServedQuery | Exception]:
+    def served(row: int, result: QueryResult) -> ServedQuery:
+        return ServedQuery(engine.version, result, int((started - work[row].submitted) * 1e6))
+
+    def on_sketch(row: int, result: QueryResult) -> None:
+        if work[row].on_sketch is not None:
+            work[row].on_sketch(served(row, result))
+
     try:
-        results = engine.answer([w.query for w in work])
+        results = engine.answer(
+            [w.query for w in work], deadlines=[w.deadline for w in work], on_sketch=on_sketch
+        )
     except Exception as exc:
         return [exc] * len(work)
-    return [
-        ServedQuery(engine.version, result, int((started - w.submitted) * 1e6))
-        for w, result in zip(work, results, strict=True)
-    ]
+    return [served(row, result) for row, result in enumerate(results)]

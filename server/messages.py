@@ -10,10 +10,17 @@ from indexer.config import ScoreKind
 from indexer.engine import Hit, IndexInfo, QueryResult, TokenAttribution
 from indexer.errors import InvalidInputError
 from indexer.query import Query
+from indexer.rerank import StopReason
 from influence.v1 import influence_pb2 as pb
 
 _TO_PB = {ScoreKind.INFLUENCE: pb.SCORE_KIND_INFLUENCE, ScoreKind.COSINE: pb.SCORE_KIND_COSINE}
 _FROM_PB = {value: kind for kind, value in _TO_PB.items()}
+_STOP_TO_PB = {
+    None: pb.RERANK_STOP_UNSPECIFIED,
+    StopReason.CERTAIN: pb.RERANK_STOP_CERTAIN,
+    StopReason.DEPTH: pb.RERANK_STOP_DEPTH,
+    StopReason.DEADLINE: pb.RERANK_STOP_DEADLINE,
+}
 
 
 def score_kind_to_pb(kind: ScoreKind | str | None) -> int:
@@ -55,14 +62,20 @@ def query_request(query: Query) -> pb.QueryRequest:
     )
 
 
-def query_response(result: QueryResult, version: str, stage_us: dict[str, int]) -> pb.QueryResponse:
-    """`stage_us`: microseconds per stage, keyed by the Timings field names without `_us`."""
+def query_response(
+    result: QueryResult, version: str, stage_us: dict[str, int], *, final: bool = True
+) -> pb.QueryResponse:
+    """`stage_us`: microseconds per stage, keyed by the Timings field names without `_us`;
+    `final`: False for a streamed answer's first (sketch) message."""
     return pb.QueryResponse(
         influences=[influence_message(hit) for hit in result.hits],
         index_version=version,
         timings=pb.Timings(**{f"{stage}_us": us for stage, us in stage_us.items()}),
         n_completion_tokens=result.n_completion_tokens,
         score_kind=score_kind_to_pb(result.score_kind),
+        candidates_reranked=result.candidates_reranked,
+        rerank_stop=_STOP_TO_PB[result.rerank_stop],
+        final=final,
     )
 
 

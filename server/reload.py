@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,9 +116,18 @@ class ReloadPolicy:
     `pin_version` serves exactly that version, never another (nor ROOT/PINNED or CURRENT's).
     """
 
-    poll_seconds: float = 5.0
+    poll_seconds: float = field(
+        default=5.0,
+        metadata={"help": "how often to check CURRENT for a new version (SIGHUP checks at once)"},
+    )
     max_retry_seconds: float = 300.0
-    pin_version: str | None = None
+    pin_version: str | None = field(
+        default=None,
+        metadata={
+            "help": "serve exactly this version, whatever CURRENT or ROOT/PINNED say",
+            "metavar": "VERSION",
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,12 @@ class Reloader:
         with self._status_lock:
             return self._status
 
+    def served(self) -> tuple[QueryEngine | None, ReloadStatus]:
+        """The served engine and the status that goes with it, read together: a swap and its
+        status change at once, so a reader never sees a new version with the old status."""
+        with self._status_lock:
+            return self._holder.current, self._status
+
     def check_once(self) -> None:
         """Serve the wanted version if it is new and loadable; otherwise say why, and fall
         back when nothing on disk is served."""
@@ -201,7 +216,7 @@ class Reloader:
                 return
             problem = f"version {wanted} ({source}) was deleted from disk"
         else:
-            problem = self._try(wanted, source, served, forced)
+            problem = self._try(wanted, source, served, forced, error_when_served="")
             if problem is None:
                 self._report("")
                 return
@@ -210,10 +225,9 @@ class Reloader:
             still = served.version if served is not None else "nothing"
             self._report(f"{problem}; serving {still}")
             return
-        fallback = self._fall_back(wanted, forced)
-        if fallback is not None:
-            log.warning("fell back to %s, the newest valid version", fallback)
-            self._report(f"{problem}; serving {fallback}")
+        fallback_status = self._fall_back(wanted, forced, problem)
+        if fallback_status is not None:
+            self._report(fallback_status)
         elif served is not None:
             self._report(
                 f"{problem}; no valid version to fall back to: still serving {served.version}, "
@@ -235,10 +249,16 @@ class Reloader:
         return read_current(self._root), CURRENT
 
     def _try(
-        self, version: str | None, source: str, served: QueryEngine | None, forced: bool
+        self,
+        version: str | None,
+        source: str,
+        served: QueryEngine | None,
+        forced: bool,
+        *,
+        error_when_served: str,
     ) -> str | None:
         """Load `version` unless it was refused and nothing changed since; None once it is
-        served, else why not."""
+        served (with `error_when_served` as the status), else why not."""
         if version is None:
             return f"nothing published yet: {self._root}/{CURRENT} is missing"
         fingerprint = _fingerprint(self._root / VERSIONS / version)
@@ -248,20 +268,25 @@ class Reloader:
             if not due:
                 return refusal.reason
         try:
-            self._load(version, served)
+            self._load(version, served, error_when_served)
         except Exception as exc:
             return self._refuse(version, source, exc, fingerprint)
         return None
 
-    def _fall_back(self, wanted: str | None, forced: bool) -> str | None:
-        """Serve the newest version (by creation time) that loads; returns its id."""
+    def _fall_back(self, wanted: str | None, forced: bool, problem: str) -> str | None:
+        """Serve the newest version (by creation time) that loads; returns the status that
+        says so (None when none loads)."""
         for entry in version_entries(self._root):
-            candidate = entry.id != wanted and entry.created is not None
-            if candidate and self._try(entry.id, "fallback", self._holder.current, forced) is None:
-                return entry.id
+            if entry.id == wanted or entry.created is None:
+                continue
+            status = f"{problem}; serving {entry.id}"
+            served = self._holder.current
+            if self._try(entry.id, "fallback", served, forced, error_when_served=status) is None:
+                log.warning("fell back to %s, the newest valid version", entry.id)
+                return status
         return None
 
-    def _load(self, version: str, served: QueryEngine | None) -> None:
+    def _load(self, version: str, served: QueryEngine | None, error_when_served: str) -> None:
         self._set_status(replace(self.status(), pending_version=version))
         log.info("loading index version %s from %s", version, self._root)
         start = time.monotonic()
@@ -271,7 +296,9 @@ class Reloader:
             self._set_status(replace(self.status(), pending_version=""))
         seconds = time.monotonic() - start
         self._refused.pop(version, None)
-        self._holder.swap(engine)
+        with self._status_lock:
+            self._holder.swap(engine)
+            self._status = replace(self._status, last_error=error_when_served)
         log.info("now serving index version %s (loaded in %.2f s)", version, seconds)
         if self._on_swap is not None:
             self._on_swap(version, seconds)

@@ -7,13 +7,12 @@ No math here: passes through the model run in server.dispatch on the batcher's w
 from __future__ import annotations
 
 import logging
+import queue
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent import futures
-from contextlib import nullcontext
-from dataclasses import dataclass
-from functools import partial
-from typing import TypeVar
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import Message
@@ -48,11 +47,14 @@ from server.rpc import FieldError, RejectedRequest, abort, rpc_scope
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=Message)
 Served = ServedQuery | ServedAttribution
 
 # gRPC reports "no deadline" as about 2**63 seconds away, beyond what a wait accepts.
 _NO_DEADLINE_S = 1e9
+# What an answer keeps of a deadline for converting and sending it: at least this much, or this
+# share of the time the RPC had left.
+_ANSWER_MARGIN_S = 0.02
+_ANSWER_MARGIN_SHARE = 0.05
 
 _STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -73,10 +75,19 @@ class ServiceLimits:
     beyond `max_concurrent_queries` get RESOURCE_EXHAUSTED, telling clients to retry after
     `retry_delay_s` seconds (as they do for a full queue)."""
 
-    max_top_k: int = 1000
-    max_queries_per_batch: int = 256
-    max_attribution_examples: int = 32
-    max_concurrent_queries: int = 64
+    max_top_k: int = field(default=1000, metadata={"help": "largest top_k a query may ask"})
+    max_queries_per_batch: int = field(default=256, metadata={"help": "largest QueryBatch request"})
+    max_attribution_examples: int = field(
+        default=32, metadata={"help": "most example ids per AttributeTokens request"}
+    )
+    max_concurrent_queries: int = field(
+        default=64,
+        metadata={
+            "help": "concurrent query RPCs (Query, QueryBatch, AttributeTokens); beyond them "
+            "RESOURCE_EXHAUSTED. Health checks and GetIndexInfo have threads of their own",
+            "flags": ("--workers",),
+        },
+    )
     retry_delay_s: float = 0.1
 
 
@@ -106,51 +117,65 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         self._queries = ConcurrencyLimit(limits.max_concurrent_queries, "query RPCs")
 
     def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
-        call = partial(self._query, request, context)
-        return self._handle("Query", request, context, call, limited=True)
+        with self._rpc("Query", request, context, limited=True) as rpc:
+            rpc.response = self._query(request, context)
+        return rpc.response
+
+    def QueryStream(
+        self, request: pb.QueryRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.QueryResponse]:
+        with self._rpc("QueryStream", request, context, limited=True) as rpc:
+            for response in self._query_stream(request, context):
+                rpc.response = response
+                yield response
 
     def QueryBatch(
         self, request: pb.QueryBatchRequest, context: grpc.ServicerContext
     ) -> pb.QueryBatchResponse:
-        call = partial(self._query_batch, request, context)
-        return self._handle("QueryBatch", request, context, call, limited=True)
+        with self._rpc("QueryBatch", request, context, limited=True) as rpc:
+            rpc.response = self._query_batch(request, context)
+        return rpc.response
 
     def AttributeTokens(
         self, request: pb.AttributeTokensRequest, context: grpc.ServicerContext
     ) -> pb.AttributeTokensResponse:
-        call = partial(self._attribute, request, context)
-        return self._handle("AttributeTokens", request, context, call, limited=True)
+        with self._rpc("AttributeTokens", request, context, limited=True) as rpc:
+            rpc.response = self._attribute(request, context)
+        return rpc.response
 
     def GetIndexInfo(
         self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetIndexInfoResponse:
-        return self._handle("GetIndexInfo", request, context, self._info)
+        with self._rpc("GetIndexInfo", request, context) as rpc:
+            rpc.response = self._info()
+        return rpc.response
 
-    def _handle(
+    @contextmanager
+    def _rpc(
         self,
         method: str,
         request: Message | RejectedRequest,
         context: grpc.ServicerContext,
-        call: Callable[[], M],
         *,
         limited: bool = False,
-    ) -> M:
-        """Run one RPC under its request id: admit it (query RPCs share one concurrency
-        limit), record metrics, log one line, turn errors into statuses with details."""
+    ) -> Iterator[_Call]:
+        """Run one RPC's body under its request id: admit it (query RPCs share one concurrency
+        limit), record metrics, log one line, turn errors into statuses with details. The body
+        sets the response it sends (the last one, for a stream)."""
         start = time.monotonic()
+        call = _Call()
         with rpc_scope(context) as request_id:
             try:
                 with self._queries.hold() if limited else nullcontext():
                     if isinstance(request, RejectedRequest):
                         raise request.error()
-                    response = call()
+                    yield call
             except Exception as exc:
                 code, message = status_for(exc)
                 self._finish(method, code, start, message)
                 retry = self._limits.retry_delay_s
                 abort(context, code, message, exc, request_id=request_id, retry_delay_s=retry)
-            self._finish(method, grpc.StatusCode.OK, start, _describe(response))
-            return response
+            self._finish(method, grpc.StatusCode.OK, start, _describe(call.response))
 
     def _finish(self, method: str, code: grpc.StatusCode, start: float, detail: str) -> None:
         seconds = time.monotonic() - start
@@ -159,8 +184,32 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
 
     def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         start = time.monotonic()
-        (served,) = self._run([QueryWork(self._prepare(request, path=""))], context)
+        deadline = _deadline(context)
+        work = QueryWork(self._prepare(request, path=""), _exact_deadline(deadline))
+        (served,) = self._wait(self._submit([work], deadline, context), deadline)
         return self._query_response(served, start)
+
+    def _query_stream(
+        self, request: pb.QueryRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.QueryResponse]:
+        """The sketch answer as soon as the index was searched (a re-ranked query only), then
+        the final one."""
+        start = time.monotonic()
+        deadline = _deadline(context)
+        sketches: queue.SimpleQueue[ServedQuery | None] = queue.SimpleQueue()
+        query = self._prepare(request, path="")
+        work = QueryWork(query, _exact_deadline(deadline), on_sketch=sketches.put)
+        future = self._submit([work], deadline, context)
+        future.add_done_callback(lambda _: sketches.put(None))
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            sketch = sketches.get(timeout=wait)
+        except queue.Empty:
+            sketch = None  # the final answer (or the deadline's error) follows at once
+        if sketch is not None:
+            yield self._query_response(sketch, start, final=False)
+        (served,) = self._wait(future, deadline)
+        yield self._query_response(served, start)
 
     def _query_batch(
         self, request: pb.QueryBatchRequest, context: grpc.ServicerContext
@@ -169,10 +218,12 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         n, limit = len(request.queries), self._limits.max_queries_per_batch
         if not 1 <= n <= limit:
             raise FieldError("queries", f"QueryBatch takes 1 to {limit} queries, got {n}")
+        deadline = _deadline(context)
         work = [
-            QueryWork(self._prepare(q, path=f"queries[{i}]")) for i, q in enumerate(request.queries)
+            QueryWork(self._prepare(q, path=f"queries[{i}]"), _exact_deadline(deadline))
+            for i, q in enumerate(request.queries)
         ]
-        served = self._run(work, context)
+        served = self._wait(self._submit(work, deadline, context), deadline)
         return pb.QueryBatchResponse(responses=[self._query_response(s, start) for s in served])
 
     def _attribute(
@@ -184,14 +235,16 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
                 "example_ids", f"AttributeTokens takes 1 to {limit} example_ids, got {n}"
             )
         query = self._tokenize(Query(request.prompt, request.completion), path="")
-        (served,) = self._run([AttributionWork(query, tuple(request.example_ids))], context)
+        deadline = _deadline(context)
+        work = [AttributionWork(query, tuple(request.example_ids))]
+        (served,) = self._wait(self._submit(work, deadline, context), deadline)
         return pb.AttributeTokensResponse(
             attributions=[messages.attribution_message(a) for a in served.attributions],
             index_version=served.version,
         )
 
     def _info(self) -> pb.GetIndexInfoResponse:
-        status = self._reloader.status()
+        engine, status = self._reloader.served()
         fields: dict[str, object] = {
             "last_reload_error": status.last_error,
             "pending_version": status.pending_version,
@@ -199,7 +252,6 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
             "max_queries_per_batch": self._limits.max_queries_per_batch,
             "max_attribution_examples": self._limits.max_attribution_examples,
         }
-        engine = self._holder.current
         if engine is not None:
             fields.update(messages.index_info_fields(engine.info))
         return pb.GetIndexInfoResponse(**fields)
@@ -228,21 +280,25 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
                 # The engine's errors concern the query as a whole (its length, score kind...).
                 raise FieldError(path or "query", f"{_label(path)}{exc}") from exc
 
-    def _run(self, work: list[WorkItem], context: grpc.ServicerContext) -> list[Served]:
-        """Queue the items as one job (one batch) and wait for them within the RPC's deadline."""
-        remaining = context.time_remaining()
-        bounded = remaining is not None and remaining < _NO_DEADLINE_S
-        future: futures.Future[list[Served]] = self._batcher.submit(
-            work, deadline=time.monotonic() + remaining if bounded else None
-        )
+    def _submit(
+        self, work: list[WorkItem], deadline: float | None, context: grpc.ServicerContext
+    ) -> futures.Future[list[Served]]:
+        """Queue the items as one job (one batch)."""
+        future: futures.Future[list[Served]] = self._batcher.submit(work, deadline=deadline)
         # A cancelled or expired RPC leaves its job in the queue; cancelling the future drops it.
         context.add_callback(future.cancel)
+        return future
+
+    def _wait(self, future: futures.Future[list[Served]], deadline: float | None) -> list[Served]:
+        """A job's results, within the RPC's deadline (`time.monotonic()` seconds)."""
         try:
-            return future.result(timeout=remaining if bounded else None)
+            return future.result(timeout=None if deadline is None else deadline - time.monotonic())
         except futures.TimeoutError:
             raise DeadlineExceeded("deadline passed before the query was answered") from None
 
-    def _query_response(self, served: ServedQuery, start: float) -> pb.QueryResponse:
+    def _query_response(
+        self, served: ServedQuery, start: float, *, final: bool = True
+    ) -> pb.QueryResponse:
         timings = served.result.timings
         stage_us = {
             "queue": served.queue_us,
@@ -253,8 +309,31 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
             "rerank": timings.rerank_us,
             "total": int((time.monotonic() - start) * 1e6),
         }
-        self._metrics.observe_stages(stage_us)
-        return messages.query_response(served.result, served.version, stage_us)
+        if final:
+            self._metrics.observe_stages(stage_us)
+        return messages.query_response(served.result, served.version, stage_us, final=final)
+
+
+@dataclass
+class _Call:
+    """What an RPC's body answered: its (last) response, for the request log."""
+
+    response: Message | None = None
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The RPC's deadline in `time.monotonic()` seconds (None: it has none)."""
+    remaining = context.time_remaining()
+    bounded = remaining is not None and remaining < _NO_DEADLINE_S
+    return time.monotonic() + remaining if bounded else None
+
+
+def _exact_deadline(deadline: float | None) -> float | None:
+    """When a query's exact stage must be done: the RPC's deadline, less the time the answer
+    needs to reach the client."""
+    if deadline is None:
+        return None
+    return deadline - max(_ANSWER_MARGIN_S, _ANSWER_MARGIN_SHARE * (deadline - time.monotonic()))
 
 
 def _label(path: str) -> str:

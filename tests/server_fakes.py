@@ -7,9 +7,10 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from indexer.config import ScoreKind
 from indexer.engine import Hit, IndexInfo, QueryResult, StageTimings, TokenAttribution
@@ -18,6 +19,9 @@ from indexer.publish import read_current
 from indexer.query import Query, TokenizedQuery
 from server.app import InfluenceServer, ServerConfig
 from server.client import InfluenceClient
+from server.reload import ReloadPolicy
+
+T = TypeVar("T")
 
 N_EXAMPLES = 100
 MAX_LENGTH = 64
@@ -49,6 +53,7 @@ class FakeEngine:
         self.info = replace(INFO, version=version)
         self.delay_s = delay_s
         self.batches: list[int] = []
+        self.deadlines: list[float | None] = []
         self.busy = threading.Event()
         self.closed = False
 
@@ -64,17 +69,35 @@ class FakeEngine:
         characters = [ord(c) for c in query.prompt + query.completion]
         return TokenizedQuery(query, characters, len(query.prompt), self.version)
 
-    def answer(self, queries: list[TokenizedQuery]) -> list[QueryResult]:
+    def answer(
+        self,
+        queries: list[TokenizedQuery],
+        *,
+        deadlines: Sequence[float | None] | None = None,
+        on_sketch: Callable[[int, QueryResult], None] | None = None,
+    ) -> list[QueryResult]:
+        """Re-ranked queries (a rerank_depth) get their sketch answer (`on_sketch`) first, then
+        after `delay_s` the same hits marked exact."""
         assert not self.closed, "query on a closed engine"
         self.busy.set()
+        self.deadlines += deadlines or [None] * len(queries)
+        timings = StageTimings(tokenize_us=1, gradient_us=2, search_us=3, lookup_us=4)
+        results = [
+            QueryResult(self._hits(q.query), q.n_completion_tokens, self.info.score_kind, timings)
+            for q in queries
+        ]
+        for row, q in enumerate(queries):
+            if q.query.rerank_depth and on_sketch is not None:
+                on_sketch(row, results[row])
         time.sleep(self.delay_s)
         self.batches.append(len(queries))
         if any(q.query.completion == EXPLODE for q in queries):
             raise RuntimeError("simulated engine bug")
-        timings = StageTimings(tokenize_us=1, gradient_us=2, search_us=3, lookup_us=4)
         return [
-            QueryResult(self._hits(q.query), q.n_completion_tokens, self.info.score_kind, timings)
-            for q in queries
+            replace(r, hits=[replace(h, exact=True) for h in r.hits], candidates_reranked=20)
+            if q.query.rerank_depth
+            else r
+            for q, r in zip(queries, results, strict=True)
         ]
 
     def attribute_tokens(
@@ -144,8 +167,10 @@ def running_server(
     root: Path, opener: FakeOpener, *, token: str | None = None, **overrides: object
 ) -> Iterator[tuple[InfluenceServer, InfluenceClient]]:
     """A started server on a free port and a client; waits for the index if one is published."""
-    config = ServerConfig(index_root=root, port=0, poll_seconds=0.05, grace_seconds=5.0)
-    server = InfluenceServer(replace(config, **overrides), opener=opener)
+    config = ServerConfig(
+        index_root=root, port=0, reload=ReloadPolicy(poll_seconds=0.05), grace_seconds=5.0
+    )
+    server = InfluenceServer(configure(config, **overrides), opener=opener)
     server.start()
     try:
         if read_current(root) is not None:
@@ -154,3 +179,23 @@ def running_server(
             yield server, client
     finally:
         server.stop(grace_s=1)
+
+
+def configure(config: T, **changes: object) -> T:
+    """`config` with fields replaced by name at any depth (a ServerConfig's names are unique)."""
+    updated = _replace_nested(config, changes)
+    if changes:
+        raise TypeError(f"no such field: {', '.join(changes)}")
+    return updated
+
+
+def _replace_nested(config: T, changes: dict[str, object]) -> T:
+    """Replace (and remove from `changes`) the fields it names, in `config` and nested configs."""
+    values = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in changes:
+            values[f.name] = changes.pop(f.name)
+        elif is_dataclass(value):
+            values[f.name] = _replace_nested(value, changes)
+    return replace(config, **values)

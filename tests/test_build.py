@@ -43,14 +43,15 @@ def tiny_config(model_dir: Path, corpus: Path, out: Path, **store) -> BuildConfi
 
 
 def code_step(engine: QueryEngine) -> np.ndarray:
-    """One step of the 8-bit codes `[N, D]` of `engine.vectors[:]`: its dimension's trained
-    range / 255, times the example's norm in a cosine index (whose codes are unit vectors)."""
+    """One step of the 8-bit codes `[N, D]` of `engine.vectors.preconditioned[:]`: its
+    dimension's trained range / 255, times the example's norm in a cosine index (whose codes
+    are unit vectors)."""
     sq = faiss.downcast_index(engine.index.index).sq
     assert sq.qtype == faiss.ScalarQuantizer.QT_8bit
     step = faiss.vector_to_array(sq.trained).reshape(2, -1)[1] / 255  # [vmin; vdiff] per dim
     n = len(engine.vectors)
     norms = engine.metadata.ids_and_norms(np.arange(n))[1]
-    scale = norms if engine.vectors.unit_norm else np.ones(n)
+    scale = norms if engine.vectors.unit else np.ones(n)
     return scale[:, None] * step[None, :]
 
 
@@ -108,18 +109,18 @@ def test_served_vectors_are_decoded_from_the_memory_mapped_index(published):
 def test_a_cosine_ivf_index_gives_back_the_same_vectors(
     tmp_path, published, tiny_model_dir, small_corpus_path
 ):
-    """A cosine index stores unit vectors (scaled back by the stored norms); an IVF index
-    decodes through its direct map. Same curvature as `published`, so the same vectors up to
-    8-bit quantisation."""
+    """A cosine index stores unit vectors (`preconditioned` scales them back by the stored
+    norms); an IVF index decodes through its direct map. Same curvature as `published`, so the
+    same vectors up to 8-bit quantisation."""
     config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path, index_factory="IVF2,SQ8")
     build_index(config)
     flat, ivf = QueryEngine.open(published), QueryEngine.open(tmp_path)
     assert ivf.info.score_kind == "cosine" and ivf.info.faiss_factory == "IVF2,SQ8"
-    expected, decoded = flat.vectors[:], ivf.vectors[:]
+    expected, decoded = flat.vectors[:], ivf.vectors.preconditioned[:]
     error = np.linalg.norm(decoded - expected, axis=1) / np.linalg.norm(expected, axis=1)
     assert error.max() < 0.05
     rows = [7, 1]
-    assert np.array_equal(ivf.vectors[rows], decoded[rows])
+    assert np.array_equal(ivf.vectors.preconditioned[rows], decoded[rows])
 
 
 def test_token_attribution_sums_to_the_score(published):
@@ -301,3 +302,32 @@ def test_a_full_disk_is_one_line_and_leaves_current_serving(
         assert "disk full" in err and len(err.splitlines()) == 1, err
         assert not list((root / VERSIONS).glob(".staging-*"))
         assert _snapshot(root) == before
+
+
+def test_auto_stores_exact_factors_for_a_gpt2_small_shape(tmp_path, monkeypatch) -> None:
+    """GPT-2 small's 48 tracked modules need 1.53 GiB of exact-stage factors: stored by default
+    where the disk has room (they used to be refused for "needing 17.9 GiB" of memory)."""
+    from collections import namedtuple
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from indexer.build import exact_factors_bytes, store_exact_factors
+    from indexer.model import tracked_modules
+
+    with torch.device("meta"):  # shapes only: no weights are allocated
+        model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12))
+    modules = tracked_modules(model)
+    # Per block: c_attn 769 -> 2304, attn c_proj 769 -> 768, c_fc 769 -> 3072, mlp c_proj
+    # 3073 -> 768 (d_in counts the bias); U_A, U_B and Λ of each in float32.
+    per_block = sum(i * i + o * o + o * i for i, o in [(769, 2304), (769, 768), (769, 3072)])
+    per_block += 3073**2 + 768**2 + 768 * 3073
+    assert len(modules) == 48 and exact_factors_bytes(modules) == 4 * 12 * per_block
+    config = BuildConfig(model=tmp_path, out=tmp_path / "root", corpus=CorpusConfig("x"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("indexer.build.shutil.disk_usage", lambda _: usage(0, 0, 64 << 30))
+    assert store_exact_factors(config, modules)
+    monkeypatch.setattr("indexer.build.shutil.disk_usage", lambda _: usage(0, 0, 2 << 30))
+    assert not store_exact_factors(config, modules)
+    off = replace(config, store=StoreConfig(exact_rerank=False))
+    assert not store_exact_factors(off, modules)

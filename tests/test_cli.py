@@ -28,9 +28,8 @@ def test_one_log_level_whatever_the_subcommand(monkeypatch, tmp_path) -> None:
 
     def fake_serve(args):
         levels["serve"] = logging.getLogger().level
-        return 0
 
-    serve = cli.Command("serve", cli.add_serve_arguments, fake_serve, log_level="INFO")
+    serve = cli.Command("serve", cli.serving.add_serve_arguments, fake_serve, log_level="INFO")
     monkeypatch.setitem(cli.COMMANDS, "serve", serve)
     root = logging.getLogger()
     monkeypatch.setattr(root, "level", root.level)

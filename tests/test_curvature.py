@@ -5,6 +5,8 @@ For every module the test builds, from per-example autograd gradients, the dense
 1. the eigenvalue correction Λ is exactly `diag(Qᵀ F Q)` with `Q = U_B ⊗ U_A`, and
 2. every score `⟨q, v_n⟩` equals `vec(S_q)ᵀ (Q diag(Λ) Qᵀ + λI)⁻¹ vec(S_n)` from a dense solve.
 It does so in sketch space (the build's path) and with P = R = I (the exact reference scorer).
+The per-token contraction with folded queries (re-ranking, token attribution) and the exact
+norms are checked against the same dense formula, with random factors.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import torch
 
 from indexer.config import CurvatureConfig
 from indexer.corpus import Example
-from indexer.curvature import Curvature, fit_curvature
+from indexer.curvature import Curvature, ModuleCurvature, fit_curvature
 from indexer.exact import ExactConfig, ExactScorer
 from indexer.hashing import int63
 from indexer.model import LoadedModel, tracked_modules
 from indexer.passes import ExamplePass
 from indexer.query import Query, TokenizedQuery, query_vectors
 from indexer.sketch import (
+    Capture,
     GradientSketcher,
     Projection,
     gaussian_projection,
@@ -100,12 +103,13 @@ def test_full_factors_fitted_beside_the_sketch_match_dense_solve(setting):
     projections = {n: gaussian_projection(n, m, 3, 4, seed=5) for n, m in modules.items()}
     sketcher = GradientSketcher(model, modules, projections)
     example_pass = ExamplePass(sketcher, examples, 0, batch_size=3, seed=SEED, progress=False)
-    full = fit_curvature(example_pass, list(range(len(examples))), damping=0.1, full=True).full
+    rows = list(range(len(examples)))
+    full = fit_curvature(example_pass, rows, damping=0.1, unprojected=True).unprojected
     identity = GradientSketcher(model, modules, full.projections())
     q = query_vectors(identity, full, [query], 0)[0]
     scores = torch.zeros(len(examples))
-    for rows, capture in example_pass.run(list(range(len(examples))), "data", "s", keep_full=True):
-        scores[rows] = full.vectors(capture.full) @ q
+    for batch, capture in example_pass.run(rows, "data", "s", keep_unprojected=True):
+        scores[batch] = full.vectors(capture.unprojected) @ q
     dense_check(model, full, examples, query, scores)
 
 
@@ -122,3 +126,58 @@ def test_exact_scorer_matches_brute_force(setting):
 
 class _PadOnly:
     pad_token_id = 0
+
+
+def random_module(d_out: int, d_in: int, generator: torch.Generator) -> ModuleCurvature:
+    """Unprojected factors with random orthonormal eigenbases and positive eigenvalues."""
+    eigvecs_a = torch.linalg.qr(torch.randn(d_in, d_in, generator=generator)).Q
+    eigvecs_b = torch.linalg.qr(torch.randn(d_out, d_out, generator=generator)).Q
+    eigvals = torch.rand(d_out, d_in, generator=generator) + 0.05
+    return ModuleCurvature(Projection(None, None), eigvecs_a, eigvecs_b, eigvals, damping=0.1)
+
+
+def dense_inverse(module: ModuleCurvature) -> torch.Tensor:
+    """`(Q diag(Λ) Qᵀ + λI)⁻¹` `[d, d]` (float64), `Q = U_B ⊗ U_A`, `d = d_out * d_in`."""
+    Q = torch.kron(module.eigvecs_b, module.eigvecs_a).double()
+    ekfac = Q @ torch.diag(module.eigvals.double().flatten()) @ Q.T
+    return torch.linalg.inv(ekfac + module.damping * torch.eye(len(Q), dtype=torch.float64))
+
+
+def random_capture(shapes: dict, batch: int, tokens: int, generator: torch.Generator) -> Capture:
+    """Tokens `g [batch, tokens, d_out]`, `a [batch, tokens, d_in]` per module."""
+    gradients = {
+        n: torch.randn(batch, tokens, o, generator=generator) for n, (o, _) in shapes.items()
+    }
+    activations = {
+        n: torch.randn(batch, tokens, i, generator=generator) for n, (_, i) in shapes.items()
+    }
+    return Capture(activations, gradients, torch.zeros(batch), batch * tokens)
+
+
+def test_token_contraction_and_exact_norms_match_dense_solve():
+    """Token t of example n contributes `Σ_l vec(G_q,l)ᵀ (H_l + λ)⁻¹ vec(g_t a_tᵀ)`, its tokens
+    sum to `⟨q, v_n⟩` (as `example_scores` gives it), and `norms` is
+    `sqrt(Σ_l vec(G_n,l)ᵀ (H_l + λ)⁻¹ vec(G_n,l))`."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"first": (3, 5), "second": (4, 2)}
+    curvature = Curvature({n: random_module(*shape, generator) for n, shape in shapes.items()})
+    examples = random_capture(shapes, batch=3, tokens=6, generator=generator)
+    queries = random_capture(shapes, batch=2, tokens=4, generator=generator)
+    q = curvature.vectors(queries)
+    per_token = curvature.token_scores(examples, curvature.fold(q))
+    expected = torch.zeros(2, 3, 6, dtype=torch.float64)
+    squared_norms = torch.zeros(3, dtype=torch.float64)
+    for name, module in curvature.modules.items():
+        inverse = dense_inverse(module)
+        g, a = examples.gradients[name].double(), examples.activations[name].double()
+        tokens = torch.einsum("bto,bti->btoi", g, a).flatten(2)
+        query_gradients = queries.sketches()[name].flatten(1).double()
+        example_gradients = examples.sketches()[name].flatten(1).double()
+        expected += torch.einsum("qd,de,bte->qbt", query_gradients, inverse, tokens)
+        squared_norms += torch.einsum("bd,de,be->b", example_gradients, inverse, example_gradients)
+    torch.testing.assert_close(per_token.double(), expected, rtol=1e-4, atol=1e-4)
+    inner = q.double() @ curvature.vectors(examples).double().T
+    torch.testing.assert_close(per_token.sum(dim=2).double(), inner, rtol=1e-4, atol=1e-4)
+    per_example = curvature.example_scores(examples, curvature.fold(q))
+    torch.testing.assert_close(per_example.double(), inner, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(curvature.norms(examples), squared_norms.sqrt(), rtol=1e-5, atol=0)

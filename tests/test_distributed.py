@@ -57,7 +57,7 @@ def test_two_ranks_publish_what_one_process_does(
     assert [r[:8] for r in rows[0]] == [r[:8] for r in rows[1]]  # ids, rows, texts, tokens
     stats = [np.array([r[8:] for r in found]) for found in rows]  # norm, loss
     assert np.allclose(stats[0], stats[1], rtol=1e-4, atol=1e-4)
-    expected, found = one.vectors[:], two.vectors[:]
+    expected, found = one.vectors.preconditioned[:], two.vectors.preconditioned[:]
     # each build fits its own 8-bit ranges to its (float-noise apart) vectors and rounds a value
     # by half a code step at most: one step apart, besides the sketch's float noise
     step = np.maximum(code_step(one), code_step(two))

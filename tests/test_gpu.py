@@ -1,12 +1,20 @@
-"""CUDA: the same sketches and query vectors as on the CPU. Skipped where CUDA is absent."""
+"""CUDA: the same sketches, query vectors and searches as on the CPU. Skipped where CUDA is
+absent."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
+from indexer.engine import QueryEngine
 from indexer.model import tracked_modules
+from indexer.query import Query
+from indexer.scan import CodeScan
 from indexer.sketch import GradientSketcher, gaussian_projection, make_batch
+from tests.test_scan import as_search, assert_same_search, sketch_only_index, sq8_index
 from tests.tiny import random_sequences, tiny_gpt2
 
 pytestmark = [
@@ -28,3 +36,24 @@ def test_cuda_sketches_match_cpu(labels):
         sketches[device] = {n: s.cpu() for n, s in capture.sketches().items()}
     for name, expected in sketches["cpu"].items():
         torch.testing.assert_close(sketches["cuda"][name], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_scan_matches_faiss(monkeypatch):
+    index, queries = sq8_index(5000, 777)  # neither rows nor columns aligned
+    scan = CodeScan.from_index(index, "cuda")
+    for k in (1, 50):
+        assert_same_search(index.search(queries, k), scan.search(queries, k))
+    monkeypatch.setattr("indexer.scan._chunk_rows", lambda *_: 256)
+    assert_same_search(index.search(queries, 50), scan.search(queries, 50))
+
+
+def test_cuda_engine_scans_the_codes_on_the_gpu(tmp_path, tiny_model_dir, small_corpus_path):
+    root = sketch_only_index(tmp_path, tiny_model_dir, small_corpus_path)
+    query = Query("The capital of", " the city", top_k=8, rerank_depth=0)
+    cpu, cuda = QueryEngine.open(root), QueryEngine.open(root, device="cuda")
+    assert isinstance(cuda.searcher, CodeScan) and cpu.searcher is cpu.index
+    expected = cpu.query([replace(query, top_k=30)])[0].hits
+    found = cuda.query([query])[0].hits
+    # float32 query vectors from the GPU differ from the CPU's in the last bits
+    np.testing.assert_allclose([h.score for h in found], [h.score for h in expected[:8]], rtol=1e-3)
+    assert_same_search(as_search(expected), as_search(found))

@@ -119,7 +119,7 @@ def test_incremental_answers_equal_a_full_build_with_the_same_curvature(builds):
     incremental, full = QueryEngine.open(builds.root), QueryEngine.open(builds.full_root)
     previous = QueryEngine.open(builds.root, version=builds.first)
     assert full.manifest.built_from is None
-    expected, found = full.vectors[:], incremental.vectors[:]
+    expected, found = full.vectors.preconditioned[:], incremental.vectors.preconditioned[:]
     # Each index has its own 8-bit ranges (the full build's fitted on the edited corpus) and
     # rounds a value by half a code step at most: one step apart. Where the incremental build
     # widened the previous range, its reused codes were rounded once more: 1.5 steps.

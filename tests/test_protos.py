@@ -39,7 +39,7 @@ def test_contract_names_and_field_numbers() -> None:
     service = influence_pb2.DESCRIPTOR.services_by_name["InfluenceService"]
     assert service.full_name == "influence.v1.InfluenceService"
     methods = {m.name for m in service.methods}
-    assert methods == {"Query", "QueryBatch", "AttributeTokens", "GetIndexInfo"}
+    assert methods == {"Query", "QueryStream", "QueryBatch", "AttributeTokens", "GetIndexInfo"}
     assert hasattr(influence_pb2_grpc, "InfluenceServiceStub")
     request = {f.name: f.number for f in influence_pb2.QueryRequest.DESCRIPTOR.fields}
     assert (request["prompt"], request["completion"], request["top_k"]) == (1, 2, 3)

@@ -3,6 +3,7 @@ refused with the limit or the build flag they need."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 
 from indexer.baselines import ScoreTarget, stream_scores
 from indexer.build import build_index
-from indexer.config import ScoreKind
+from indexer.calibration import Calibrator
+from indexer.config import CalibrationConfig, ScoreKind
 from indexer.curvature import Curvature
 from indexer.engine import EngineOptions, QueryEngine
 from indexer.errors import InvalidInputError, PreconditionError
@@ -20,15 +22,30 @@ from indexer.evaluate import matching_corpus
 from indexer.exact import ExactConfig, ExactScorer
 from indexer.manifest import FULL_CURVATURE_FILE
 from indexer.query import Query, query_vectors
+from indexer.rerank import StopReason
 from tests.test_build import tiny_config
 
 QUERY = Query("The market", " was busy", top_k=5)
 
 
 @pytest.fixture(scope="module", params=list(ScoreKind))
-def engine(request, tmp_path_factory, tiny_model_dir, small_corpus_path) -> QueryEngine:
+def root(request, tmp_path_factory, tiny_model_dir, small_corpus_path) -> Path:
     root = tmp_path_factory.mktemp(f"rerank-{request.param}")
     build_index(tiny_config(tiny_model_dir, small_corpus_path, root, score=request.param))
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(root: Path) -> QueryEngine:
+    """Re-ranks every candidate (no early stop): its scores are exact EK-FAC's to compare."""
+    engine = QueryEngine.open(root, options=EngineOptions(rerank_early_stop=False))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def early(root: Path) -> QueryEngine:
+    """Stops re-ranking once the top-k is settled within the version's calibrated bound."""
     engine = QueryEngine.open(root)
     yield engine
     engine.close()
@@ -65,6 +82,49 @@ def test_reranked_scores_are_the_exact_scorers(engine: QueryEngine) -> None:
     np.testing.assert_allclose(returned, expected, rtol=1e-3, atol=1e-6 * np.abs(reference).max())
     # With every example a candidate, the answer is exact EK-FAC's own top k.
     np.testing.assert_allclose(returned, np.sort(reference)[::-1][: QUERY.top_k], rtol=1e-3)
+
+
+def test_the_exact_stage_stops_once_sure_and_says_so(early: QueryEngine) -> None:
+    n = early.info.n_examples
+    (result,) = early.query([replace(QUERY, rerank_depth=n)])
+    assert result.rerank_stop == StopReason.CERTAIN
+    assert QUERY.top_k <= result.candidates_reranked < n
+    assert all(hit.exact for hit in result.hits)
+    reference = exact_scores(early, QUERY)
+    rows = {
+        r.example_id: r.row
+        for r in early.metadata.lookup([h.example_id for h in result.hits]).values()
+    }
+    returned = np.array([hit.score for hit in result.hits])
+    np.testing.assert_allclose(
+        returned,
+        reference[[rows[h.example_id] for h in result.hits]],
+        rtol=1e-3,
+        atol=1e-6 * np.abs(reference).max(),
+    )
+    assert list(returned) == sorted(returned, reverse=True)
+
+
+def test_the_calibrated_bound_holds_for_queries_it_was_not_fitted_on(early: QueryEngine) -> None:
+    bound = early.manifest.rerank_bound
+    assert bound is not None and bound.n_queries == CalibrationConfig().queries
+    calibrator = Calibrator(
+        early.sketcher, early.curvature, early.reranker, early.index, early.metadata,
+        early.info.score_kind, early.pad_id,
+    )  # fmt: skip
+    ids = early.metadata.ids_and_norms(np.arange(early.info.n_examples))[0]
+    cosines, exact = calibrator.pairs(ids, queries=32, depth=200, seed=12345)
+    over = [y > bound.upper(x, np.arange(len(x))) for x, y in zip(cosines, exact, strict=True)]
+    assert np.concatenate(over).mean() <= 3 * (1 - bound.quantile)
+
+
+def test_a_due_deadline_gets_the_sketch_answer_marked_as_estimates(early: QueryEngine) -> None:
+    (tokenized,) = [early.prepare(replace(QUERY, rerank_depth=50))]
+    (result,) = early.answer([tokenized], deadlines=[time.monotonic()])
+    assert result.rerank_stop == StopReason.DEADLINE and result.candidates_reranked == 0
+    assert len(result.hits) == QUERY.top_k and not any(hit.exact for hit in result.hits)
+    (sketch,) = early.query([replace(QUERY, rerank_depth=0)])
+    assert [h.example_id for h in result.hits] == [h.example_id for h in sketch.hits]
 
 
 def test_without_rerank_hits_are_sketch_estimates(engine: QueryEngine) -> None:

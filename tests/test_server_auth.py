@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from indexer.errors import InvalidInputError
 from server.app import InfluenceServer, ServerConfig
-from server.auth import load_token
+from server.auth import SecurityConfig, load_token
 from server.client import InfluenceClient
 from server.reflection import V1_SERVICE_NAME, v1_message_class
 from tests.server_fakes import FakeOpener, publish, running_server
@@ -80,7 +80,8 @@ def test_token_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 
 def test_incomplete_tls_settings_are_refused(root: Path, tmp_path: Path) -> None:
-    config = ServerConfig(index_root=root, port=0, tls_cert_file=tmp_path / "cert.pem")
+    security = SecurityConfig(tls_cert_file=tmp_path / "cert.pem")
+    config = ServerConfig(index_root=root, port=0, security=security)
     with pytest.raises(InvalidInputError, match="--tls-key"):
         InfluenceServer(config, opener=FakeOpener()).start()
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.cli import add_query_arguments, add_serve_arguments, run_query
+from server.cli import main
+from server.cli.serving import add_serve_arguments
 from server.client import InfluenceClient
 from tests.server_fakes import FakeOpener, publish, running_server
 
@@ -31,16 +32,21 @@ import sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO)
 from server.app import InfluenceServer, ServerConfig
+from server.batching import BatcherConfig
+from server.reload import ReloadPolicy
 from tests.server_fakes import FakeOpener
-config = ServerConfig(Path(sys.argv[1]), port=int(sys.argv[2]), poll_seconds=60, max_wait_ms=0)
+config = ServerConfig(
+    Path(sys.argv[1]),
+    port=int(sys.argv[2]),
+    reload=ReloadPolicy(poll_seconds=60),
+    batching=BatcherConfig(max_wait_ms=0),
+)
 InfluenceServer(config, opener=FakeOpener(delay_s=0.3)).serve_forever()
 """
 
 
-def query_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_query_arguments(parser)
-    return parser.parse_args(list(argv))
+def query(*argv: str) -> int:
+    return main(["query", *argv])
 
 
 def free_port() -> int:
@@ -58,11 +64,11 @@ def root(tmp_path: Path) -> Path:
 def test_query_command_prints_a_table_or_json(root: Path, capsys: pytest.CaptureFixture) -> None:
     with running_server(root, FakeOpener()) as (server, _):
         target = f"127.0.0.1:{server.port}"
-        assert run_query(query_args("--target", target, "--completion", " sat", "-k", "3")) == 0
+        assert query("--target", target, "--completion", " sat", "-k", "3") == 0
         table = capsys.readouterr().out
-        assert run_query(query_args("--target", target, "--completion", " sat", "--json")) == 0
+        assert query("--target", target, "--completion", " sat", "--json") == 0
         payload = json.loads(capsys.readouterr().out)
-        assert run_query(query_args("--target", target, "--completion", "", "-k", "3")) == 2
+        assert query("--target", target, "--completion", "", "-k", "3") == 2
         captured = capsys.readouterr()
     assert "index v1" in table and len(table.splitlines()) == 2 + 3
     assert payload["index_version"] == "v1" and len(payload["influences"]) == 10
@@ -72,10 +78,9 @@ def test_query_command_prints_a_table_or_json(root: Path, capsys: pytest.Capture
 
 
 def test_query_command_without_a_server_fails_in_one_line(capsys: pytest.CaptureFixture) -> None:
-    args = query_args(
-        "--target", f"127.0.0.1:{free_port()}", "--completion", " a", "--timeout", "2"
+    assert (
+        query("--target", f"127.0.0.1:{free_port()}", "--completion", " a", "--timeout", "2") == 1
     )
-    assert run_query(args) == 1
     assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
 
 

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -25,6 +24,8 @@ from indexer.publish import new_version_id, read_current
 from influence.v1 import influence_pb2 as pb
 from server.app import InfluenceServer, ServerConfig
 from server.client import InfluenceClient
+from server.reload import ReloadPolicy
+from tests.server_fakes import configure
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 LOAD_TIMEOUT_S = 120
 
 SERVE = """
-import argparse, sys
-from server.cli import add_serve_arguments, run_serve
-parser = argparse.ArgumentParser()
-add_serve_arguments(parser)
-sys.exit(run_serve(parser.parse_args(sys.argv[1:])))
+import sys
+from server.cli import main
+sys.exit(main(["serve", *sys.argv[1:]]))
 """
 
 
@@ -62,11 +61,11 @@ def serve(root: Path, **overrides: object) -> Iterator[tuple[InfluenceServer, In
     config = ServerConfig(
         index_root=root,
         port=0,
-        poll_seconds=0.2,
+        reload=ReloadPolicy(poll_seconds=0.2),
         grace_seconds=10,
         engine=EngineOptions(rerank_depth=0),
     )
-    server = InfluenceServer(replace(config, **overrides))
+    server = InfluenceServer(configure(config, **overrides))
     server.start()
     try:
         with InfluenceClient(f"127.0.0.1:{server.port}", timeout_s=60) as client:
@@ -138,6 +137,21 @@ def test_reranked_answers_are_exact_and_say_so(served, demo_queries) -> None:
         lambda: client.query(query["prompt"], query["completion"], rerank_depth=10**6)
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and str(info.max_rerank_depth) in details
+
+
+def test_the_stream_sends_the_sketch_answer_then_the_exact_one(served, demo_queries) -> None:
+    _, client = served
+    query = demo_queries[1]
+    first, last = client.query_stream(
+        query["prompt"], query["completion"], top_k=5, rerank_depth=100
+    )
+    assert not first.final and not any(i.exact for i in first.influences)
+    assert first.rerank_stop == pb.RERANK_STOP_UNSPECIFIED and first.timings.rerank_us == 0
+    assert last.final and all(i.exact for i in last.influences)
+    assert 5 <= last.candidates_reranked <= 100
+    assert last.rerank_stop in (pb.RERANK_STOP_CERTAIN, pb.RERANK_STOP_DEPTH)
+    sketch = client.query(query["prompt"], query["completion"], top_k=5)
+    assert [i.example_id for i in first.influences] == [i.example_id for i in sketch.influences]
 
 
 def test_health_and_info(served) -> None:

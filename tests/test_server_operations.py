@@ -85,7 +85,7 @@ def stub(root: Path) -> Iterator[tuple[FakeOpener, influence_pb2_grpc.InfluenceS
 
 def test_health_and_info_are_never_shed_by_the_query_limit(root: Path) -> None:
     opener = FakeOpener(delay_s=0.3)
-    limits = {"max_workers": 2, "max_batch_size": 1, "max_wait_ms": 0}
+    limits = {"max_concurrent_queries": 2, "max_batch_size": 1, "max_wait_ms": 0}
     with running_server(root, opener, **limits) as (_, client), ThreadPoolExecutor(32) as pool:
         held = [pool.submit(client.query, f"slow{i}", " a") for i in range(2)]
         assert opener.engines[0].busy.wait(5)
@@ -101,7 +101,7 @@ def test_health_and_info_are_never_shed_by_the_query_limit(root: Path) -> None:
 
 def test_resource_exhausted_carries_retry_info(root: Path) -> None:
     opener = FakeOpener(delay_s=0.3)
-    with running_server(root, opener, max_workers=1, max_wait_ms=0) as (_, client):
+    with running_server(root, opener, max_concurrent_queries=1, max_wait_ms=0) as (_, client):
         slow = threading.Thread(target=client.query, args=("slow", " a"))
         slow.start()
         assert opener.engines[0].busy.wait(5)

@@ -157,6 +157,31 @@ def test_deadline_passed_while_queued_is_not_computed(root: Path) -> None:
     assert engine.batches == [1]
 
 
+def test_query_stream_sends_the_sketch_answer_first_then_the_exact_one(root: Path) -> None:
+    opener = FakeOpener(delay_s=0.3)
+    with running_server(root, opener) as (_, client):
+        started = time.monotonic()
+        arrivals = []
+        for response in client.query_stream("The cat", " sat", top_k=3, rerank_depth=20):
+            arrivals.append((time.monotonic() - started, response))
+        plain = list(client.query_stream("The cat", " sat", top_k=3, rerank_depth=0))
+    (first_s, first), (last_s, last) = arrivals
+    assert not first.final and not any(i.exact for i in first.influences)
+    assert last.final and all(i.exact for i in last.influences) and last.candidates_reranked == 20
+    assert first_s < 0.3 <= last_s  # the first did not wait for the exact stage
+    assert [i.example_id for i in first.influences] == [i.example_id for i in last.influences]
+    assert len(plain) == 1 and plain[0].final
+
+
+def test_the_rpc_deadline_bounds_the_exact_stage_with_room_to_answer(root: Path) -> None:
+    opener = FakeOpener()
+    with running_server(root, opener) as (_, client):
+        sent = time.monotonic()
+        client.query("The cat", " sat", rerank_depth=20, timeout_s=5)
+    (deadline,) = opener.engines[-1].deadlines
+    assert sent + 4 < deadline < sent + 5
+
+
 def test_no_index_is_unavailable_until_one_is_published(tmp_path: Path) -> None:
     with running_server(tmp_path, FakeOpener()) as (server, client):
         wait_for(lambda: client.info().last_reload_error != "")

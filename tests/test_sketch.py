@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from indexer.config import Autocast
 from indexer.model import module_shape, tracked_modules
 from indexer.sketch import (
     GradientSketcher,
@@ -90,3 +91,22 @@ def test_sampled_labels_do_not_depend_on_the_batch():
     together = draw([0, 1, 2])
     assert [draw([r])[0] for r in range(3)] == together
     assert together[0] != sequences[0][1:]  # drawn from the model, not the data
+
+
+def test_bf16_autocast_sketches_are_float32_and_close():
+    """The forward runs in bfloat16; the hooks' products and what they capture stay float32,
+    within bfloat16's rounding (~1%) of the float32 pass's sketches."""
+    model = tiny_gpt2(n_embd=32)
+    modules = tracked_modules(model)
+    projections = {n: gaussian_projection(n, m, 6, 5, seed=0) for n, m in modules.items()}
+    sketcher = GradientSketcher(model, modules, projections)
+    batch = make_batch(random_sequences([12, 7, 20]), [1, 1, 1], pad_id=0, sample_seeds=[0, 1, 2])
+    exact = sketcher.run(batch, keep_unprojected=True)
+    reduced = sketcher.run(batch, keep_unprojected=True, autocast=Autocast.BF16)
+    for capture in (reduced, reduced.unprojected):
+        tensors = [*capture.activations.values(), *capture.gradients.values()]
+        assert all(t.dtype == torch.float32 for t in tensors)
+    for name, expected in exact.sketches().items():
+        found = reduced.sketches_of(name)
+        assert not torch.equal(found, expected)  # the forward did run in bfloat16
+        assert (found - expected).norm() <= 0.05 * expected.norm()

@@ -9,7 +9,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from functools import partial
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -36,6 +35,8 @@ from indexer.publish import (
 from server.app import InfluenceServer, ServerConfig, open_engine
 from server.cli import main
 from server.client import InfluenceClient
+from server.reload import EngineHolder, Reloader, ReloadPolicy
+from tests.server_fakes import configure
 from tests.test_build import tiny_config
 
 
@@ -159,8 +160,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., tuple[InfluenceClient, Count
 
     def start(**overrides: object) -> tuple[InfluenceClient, CountingOpener]:
         opener = CountingOpener()
-        config = ServerConfig(index_root=tmp_path, port=0, poll_seconds=0.05)
-        server = InfluenceServer(replace(config, **overrides), opener=opener)
+        config = ServerConfig(index_root=tmp_path, port=0, reload=ReloadPolicy(poll_seconds=0.05))
+        server = InfluenceServer(configure(config, **overrides), opener=opener)
         server.start()
         client = InfluenceClient(f"127.0.0.1:{server.port}", timeout_s=30)
         stack.append((server, client))
@@ -211,6 +212,33 @@ def test_a_deleted_served_version_falls_back_to_the_newest_valid_one(
     shutil.rmtree(tmp_path / VERSIONS / "served")
     wait_for(lambda: client.info().version == "older", timeout_s=60)
     assert "served" in client.info().last_reload_error
+
+
+def test_a_fallback_is_served_together_with_the_status_saying_why(
+    tmp_path: Path, built: Path
+) -> None:
+    """Whoever sees the fallback version served (here: the swap callback, which runs right
+    after the swap) also sees why; the status used to follow the swap a moment later."""
+    add_version(tmp_path, built, "older", 1)
+    set_current(tmp_path, add_version(tmp_path, built, "served", 2))
+    holder = EngineHolder()
+    seen: list[tuple[str, str]] = []
+
+    def opener(root: Path, version: str, current: QueryEngine | None) -> QueryEngine:
+        return QueryEngine.open(root, version=version, reuse_model_from=current)
+
+    def on_swap(version: str, _seconds: float) -> None:
+        seen.append((holder.current.version, reloader.status().last_error))
+
+    reloader = Reloader(tmp_path, holder, opener, ReloadPolicy(poll_seconds=60), on_swap=on_swap)
+    reloader.check_once()
+    shutil.rmtree(tmp_path / VERSIONS / "served")
+    reloader.check_once()
+    holder.swap(None)
+    assert seen[0] == ("served", "")
+    assert seen[1][0] == "older"
+    assert "version served (CURRENT) was deleted from disk" in seen[1][1]
+    assert seen[1][1].endswith("serving older")
 
 
 class _Pushgateway(BaseHTTPRequestHandler):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from indexer.build import build_index, built_with
+from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig
 from indexer.demo.train import DemoArtifacts
 from indexer.errors import IndexVerificationError
+from indexer.incremental import built_with
 from indexer.model import weights_sha256
 from indexer.publish import read_current, read_manifest, version_dir
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinfluence/v1/influence.proto\x12\x0cinfluence.v1\"\xea\x01\n\x0cQueryRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12+\n\nscore_kind\x18\x04 \x01(\x0e\x32\x17.influence.v1.ScoreKind\x12\x14\n\x0cinclude_text\x18\x05 \x01(\x08\x12\x1c\n\x14include_layer_scores\x18\x06 \x01(\x08\x12\x19\n\x0crerank_depth\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12lexical_candidates\x18\x08 \x01(\rB\x0f\n\r_rerank_depth\"\x90\x01\n\x07Timings\x12\x13\n\x0btokenize_us\x18\x01 \x01(\x04\x12\x13\n\x0bgradient_us\x18\x02 \x01(\x04\x12\x11\n\tsearch_us\x18\x03 \x01(\x04\x12\x11\n\tlookup_us\x18\x04 \x01(\x04\x12\x10\n\x08queue_us\x18\x05 \x01(\x04\x12\x10\n\x08total_us\x18\x06 \x01(\x04\x12\x11\n\trerank_us\x18\x07 \x01(\x04\"\x81\x02\n\tInfluence\x12\x12\n\nexample_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\r\n\x05\x63hunk\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x11\n\tinfluence\x18\x05 \x01(\x02\x12\x0e\n\x06\x63osine\x18\x06 \x01(\x02\x12\x0c\n\x04text\x18\x07 \x01(\t\x12>\n\x0clayer_scores\x18\x08 \x03(\x0b\x32(.influence.v1.Influence.LayerScoresEntry\x12\r\n\x05\x65xact\x18\t \x01(\x08\x1a\x32\n\x10LayerScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xc5\x01\n\rQueryResponse\x12+\n\ninfluences\x18\x01 \x03(\x0b\x32\x17.influence.v1.Influence\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.influence.v1.Timings\x12\x1b\n\x13n_completion_tokens\x18\x04 \x01(\r\x12+\n\nscore_kind\x18\x05 \x01(\x0e\x32\x17.influence.v1.ScoreKind\"@\n\x11QueryBatchRequest\x12+\n\x07queries\x18\x01 \x03(\x0b\x32\x1a.influence.v1.QueryRequest\"D\n\x12QueryBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.influence.v1.QueryResponse\"Q\n\x16\x41ttributeTokensRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12\x13\n\x0b\x65xample_ids\x18\x03 \x03(\x03\"e\n\x10TokenAttribution\x12\x12\n\nexample_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x03(\t\x12\x0e\n\x06scores\x18\x04 \x03(\x02\x12\r\n\x05total\x18\x05 \x01(\x02\"f\n\x17\x41ttributeTokensResponse\x12\x34\n\x0c\x61ttributions\x18\x01 \x03(\x0b\x32\x1e.influence.v1.TokenAttribution\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\xa9\x04\n\x14GetIndexInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x12\n\nn_examples\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12+\n\nscore_kind\x18\x06 \x01(\x0e\x32\x17.influence.v1.ScoreKind\x12\x15\n\rfaiss_factory\x18\x07 \x01(\t\x12\x12\n\nbuild_time\x18\x08 \x01(\t\x12\x17\n\x0ftracked_modules\x18\t \x03(\t\x12\x0f\n\x07rank_in\x18\n \x01(\r\x12\x10\n\x08rank_out\x18\x0b \x01(\r\x12\x0f\n\x07\x64\x61mping\x18\x0c \x01(\x01\x12\x12\n\nmax_length\x18\r \x01(\r\x12\x19\n\x11last_reload_error\x18\x0e \x01(\t\x12\x17\n\x0fpending_version\x18\x0f \x01(\t\x12\x0f\n\x07serving\x18\x10 \x01(\x08\x12\x11\n\tmax_top_k\x18\x11 \x01(\r\x12\x1d\n\x15max_queries_per_batch\x18\x12 \x01(\r\x12 \n\x18max_attribution_examples\x18\x13 \x01(\r\x12\x18\n\x10rerank_available\x18\x14 \x01(\x08\x12\x14\n\x0crerank_depth\x18\x15 \x01(\r\x12\x18\n\x10max_rerank_depth\x18\x16 \x01(\r\x12\x19\n\x11lexical_available\x18\x17 \x01(\x08*X\n\tScoreKind\x12\x1a\n\x16SCORE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14SCORE_KIND_INFLUENCE\x10\x01\x12\x15\n\x11SCORE_KIND_COSINE\x10\x02\x32\xdc\x02\n\x10InfluenceService\x12@\n\x05Query\x12\x1a.influence.v1.QueryRequest\x1a\x1b.influence.v1.QueryResponse\x12O\n\nQueryBatch\x12\x1f.influence.v1.QueryBatchRequest\x1a .influence.v1.QueryBatchResponse\x12^\n\x0f\x41ttributeTokens\x12$.influence.v1.AttributeTokensRequest\x1a%.influence.v1.AttributeTokensResponse\x12U\n\x0cGetIndexInfo\x12!.influence.v1.GetIndexInfoRequest\x1a\".influence.v1.GetIndexInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinfluence/v1/influence.proto\x12\x0cinfluence.v1\"\xea\x01\n\x0cQueryRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12+\n\nscore_kind\x18\x04 \x01(\x0e\x32\x17.influence.v1.ScoreKind\x12\x14\n\x0cinclude_text\x18\x05 \x01(\x08\x12\x1c\n\x14include_layer_scores\x18\x06 \x01(\x08\x12\x19\n\x0crerank_depth\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12lexical_candidates\x18\x08 \x01(\rB\x0f\n\r_rerank_depth\"\x90\x01\n\x07Timings\x12\x13\n\x0btokenize_us\x18\x01 \x01(\x04\x12\x13\n\x0bgradient_us\x18\x02 \x01(\x04\x12\x11\n\tsearch_us\x18\x03 \x01(\x04\x12\x11\n\tlookup_us\x18\x04 \x01(\x04\x12\x10\n\x08queue_us\x18\x05 \x01(\x04\x12\x10\n\x08total_us\x18\x06 \x01(\x04\x12\x11\n\trerank_us\x18\x07 \x01(\x04\"\x81\x02\n\tInfluence\x12\x12\n\nexample_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\r\n\x05\x63hunk\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x11\n\tinfluence\x18\x05 \x01(\x02\x12\x0e\n\x06\x63osine\x18\x06 \x01(\x02\x12\x0c\n\x04text\x18\x07 \x01(\t\x12>\n\x0clayer_scores\x18\x08 \x03(\x0b\x32(.influence.v1.Influence.LayerScoresEntry\x12\r\n\x05\x65xact\x18\t \x01(\x08\x1a\x32\n\x10LayerScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa0\x02\n\rQueryResponse\x12+\n\ninfluences\x18\x01 \x03(\x0b\x32\x17.influence.v1.Influence\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.influence.v1.Timings\x12\x1b\n\x13n_completion_tokens\x18\x04 \x01(\r\x12+\n\nscore_kind\x18\x05 \x01(\x0e\x32\x17.influence.v1.ScoreKind\x12\x1b\n\x13\x63\x61ndidates_reranked\x18\x06 \x01(\r\x12-\n\x0brerank_stop\x18\x07 \x01(\x0e\x32\x18.influence.v1.RerankStop\x12\r\n\x05\x66inal\x18\x08 \x01(\x08\"@\n\x11QueryBatchRequest\x12+\n\x07queries\x18\x01 \x03(\x0b\x32\x1a.influence.v1.QueryRequest\"D\n\x12QueryBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.influence.v1.QueryResponse\"Q\n\x16\x41ttributeTokensRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12\x13\n\x0b\x65xample_ids\x18\x03 \x03(\x03\"e\n\x10TokenAttribution\x12\x12\n\nexample_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x03(\t\x12\x0e\n\x06scores\x18\x04 \x03(\x02\x12\r\n\x05total\x18\x05 \x01(\x02\"f\n\x17\x41ttributeTokensResponse\x12\x34\n\x0c\x61ttributions\x18\x01 \x03(\x0b\x32\x1e.influence.v1.TokenAttribution\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\xa9\x04\n\x14GetIndexInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x12\n\nn_examples\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12+\n\nscore_kind\x18\x06 \x01(\x0e\x32\x17.influence.v1.ScoreKind\x12\x15\n\rfaiss_factory\x18\x07 \x01(\t\x12\x12\n\nbuild_time\x18\x08 \x01(\t\x12\x17\n\x0ftracked_modules\x18\t \x03(\t\x12\x0f\n\x07rank_in\x18\n \x01(\r\x12\x10\n\x08rank_out\x18\x0b \x01(\r\x12\x0f\n\x07\x64\x61mping\x18\x0c \x01(\x01\x12\x12\n\nmax_length\x18\r \x01(\r\x12\x19\n\x11last_reload_error\x18\x0e \x01(\t\x12\x17\n\x0fpending_version\x18\x0f \x01(\t\x12\x0f\n\x07serving\x18\x10 \x01(\x08\x12\x11\n\tmax_top_k\x18\x11 \x01(\r\x12\x1d\n\x15max_queries_per_batch\x18\x12 \x01(\r\x12 \n\x18max_attribution_examples\x18\x13 \x01(\r\x12\x18\n\x10rerank_available\x18\x14 \x01(\x08\x12\x14\n\x0crerank_depth\x18\x15 \x01(\r\x12\x18\n\x10max_rerank_depth\x18\x16 \x01(\r\x12\x19\n\x11lexical_available\x18\x17 \x01(\x08*X\n\tScoreKind\x12\x1a\n\x16SCORE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14SCORE_KIND_INFLUENCE\x10\x01\x12\x15\n\x11SCORE_KIND_COSINE\x10\x02*s\n\nRerankStop\x12\x1b\n\x17RERANK_STOP_UNSPECIFIED\x10\x00\x12\x17\n\x13RERANK_STOP_CERTAIN\x10\x01\x12\x15\n\x11RERANK_STOP_DEPTH\x10\x02\x12\x18\n\x14RERANK_STOP_DEADLINE\x10\x03\x32\xa6\x03\n\x10InfluenceService\x12@\n\x05Query\x12\x1a.influence.v1.QueryRequest\x1a\x1b.influence.v1.QueryResponse\x12H\n\x0bQueryStream\x12\x1a.influence.v1.QueryRequest\x1a\x1b.influence.v1.QueryResponse0\x01\x12O\n\nQueryBatch\x12\x1f.influence.v1.QueryBatchRequest\x1a .influence.v1.QueryBatchResponse\x12^\n\x0f\x41ttributeTokens\x12$.influence.v1.AttributeTokensRequest\x1a%.influence.v1.AttributeTokensResponse\x12U\n\x0cGetIndexInfo\x12!.influence.v1.GetIndexInfoRequest\x1a\".influence.v1.GetIndexInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFLUENCE_LAYERSCORESENTRY']._loaded_options = None
   _globals['_INFLUENCE_LAYERSCORESENTRY']._serialized_options = b'8\001'
-  _globals['_SCOREKIND']._serialized_start=1895
-  _globals['_SCOREKIND']._serialized_end=1983
+  _globals['_SCOREKIND']._serialized_start=1986
+  _globals['_SCOREKIND']._serialized_end=2074
+  _globals['_RERANKSTOP']._serialized_start=2076
+  _globals['_RERANKSTOP']._serialized_end=2191
   _globals['_QUERYREQUEST']._serialized_start=47
   _globals['_QUERYREQUEST']._serialized_end=281
   _globals['_TIMINGS']._serialized_start=284
@@ -44,21 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFLUENCE_LAYERSCORESENTRY']._serialized_start=638
   _globals['_INFLUENCE_LAYERSCORESENTRY']._serialized_end=688
   _globals['_QUERYRESPONSE']._serialized_start=691
-  _globals['_QUERYRESPONSE']._serialized_end=888
-  _globals['_QUERYBATCHREQUEST']._serialized_start=890
-  _globals['_QUERYBATCHREQUEST']._serialized_end=954
-  _globals['_QUERYBATCHRESPONSE']._serialized_start=956
-  _globals['_QUERYBATCHRESPONSE']._serialized_end=1024
-  _globals['_ATTRIBUTETOKENSREQUEST']._serialized_start=1026
-  _globals['_ATTRIBUTETOKENSREQUEST']._serialized_end=1107
-  _globals['_TOKENATTRIBUTION']._serialized_start=1109
-  _globals['_TOKENATTRIBUTION']._serialized_end=1210
-  _globals['_ATTRIBUTETOKENSRESPONSE']._serialized_start=1212
-  _globals['_ATTRIBUTETOKENSRESPONSE']._serialized_end=1314
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=1316
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=1337
-  _globals['_GETINDEXINFORESPONSE']._serialized_start=1340
-  _globals['_GETINDEXINFORESPONSE']._serialized_end=1893
-  _globals['_INFLUENCESERVICE']._serialized_start=1986
-  _globals['_INFLUENCESERVICE']._serialized_end=2334
+  _globals['_QUERYRESPONSE']._serialized_end=979
+  _globals['_QUERYBATCHREQUEST']._serialized_start=981
+  _globals['_QUERYBATCHREQUEST']._serialized_end=1045
+  _globals['_QUERYBATCHRESPONSE']._serialized_start=1047
+  _globals['_QUERYBATCHRESPONSE']._serialized_end=1115
+  _globals['_ATTRIBUTETOKENSREQUEST']._serialized_start=1117
+  _globals['_ATTRIBUTETOKENSREQUEST']._serialized_end=1198
+  _globals['_TOKENATTRIBUTION']._serialized_start=1200
+  _globals['_TOKENATTRIBUTION']._serialized_end=1301
+  _globals['_ATTRIBUTETOKENSRESPONSE']._serialized_start=1303
+  _globals['_ATTRIBUTETOKENSRESPONSE']._serialized_end=1405
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=1407
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=1428
+  _globals['_GETINDEXINFORESPONSE']._serialized_start=1431
+  _globals['_GETINDEXINFORESPONSE']._serialized_end=1984
+  _globals['_INFLUENCESERVICE']._serialized_start=2194
+  _globals['_INFLUENCESERVICE']._serialized_end=2616
 # @@protoc_insertion_point(module_scope)

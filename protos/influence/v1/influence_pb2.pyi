@@ -12,9 +12,20 @@ class ScoreKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCORE_KIND_UNSPECIFIED: _ClassVar[ScoreKind]
     SCORE_KIND_INFLUENCE: _ClassVar[ScoreKind]
     SCORE_KIND_COSINE: _ClassVar[ScoreKind]
+
+class RerankStop(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RERANK_STOP_UNSPECIFIED: _ClassVar[RerankStop]
+    RERANK_STOP_CERTAIN: _ClassVar[RerankStop]
+    RERANK_STOP_DEPTH: _ClassVar[RerankStop]
+    RERANK_STOP_DEADLINE: _ClassVar[RerankStop]
 SCORE_KIND_UNSPECIFIED: ScoreKind
 SCORE_KIND_INFLUENCE: ScoreKind
 SCORE_KIND_COSINE: ScoreKind
+RERANK_STOP_UNSPECIFIED: RerankStop
+RERANK_STOP_CERTAIN: RerankStop
+RERANK_STOP_DEPTH: RerankStop
+RERANK_STOP_DEADLINE: RerankStop
 
 class QueryRequest(_message.Message):
     __slots__ = ("prompt", "completion", "top_k", "score_kind", "include_text", "include_layer_scores", "rerank_depth", "lexical_candidates")
@@ -84,18 +95,24 @@ class Influence(_message.Message):
     def __init__(self, example_id: _Optional[int] = ..., doc_id: _Optional[str] = ..., chunk: _Optional[int] = ..., score: _Optional[float] = ..., influence: _Optional[float] = ..., cosine: _Optional[float] = ..., text: _Optional[str] = ..., layer_scores: _Optional[_Mapping[str, float]] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
-    __slots__ = ("influences", "index_version", "timings", "n_completion_tokens", "score_kind")
+    __slots__ = ("influences", "index_version", "timings", "n_completion_tokens", "score_kind", "candidates_reranked", "rerank_stop", "final")
     INFLUENCES_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     N_COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_RERANKED_FIELD_NUMBER: _ClassVar[int]
+    RERANK_STOP_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     influences: _containers.RepeatedCompositeFieldContainer[Influence]
     index_version: str
     timings: Timings
     n_completion_tokens: int
     score_kind: ScoreKind
-    def __init__(self, influences: _Optional[_Iterable[_Union[Influence, _Mapping]]] = ..., index_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., n_completion_tokens: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ...) -> None: ...
+    candidates_reranked: int
+    rerank_stop: RerankStop
+    final: bool
+    def __init__(self, influences: _Optional[_Iterable[_Union[Influence, _Mapping]]] = ..., index_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., n_completion_tokens: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., candidates_reranked: _Optional[int] = ..., rerank_stop: _Optional[_Union[RerankStop, str]] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class QueryBatchRequest(_message.Message):
     __slots__ = ("queries",)

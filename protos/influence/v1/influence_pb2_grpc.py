@@ -39,6 +39,11 @@ class InfluenceServiceStub:
                 request_serializer=influence_dot_v1_dot_influence__pb2.QueryRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_influence__pb2.QueryResponse.FromString,
                 _registered_method=True)
+        self.QueryStream = channel.unary_stream(
+                '/influence.v1.InfluenceService/QueryStream',
+                request_serializer=influence_dot_v1_dot_influence__pb2.QueryRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_influence__pb2.QueryResponse.FromString,
+                _registered_method=True)
         self.QueryBatch = channel.unary_unary(
                 '/influence.v1.InfluenceService/QueryBatch',
                 request_serializer=influence_dot_v1_dot_influence__pb2.QueryBatchRequest.SerializeToString,
@@ -61,6 +66,15 @@ class InfluenceServiceServicer:
 
     def Query(self, request, context):
         """Top-k training examples for one (prompt, completion) pair.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryStream(self, request, context):
+        """The same answer in two messages: the sketch's top-k as soon as the index was
+        searched (final = false), then the exact one (final = true). A query that is not
+        re-ranked gets one message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +106,11 @@ def add_InfluenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Query': grpc.unary_unary_rpc_method_handler(
                     servicer.Query,
+                    request_deserializer=influence_dot_v1_dot_influence__pb2.QueryRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_influence__pb2.QueryResponse.SerializeToString,
+            ),
+            'QueryStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryStream,
                     request_deserializer=influence_dot_v1_dot_influence__pb2.QueryRequest.FromString,
                     response_serializer=influence_dot_v1_dot_influence__pb2.QueryResponse.SerializeToString,
             ),
@@ -136,6 +155,33 @@ class InfluenceService:
             request,
             target,
             '/influence.v1.InfluenceService/Query',
+            influence_dot_v1_dot_influence__pb2.QueryRequest.SerializeToString,
+            influence_dot_v1_dot_influence__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/influence.v1.InfluenceService/QueryStream',
             influence_dot_v1_dot_influence__pb2.QueryRequest.SerializeToString,
             influence_dot_v1_dot_influence__pb2.QueryResponse.FromString,
             options,

@@ -1,0 +1,168 @@
+"""The adaptive exact stage (issue 13) against the fixed-depth re-rank, side by side in one run.
+
+For one setting (`demo` or `large`, see `benchmarks.rerank`) and each score kind, the default
+index is built (re-rank factors and the calibrated bound included) and every query answered
+alone, warm, three ways in turn (so that they share the machine's load):
+
+- `sketch`: no re-rank (`rerank_depth` 0);
+- `fixed`: the previous default, every one of K′ = 200 candidates re-ranked
+  (`EngineOptions(rerank_early_stop=False)`);
+- `adaptive`: the default now, K′ = 200 an upper bound, stopping once the top-10 is settled
+  within the version's calibrated bound. Its first (sketch) answer's time is taken when the
+  engine hands it over (`on_sketch`), as QueryStream sends it.
+
+Each gets the exact EK-FAC top-10 agreement (the version's own full factors, whole corpus) and
+p50 latency; `adaptive` also the candidates it re-ranked and why it stopped.
+
+    .venv/bin/python -m benchmarks.exact_stage --setting demo --work .cache/issue8/demo64 \
+        --out benchmarks/results/exact-stage-demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from benchmarks.common import emit
+from benchmarks.rerank import (
+    KINDS,
+    TOP,
+    Reference,
+    Setting,
+    ensure_build,
+    exact_reference,
+    load_setting,
+    p50,
+    row_of,
+)
+from indexer import metrics
+from indexer.config import ScoreKind, SketchConfig, StoreConfig
+from indexer.engine import EngineOptions, QueryEngine, QueryResult
+from indexer.evaluate import json_safe
+from indexer.query import TokenizedQuery
+
+log = logging.getLogger("exact_stage")
+
+DEPTH = 200
+
+
+def timed(engine: QueryEngine, query: TokenizedQuery) -> tuple[QueryResult, float, float | None]:
+    """The answer, its wall ms, and the ms at which its sketch answer was handed over."""
+    start = time.perf_counter()
+    first: list[float] = []
+    (result,) = engine.answer(
+        [query], on_sketch=lambda _row, _r: first.append(time.perf_counter() - start)
+    )
+    ms = 1000 * (time.perf_counter() - start)
+    return result, ms, 1000 * first[0] if first else None
+
+
+def agreement(engine: QueryEngine, exact: np.ndarray, result: QueryResult) -> float:
+    rows = row_of(engine, [h.example_id for h in result.hits])
+    return metrics.top_k_recall(exact, [rows[h.example_id] for h in result.hits], TOP)
+
+
+def measure_kind(setting: Setting, root: Path, reference: Reference) -> dict:
+    fixed = QueryEngine.open(root, options=EngineOptions(rerank_early_stop=False))
+    adaptive = QueryEngine.open(root, reuse_model_from=fixed)
+    kind = str(fixed.info.score_kind)
+    exact = reference.scores[kind]
+    modes = {
+        "sketch": (fixed, 0),
+        "fixed": (fixed, DEPTH),
+        "adaptive": (adaptive, DEPTH),
+    }
+    prepared = {
+        name: [engine.prepare(replace(q.query, top_k=TOP, rerank_depth=d)) for q in setting.queries]
+        for name, (engine, d) in modes.items()
+    }
+    for name, (engine, _) in modes.items():
+        timed(engine, prepared[name][0])  # warm-up, not counted
+    runs: dict[str, list[tuple[QueryResult, float, float | None, float]]] = {m: [] for m in modes}
+    for i in range(len(setting.queries)):
+        for name, (engine, _) in modes.items():
+            result, ms, first_ms = timed(engine, prepared[name][i])
+            runs[name].append((result, ms, first_ms, agreement(engine, exact[i], result)))
+    out = {"score": kind, "bound": asdict(adaptive.manifest.rerank_bound)}
+    for name, answered in runs.items():
+        out[name] = {
+            "agreement_with_exact_top10": metrics.mean(a for *_, a in answered),
+            "p50_ms": p50([ms for _, ms, _, _ in answered]),
+            "p50_rerank_ms": p50([r.timings.rerank_us / 1000 for r, *_ in answered]),
+        }
+    reranked = [r.candidates_reranked for r, *_ in runs["adaptive"]]
+    out["adaptive"] |= {
+        "mean_candidates_reranked": float(np.mean(reranked)),
+        "max_candidates_reranked": int(np.max(reranked)),
+        "stops": dict(Counter(str(r.rerank_stop) for r, *_ in runs["adaptive"])),
+        "p50_first_answer_ms": p50([f for _, _, f, _ in runs["adaptive"]]),
+    }
+    out["adaptive_p50_over_fixed"] = out["adaptive"]["p50_ms"] / out["fixed"]["p50_ms"]
+    out["first_answer_over_sketch_p50"] = (
+        out["adaptive"]["p50_first_answer_ms"] / out["sketch"]["p50_ms"]
+    )
+    adaptive.close()
+    fixed.close()
+    log.info("%s: %s", kind, out)
+    return out
+
+
+def run(setting_name: str, n_queries: int | None, kinds: list[ScoreKind], work: Path) -> dict:
+    started = time.perf_counter()
+    setting = load_setting(setting_name, n_queries)
+    builds, roots = {}, {}
+    for kind in kinds:
+        roots[kind] = work / f"default-{kind}"
+        builds[str(kind)] = ensure_build(
+            setting, roots[kind], StoreConfig(score=kind), SketchConfig()
+        )
+    first = QueryEngine.open(roots[kinds[0]])
+    tokenized = [first.prepare(replace(q.query, rerank_depth=0)) for q in setting.queries]
+    reference = exact_reference(first, tokenized, work)
+    first.close()
+    return {
+        "benchmark": "exact_stage",
+        "setting": setting_name,
+        "n_queries": len(setting.queries),
+        "depth": DEPTH,
+        "engine_options": asdict(EngineOptions()),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "builds": builds,
+        "kinds": [measure_kind(setting, roots[k], reference) for k in kinds],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=("demo", "large"), default="demo")
+    parser.add_argument("--queries", type=int, help="queries (deterministic sample; default 48)")
+    parser.add_argument("--kinds", default=",".join(map(str, KINDS)))
+    parser.add_argument("--work", type=Path, help="keep builds and exact scores here (reused)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    kinds = [ScoreKind(k) for k in args.kinds.split(",")]
+    with tempfile.TemporaryDirectory(prefix="exact-stage-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        emit(json_safe(run(args.setting, args.queries, kinds, work)), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Exhaustive inner-product search over a version's 8-bit codes with torch, on the device that
+runs the query model.
+
+CUDA hosts carry faiss-cpu (faiss-gpu wheels do not exist for every CUDA and Python), whose
+search runs on the CPU; there `CodeScan` answers the search on the GPU with the scores FAISS
+gives. A flat `IDMap,SQ8` index keeps a byte `c` per dimension and a trained range
+(`vmin`, `vdiff`) per dimension, and decodes `x̂ = vmin + (c + 0.5) / 255 · vdiff` (faiss's
+`Codec8bit` in the non-uniform `QuantizerTemplate`), so for a query `q`
+
+    ⟨q, x̂⟩ = Σ_j q_j vmin_j + Σ_j w_j (c_j + 0.5),   w_j = q_j vdiff_j / 255.
+
+The codes live on the device as int8 (`c - 128`) and each search reads them once, through an
+integer matrix product (`torch._int_mm`, int32 sums): the weights `w` are split into `DIGITS`
+int8 digits (`w ≈ s Σ_i d_i / BASE^i`), which keeps more precision than float32 while every
+code is read as one byte (a float decode would read and write several bytes per code).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Protocol
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+DIGITS = 4  # int8 digits per weight: |error| <= s / 2 / BASE^3, below float32's rounding
+BASE = 254  # a remainder of at most half a unit, times 254, is again a digit in [-127, 127]
+# Each int32 sum adds D products |(c - 128) · d| <= 128 · 127: D must keep it below 2^31.
+MAX_DIM = (2**31 - 1) // (128 * 127) // 8 * 8
+ROW_ALIGN = 32  # CUDA's int8 matrix product needs over 16 rows (and columns a multiple of 8)
+COL_ALIGN = 8
+CHUNK_BYTES = 256 << 20  # a chunk's int32 sums and float64 scores stay under this
+LOAD_ROWS = 16_384  # codes copied to the device at a time
+FREE_MEMORY_SHARE = 0.5  # of the device's free memory the codes may take; the rest is the model's
+NO_SCORE = -np.finfo(np.float32).max  # what FAISS returns, with id -1, past the last result
+
+
+class Searcher(Protocol):
+    """What answers an engine's search: a FAISS index, or a `CodeScan` of one."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class CodeScan:
+    """`search` as a flat inner-product 8-bit FAISS index answers it, over its codes held on a
+    torch device (int8 `[N, D]` padded to `ROW_ALIGN` x `COL_ALIGN`: N·D bytes)."""
+
+    def __init__(self, codes: Tensor, n: int, vmin: Tensor, vdiff: Tensor, ids: Tensor):
+        """`codes [≥N, ≥D]` int8 (`c - 128`; padding is never scored), `vmin`, `vdiff` `[D]`
+        float64, `ids [N]` int64, all on one device: see `from_blocks`."""
+        self.codes, self.n = codes, n
+        self.vmin, self.vdiff, self.ids = vmin, vdiff, ids
+        self.device = codes.device
+
+    @classmethod
+    def from_blocks(
+        cls,
+        blocks: Iterable[np.ndarray | Tensor],
+        vmin: np.ndarray,
+        vdiff: np.ndarray,
+        ids: np.ndarray,
+        device: str | torch.device,
+    ) -> CodeScan:
+        """The scan of codes `[N, D]` (uint8) given as consecutive blocks of rows (read from an
+        index, or drawn at random on the device), with the ranges `vmin`, `vdiff` `[D]` and the
+        ids `[N]` of the rows. Memory: the codes, once, on `device`."""
+        n, dim = len(ids), len(vmin)
+        shape = (_align(max(n, 1), ROW_ALIGN), _align(dim, COL_ALIGN))
+        codes = torch.zeros(shape, dtype=torch.int8, device=device)
+        start = 0
+        for block in blocks:
+            block = torch.as_tensor(block).to(device)
+            codes[start : start + len(block), :dim] = (block ^ 128).view(torch.int8)
+            start += len(block)
+        if start != n:
+            raise ValueError(f"{start} rows of codes for {n} ids")
+        return cls(
+            codes,
+            n,
+            torch.as_tensor(vmin, dtype=torch.float64, device=device),
+            torch.as_tensor(vdiff, dtype=torch.float64, device=device),
+            torch.as_tensor(ids, dtype=torch.int64, device=device),
+        )
+
+    @classmethod
+    def from_index(cls, index: faiss.Index, device: str | torch.device) -> CodeScan:
+        """The scan of a flat 8-bit inner-product index (`IDMap,SQ8` or a bare `SQ8`: ids are
+        then rows); ValueError says why another cannot be scanned (`unsupported`)."""
+        reason = unsupported(index)
+        if reason:
+            raise ValueError(f"cannot scan this index on {device}: {reason}")
+        inner, ids = _flat(index)
+        vmin, vdiff = faiss.vector_to_array(inner.sq.trained).reshape(2, -1)
+        n, size = inner.ntotal, inner.code_size
+        # A view of the codes (memory-mapped when the index is), copied a block at a time.
+        codes = faiss.rev_swig_ptr(inner.codes.data(), n * size).reshape(n, size) if n else []
+        blocks = (codes[start : start + LOAD_ROWS] for start in range(0, n, LOAD_ROWS))
+        return cls.from_blocks(blocks, vmin, vdiff, ids, device)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores `[Q, k]` (float32, best first) and ids `[Q, k]` (int64) of the `k` best inner
+        products of each query `[Q, D]`, as `faiss.Index.search` gives them (-FLT_MAX and -1
+        past the last row). Scanned a chunk of rows at a time, the top k merged."""
+        q = torch.as_tensor(np.asarray(queries), device=self.device).double()
+        weights = q * self.vdiff / 255
+        bias = q @ self.vmin + 128.5 * weights.sum(dim=1)  # codes are c - 128; decoded c + 0.5
+        digits, scales = _digits(weights, self.codes.shape[1])
+        rows_per_chunk = _chunk_rows(len(q), digits.shape[1])
+        top = (q.new_empty((len(q), 0)), q.new_empty((len(q), 0), dtype=torch.int64))
+        for start in range(0, self.n, rows_per_chunk):
+            sums = torch._int_mm(self.codes[start : start + rows_per_chunk], digits)
+            valid = sums[: self.n - start, : len(q) * DIGITS].double().unflatten(1, (len(q), -1))
+            scores = torch.einsum("rqi,qi->qr", valid, scales) + bias[:, None]
+            top = _merge(top, scores, start, k)
+        return self._results(*top, k)
+
+    def _results(self, scores: Tensor, rows: Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top scores and rows `[Q, ≤k]` as FAISS's `[Q, k]` scores and ids."""
+        out_scores = np.full((len(scores), k), NO_SCORE, dtype=np.float32)
+        out_ids = np.full((len(scores), k), -1, dtype=np.int64)
+        found = scores.shape[1]
+        out_scores[:, :found] = scores.float().cpu().numpy()
+        out_ids[:, :found] = self.ids[rows].cpu().numpy()
+        return out_scores, out_ids
+
+
+def unsupported(index: faiss.Index) -> str:
+    """Why `CodeScan` cannot search `index` ("" when it can)."""
+    inner = _flat(index)[0]
+    if not isinstance(inner, faiss.IndexScalarQuantizer):
+        return "not a flat scalar-quantised index (e.g. IVF)"
+    if inner.sq.qtype != faiss.ScalarQuantizer.QT_8bit:
+        return "its codes are not 8 bits with a range per dimension"
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return "not an inner-product index"
+    if index.d > MAX_DIM:
+        return f"{index.d} dimensions, over the {MAX_DIM} whose int32 sums cannot overflow"
+    return ""
+
+
+def device_searcher(index: faiss.Index, device: str | torch.device) -> Searcher:
+    """What searches `index` for an engine on `device`: on a CUDA device, a `CodeScan` of it
+    when it is one the scan supports and its codes take at most `FREE_MEMORY_SHARE` of the
+    device's free memory; the FAISS index itself (searching on the CPU) otherwise."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return index
+    reason = unsupported(index)
+    if not reason:
+        free = torch.cuda.mem_get_info(device)[0]
+        if index.ntotal * index.d > FREE_MEMORY_SHARE * free:
+            reason = f"its codes ({index.ntotal * index.d / 2**30:.1f} GiB) would not fit"
+    if reason:
+        log.info("searching with FAISS on the CPU, not on %s: %s", device, reason)
+        return index
+    return CodeScan.from_index(index, device)
+
+
+def _flat(index: faiss.Index) -> tuple[faiss.Index, np.ndarray]:
+    """The index that holds the codes (an `IDMap`'s inner one) and the ids `[N]` of its rows."""
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.downcast_index(index.index), faiss.vector_to_array(index.id_map)
+    return faiss.downcast_index(index), np.arange(index.ntotal, dtype=np.int64)
+
+
+def _digits(weights: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """`weights [Q, D]` (float64) as int8 digits `[rows, cols]` (column `q·DIGITS + i` holds
+    digit i of query q; zero past D and past Q·DIGITS columns, `cols` a multiple of COL_ALIGN)
+    and their scales `[Q, DIGITS]`: `weights[q, j] ≈ Σ_i scales[q, i] · digits[j, q·DIGITS + i]`
+    within `scales[q, -1] / 2`."""
+    n_queries, dim = weights.shape
+    largest = weights.abs().amax(dim=1)
+    unit = torch.where(largest > 0, largest, 1.0) / 127
+    rest, parts = weights / unit[:, None], []
+    for _ in range(DIGITS):
+        digit = rest.round()
+        parts.append(digit)
+        rest = (rest - digit) * BASE
+    digits = torch.zeros(
+        (rows, _align(n_queries * DIGITS, COL_ALIGN)), dtype=torch.int8, device=weights.device
+    )
+    digits[:dim, : n_queries * DIGITS] = torch.stack(parts, dim=2).transpose(0, 1).flatten(1)
+    powers = float(BASE) ** -torch.arange(DIGITS, dtype=torch.float64, device=weights.device)
+    return digits, unit[:, None] * powers
+
+
+def _chunk_rows(n_queries: int, columns: int) -> int:
+    """Rows scanned at a time: their int32 sums `[rows, columns]`, float64 digit sums and scores
+    within CHUNK_BYTES; a multiple of ROW_ALIGN."""
+    per_row = 4 * columns + 8 * n_queries * (DIGITS + 1)
+    return max(ROW_ALIGN, CHUNK_BYTES // per_row // ROW_ALIGN * ROW_ALIGN)
+
+
+def _merge(top: tuple[Tensor, Tensor], scores: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]:
+    """The best `k` of the running top (scores, rows) `[Q, ≤k]` and a chunk's `scores [Q,
+    rows]` (rows from `start`)."""
+    best = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    merged = torch.cat([top[0], best.values], dim=1)
+    rows = torch.cat([top[1], best.indices + start], dim=1)
+    keep = torch.topk(merged, min(k, merged.shape[1]), dim=1)
+    return keep.values, rows.gather(1, keep.indices)
+
+
+def _align(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

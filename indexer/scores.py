@@ -1,0 +1,119 @@
+"""Scores: the space a query is scored in (`ScoreSpace`), and how far the sketch's score may be
+from the exact one (`RerankBound`): the bound that lets the exact stage stop early, fitted per
+version by the build on pseudo-queries' candidates.
+
+The bound compares scores in cosine units: a candidate's sketch cosine `x` against its exact score
+divided by its scale (1 for a cosine index; the sketch norms `‖q‖·‖v‖` for influence, so that
+one bound serves queries and examples of any size). A candidate at sketch rank r then scores
+exactly at most `(slope·x + intercept + residual(r)) · scale`, with the calibrated probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from indexer.config import ScoreKind
+
+# Bands of sketch ranks with a residual each: the error is larger at the top of a ranking.
+DEFAULT_RANK_EDGES = (0, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class ScoreSpace:
+    """Where the index scores one query: its score kind, the vector it is searched with `[D]`
+    (the query's preconditioned vector, unit-normalised for cosine) and the query's norm. An
+    index score (`search · stored vector`) and the example's norm give both scores."""
+
+    kind: ScoreKind
+    search: np.ndarray
+    norm: float
+
+    @classmethod
+    def of(cls, kind: ScoreKind, vector: np.ndarray) -> ScoreSpace:
+        """The space of a preconditioned query vector `[D]`."""
+        norm = float(np.linalg.norm(vector))
+        return cls(kind, vector / max(norm, 1e-30) if kind == ScoreKind.COSINE else vector, norm)
+
+    def both(self, scores: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`(influence, cosine)` of index scores `[n, ...]` of examples whose norms `[n, ...]`
+        broadcast with them."""
+        scale = np.maximum(self.norm * norms, 1e-30)
+        if self.kind == ScoreKind.COSINE:
+            return scores * scale, scores
+        return scores, scores / scale
+
+    def cosine_scale(self, norms: np.ndarray) -> np.ndarray:
+        """What divides scores of this kind of examples with sketch norms `norms [n]` to put
+        them in cosine units `[n]`: 1 for a cosine index, `‖q‖·‖v_n‖` for influence (exact
+        scores too: the bound compares both in these units)."""
+        if self.kind == ScoreKind.COSINE:
+            return np.ones_like(norms, dtype=np.float64)
+        return np.maximum(self.norm * norms, 1e-30)
+
+
+@dataclass(frozen=True)
+class RerankBound:
+    """How much higher than its calibrated sketch estimate a candidate's exact score may be.
+
+    `rank_edges[b]` starts band b of sketch ranks (0-based; the last band is open-ended);
+    `residuals[b]` is the `quantile` of `exact − (slope·x + intercept)` (cosine units) over
+    the calibration pairs in that band: errors are larger at the top of a ranking, where the
+    scores are."""
+
+    slope: float
+    intercept: float
+    rank_edges: tuple[int, ...]
+    residuals: tuple[float, ...]
+    quantile: float
+    n_queries: int
+    n_pairs: int
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; tuples keep the manifest hashable and comparable.
+        object.__setattr__(self, "rank_edges", tuple(self.rank_edges))
+        object.__setattr__(self, "residuals", tuple(self.residuals))
+
+    def estimate(self, cosines: np.ndarray) -> np.ndarray:
+        """Calibrated estimates `[n]` of exact scores in cosine units."""
+        return self.slope * cosines + self.intercept
+
+    def upper(self, cosines: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        """Upper bounds `[n]` (cosine units) of the exact scores of candidates with sketch
+        cosines `cosines [n]` at sketch ranks `ranks [n]`."""
+        bands = np.searchsorted(np.asarray(self.rank_edges), ranks, side="right") - 1
+        return self.estimate(cosines) + np.asarray(self.residuals)[bands]
+
+
+def fit_rerank_bound(
+    cosines: Sequence[np.ndarray],
+    exact: Sequence[np.ndarray],
+    quantile: float,
+    rank_edges: Sequence[int] = DEFAULT_RANK_EDGES,
+) -> RerankBound:
+    """Fit the bound on pseudo-queries: `cosines[q] [n_q]` are query q's candidates' sketch
+    cosines in sketch order (rank 0 first), `exact[q] [n_q]` their exact scores in cosine
+    units. A band no pair reaches takes the residual of the band above it."""
+    x = np.concatenate(cosines).astype(np.float64)
+    y = np.concatenate(exact).astype(np.float64)
+    if x.size < 2:
+        raise ValueError("calibrating the re-rank bound needs at least two candidate pairs")
+    slope, intercept = np.polyfit(x, y, 1)
+    ranks = np.concatenate([np.arange(len(c)) for c in cosines])
+    residual = y - (slope * x + intercept)
+    bands = np.searchsorted(np.asarray(rank_edges), ranks, side="right") - 1
+    residuals: list[float] = []
+    for band in range(len(rank_edges)):
+        inside = residual[bands == band]
+        residuals.append(float(np.quantile(inside, quantile)) if inside.size else residuals[-1])
+    return RerankBound(
+        slope=float(slope),
+        intercept=float(intercept),
+        rank_edges=tuple(rank_edges),
+        residuals=tuple(residuals),
+        quantile=quantile,
+        n_queries=len(cosines),
+        n_pairs=int(x.size),
+    )

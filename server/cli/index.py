@@ -1,0 +1,132 @@
+"""Subcommands that write or describe a published index: build, info, pin, rollback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from indexer.config import BuildConfig
+from server.cli.options import add_options, from_args
+from server.metrics import export_build_metrics
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, BuildConfig)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--metrics-textfile",
+        type=Path,
+        metavar="PATH",
+        help="on success, atomically write the build's metrics (last-success time, duration, "
+        "examples) here, for node-exporter's textfile collector (name it *.prom)",
+    )
+    parser.add_argument(
+        "--pushgateway", metavar="URL", help="on success, push the same metrics to this Pushgateway"
+    )
+
+
+def run_build(args: argparse.Namespace) -> tuple[object, str] | None:
+    from indexer.build import build_index
+
+    start = time.monotonic()
+    s = build_index(from_args(BuildConfig, args, progress=not args.quiet))
+    duration = time.monotonic() - start
+    if os.environ.get("RANK", "0") != "0":
+        return None  # under torchrun, rank 0 reports the build
+    export_build_metrics(
+        s.version, s.n_examples, duration, textfile=args.metrics_textfile,
+        pushgateway=args.pushgateway,
+    )  # fmt: skip
+    text = (
+        f"published {s.version} in {s.root}: {s.n_examples} examples from {s.n_documents} "
+        f"documents ({s.n_empty_skipped} empty skipped), dim {s.dim} ({s.allocation}), "
+        f"{s.index_factory}, {s.index_bytes_per_example:.0f} index bytes/example, exact "
+        f"re-rank factors {s.full_curvature_bytes / 2**20:.1f} MiB, "
+        f"{s.tokens_per_second:.0f} tokens/s\n"
+    )
+    if s.built_from is None:
+        return s.to_dict(), text + f"full build: {s.full_reason}"
+    return s.to_dict(), text + (
+        f"incremental from {s.built_from}: {s.reused} reused, {s.new} new, "
+        f"{s.changed} changed, {s.deleted} deleted"
+    )
+
+
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", type=Path, required=True, help="index ROOT")
+    parser.add_argument("--version", help="a version id (default: CURRENT)")
+    parser.add_argument("--verify", action="store_true", help="check every file's sha256")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def run_info(args: argparse.Namespace) -> tuple[object, str]:
+    from indexer.budget import describe, layout_ranks
+    from indexer.manifest import INDEX_FILE
+    from indexer.publish import list_versions, read_current, read_manifest, verify_version
+    from indexer.publish import version_dir as find_version
+
+    path = find_version(args.index, args.version)
+    m = verify_version(path) if args.verify else read_manifest(path)
+    current, versions = read_current(args.index), list_versions(args.index)
+    index_bytes = m.files[INDEX_FILE].bytes
+    lines = [
+        f"index {args.index}: CURRENT = {current}; versions: {len(versions)}",
+        f"version   {path.name} (built {m.created})",
+        f"model     {m.model.path} sha256 {m.model.weights_sha256[:16]}",
+        f"examples  {m.counts.examples} from {m.counts.documents} documents",
+        f"vectors   dim {m.dim}, {index_bytes / max(m.counts.examples, 1):.0f} index "
+        f"bytes/example, score {m.score}, faiss {m.index_factory}",
+        f"modules   {len(m.modules)}, r_out x r_in: {describe(layout_ranks(m.modules))}",
+    ]
+    if args.verify:
+        lines.append(f"checksums ok ({len(m.files)} files)")
+    info = {"current": current, "versions": versions, "version": path.name}
+    info |= {"verified": args.verify, "manifest": json.loads(m.to_json())}
+    return info, "\n".join(lines)
+
+
+def add_pin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", type=Path, required=True, metavar="ROOT", help="index root")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("version", nargs="?", help="the version every server must serve")
+    target.add_argument(
+        "--clear", action="store_true", help="remove the pin: servers follow CURRENT again"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run_pin(args: argparse.Namespace) -> tuple[object, str]:
+    """Write (after verifying the version) or remove ROOT/PINNED."""
+    from indexer.publish import clear_pin, pin
+
+    if args.clear:
+        previous = clear_pin(args.index)
+        line = f"unpinned {args.index} (was {previous}): servers follow CURRENT"
+        return {"pinned": None, "previous_pin": previous}, line
+    pin(args.index, args.version)
+    line = f"pinned {args.index} to {args.version}: every server serves it until --clear"
+    return {"pinned": args.version}, line
+
+
+def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", type=Path, required=True, metavar="ROOT", help="index root")
+    parser.add_argument(
+        "--to",
+        metavar="VERSION",
+        help="the version to serve (default: the newest valid one built before CURRENT's)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run_rollback(args: argparse.Namespace) -> tuple[object, str]:
+    """Point CURRENT at a verified earlier version, atomically."""
+    from indexer.publish import rollback
+
+    done = rollback(args.index, args.to)
+    line = f"CURRENT of {args.index}: {done.previous} -> {done.current}"
+    if done.pinned:
+        line += f"; note: ROOT/PINNED pins {done.pinned}, which servers serve instead"
+    return {"previous": done.previous, "current": done.current, "pinned": done.pinned}, line

@@ -1,0 +1,95 @@
+"""Subcommands of the gRPC service: serve, query, and demo (which does both)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from google.protobuf.json_format import MessageToDict
+
+from indexer.config import ScoreKind, default_of
+from indexer.query import Query
+from server.app import InfluenceServer, ServerConfig
+from server.cli.options import add_options, from_args
+from server.client import ClientOptions, format_query_table, format_token_attribution
+from server.demo import DemoOptions, ask_demo
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, ServerConfig)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """Serve until SIGTERM/SIGINT; exit 0 after a graceful stop."""
+    InfluenceServer(from_args(ServerConfig, args)).serve_forever()
+
+
+def add_query_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, ClientOptions)
+    parser.add_argument("--prompt", default="", help="context whose tokens carry no loss")
+    parser.add_argument("--completion", required=True, help="text whose probability is explained")
+    parser.add_argument("-k", "--top-k", type=int, default=default_of(Query, "top_k"), help="hits")
+    parser.add_argument(
+        "--score-kind", type=ScoreKind, choices=list(ScoreKind), help="default: the index's"
+    )
+    parser.add_argument(
+        "--rerank-depth",
+        type=int,
+        help="candidates re-ranked exactly (default: the server's; 0: off)",
+    )
+    parser.add_argument(
+        "--lexical-candidates",
+        type=int,
+        default=default_of(Query, "lexical_candidates"),
+        help="BM25 matches re-ranked with the index's candidates",
+    )
+    parser.add_argument("--stream", action="store_true", help="show the sketch answer first")
+    parser.add_argument("--json", action="store_true", help="print the response as JSON")
+
+
+def run_query(args: argparse.Namespace) -> tuple[object, str]:
+    """The top influences, as a table; with --stream the sketch's first, as soon as it came."""
+    options = {"top_k": args.top_k, "score_kind": args.score_kind}
+    options |= {"rerank_depth": args.rerank_depth, "lexical_candidates": args.lexical_candidates}
+    with from_args(ClientOptions, args).connect() as client:
+        if not args.stream:
+            response = client.query(args.prompt, args.completion, **options)
+            return _as_dict(response), format_query_table(response)
+        responses = []
+        for response in client.query_stream(args.prompt, args.completion, **options):
+            responses.append(response)
+            if not response.final and not args.json:
+                print(f"sketch answer:\n{format_query_table(response)}\n", flush=True)
+    return [_as_dict(r) for r in responses], format_query_table(responses[-1])
+
+
+def _as_dict(response: object) -> dict:
+    return MessageToDict(
+        response,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, DemoOptions)
+    parser.add_argument("--rebuild", action="store_true", help="build a new index version")
+    parser.add_argument("--json", action="store_true", help="print the answers as JSON")
+
+
+def run_demo(args: argparse.Namespace) -> tuple[object, str]:
+    """The demo's answers (`server.demo`)."""
+    demo = ask_demo(from_args(DemoOptions, args), rebuild=args.rebuild, progress=not args.quiet)
+    lines = [
+        f"demo model: {demo.artifacts.model_dir} (completes {demo.artifacts.fact_accuracy:.0%} "
+        "of the corpus's fact prompts correctly)\n"
+    ]
+    for q, response, ranks in zip(demo.queries, demo.responses, demo.gold_ranks(), strict=True):
+        lines.append(f"query: {q.query.prompt!r} -> {q.query.completion!r}")
+        lines.append(format_query_table(response))
+        found = ", ".join(map(str, ranks)) or "none"
+        lines.append(f"documents stating this fact (gold) at ranks: {found}\n")
+    lines.append("token-level influence of the top result on the first query:")
+    lines.append(format_token_attribution(demo.attribution, color=sys.stdout.isatty()))
+    return demo.to_dict(), "\n".join(lines)

@@ -1,0 +1,115 @@
+"""The torch scan of 8-bit codes (`indexer.scan`) answers as FAISS does, here on the CPU."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer.build import build_index
+from indexer.engine import QueryEngine
+from indexer.query import Query
+from indexer.scan import CodeScan, device_searcher, unsupported
+from tests.test_build import tiny_config
+
+
+def sq8_index(n: int, dim: int, seed: int = 0) -> tuple[faiss.Index, np.ndarray]:
+    """An `IDMap,SQ8` inner-product index of `n` random vectors (ranges differing per dimension,
+    ids not 0..n-1), and queries `[5, dim]`."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim)) * rng.uniform(0.1, 5, dim) + rng.normal(size=dim)
+    vectors = vectors.astype(np.float32)
+    index = faiss.index_factory(dim, "IDMap,SQ8", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add_with_ids(vectors, rng.permutation(3 * n)[:n].astype(np.int64))
+    return index, rng.standard_normal((5, dim)).astype(np.float32)
+
+
+def assert_same_search(expected: tuple, found: tuple) -> None:
+    """The scan's `found` (scores, ids) `[Q, k]` are FAISS's `expected` `[Q, ≥k]`, within float32
+    rounding: the same scores, and the same ids in the same order except among ties (FAISS's
+    float32 sums err by ~1e-7 of their terms): an id found at another position than FAISS's has
+    FAISS's score of that position. The tolerance scales with the largest score."""
+    k = found[0].shape[1]
+    finite = np.abs(expected[0][expected[1] >= 0])
+    tolerance = {"rtol": 1e-5, "atol": 1e-6 * finite.max(initial=1.0)}
+    np.testing.assert_allclose(found[0], expected[0][:, :k], **tolerance)
+    for scores, ids, found_ids in zip(*expected, found[1], strict=True):
+        faiss_score = dict(zip(ids.tolist(), scores.tolist(), strict=True))
+        moved = np.flatnonzero(found_ids != ids[:k])
+        assert all(found_ids[p] in faiss_score for p in moved)
+        np.testing.assert_allclose(
+            [faiss_score[found_ids[p]] for p in moved], scores[moved], **tolerance
+        )
+
+
+@pytest.mark.parametrize(("n", "dim"), [(1, 3), (40, 8), (700, 37), (2500, 130)])
+def test_scan_matches_faiss_on_random_indexes(n, dim):
+    index, queries = sq8_index(n, dim)
+    scan = CodeScan.from_index(index, "cpu")
+    for k in (1, 10, n + 3):  # past the last row: -FLT_MAX and id -1, as FAISS gives
+        assert_same_search(index.search(queries, k), scan.search(queries, k))
+
+
+def test_scan_merges_chunks(monkeypatch):
+    """A top-k spread over several chunks of rows is merged as one search finds it."""
+    index, queries = sq8_index(1000, 16, seed=1)
+    monkeypatch.setattr("indexer.scan._chunk_rows", lambda *_: 64)
+    scan = CodeScan.from_index(index, "cpu")
+    assert_same_search(index.search(queries, 25), scan.search(queries, 25))
+
+
+@pytest.mark.parametrize(
+    "factory", ["IDMap,SQ4", "IDMap,SQfp16", "IDMap,Flat", "IVF4,SQ8", "IDMap,SQ8_direct"]
+)
+def test_other_indexes_keep_faiss(factory):
+    index = faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
+    assert unsupported(index)
+    with pytest.raises(ValueError, match="cannot scan"):
+        CodeScan.from_index(index, "cpu")
+    assert unsupported(faiss.index_factory(8, "IDMap,SQ8", faiss.METRIC_L2))
+
+
+def test_cpu_engines_search_with_faiss():
+    index, _ = sq8_index(10, 8)
+    assert device_searcher(index, "cpu") is index
+
+
+def sketch_only_index(root: Path, model_dir: Path, corpus: Path) -> Path:
+    """A tiny published `IDMap,SQ8` version without exact factors (`root`)."""
+    config = tiny_config(model_dir, corpus, root, exact_rerank=False)
+    build_index(replace(config, calibration=replace(config.calibration, queries=0)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tiny_model_dir, small_corpus_path):
+    root = tmp_path_factory.mktemp("scan-index")
+    engine = QueryEngine.open(sketch_only_index(root, tiny_model_dir, small_corpus_path))
+    yield engine
+    engine.close()
+
+
+def test_scan_of_a_built_index_matches_faiss(engine):
+    """The codes, ranges and ids of a published version, as its queries search them."""
+    prepared = [engine.prepare(Query(p, c)) for p, c in [("The", " capital"), ("A", " city")]]
+    queries = engine.query_vectors(prepared)
+    scan = CodeScan.from_index(engine.index, "cpu")
+    assert_same_search(engine.index.search(queries, 20), scan.search(queries, 20))
+
+
+def test_engine_answers_alike_with_the_scan(engine, monkeypatch):
+    """The same hits: FAISS's deeper answer holds any example tied with the scan's last hit."""
+    query = Query("The capital of", " the city", top_k=8, rerank_depth=0)
+    expected = engine.query([replace(query, top_k=30)])[0].hits
+    monkeypatch.setattr(engine, "searcher", CodeScan.from_index(engine.index, "cpu"))
+    found = engine.query([query])[0].hits
+    assert_same_search(as_search(expected), as_search(found))
+
+
+def as_search(hits: list) -> tuple[np.ndarray, np.ndarray]:
+    """Hits as a search's scores and ids `[1, len(hits)]`."""
+    return np.array([[h.score for h in hits]]), np.array([[h.example_id for h in hits]])
