@@ -22,25 +22,45 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import demo_artifacts, emit, peak_rss_mib, synthetic_corpus
-from indexer.config import CorpusConfig
+from indexer.config import Autocast, CorpusConfig
 from indexer.corpus import load_corpus
 from indexer.model import load_model
-from indexer.sketch import make_batch, summed_nll
+from indexer.sketch import AUTOCAST_DTYPES, make_batch, summed_nll
 
 
-def bare_forward_backward_seconds(model_dir: Path, corpus: Path, batch_size: int) -> dict:
-    loaded = load_model(model_dir)
+def bare_forward_backward_seconds(
+    model_dir: Path,
+    corpus: Path,
+    batch_size: int,
+    device: str = "cpu",
+    autocast: Autocast = Autocast.OFF,
+) -> dict:
+    """A training step without the optimizer over every example, on `device`, the forward
+    under `autocast` as the build's passes run it; after one untimed batch on a GPU (its
+    kernels' first launch)."""
+    loaded = load_model(model_dir, device)
     model = loaded.model.requires_grad_(True)
     examples = load_corpus(CorpusConfig(str(corpus)), loaded.tokenizer, 128).examples
     ordered = sorted(examples, key=lambda e: len(e.token_ids))
-    pad = loaded.tokenizer.pad_token_id
+    pad, dtype = loaded.tokenizer.pad_token_id, AUTOCAST_DTYPES.get(autocast)
+
+    def step(chunk: list) -> None:
+        batch = make_batch([e.token_ids for e in chunk], [1] * len(chunk), pad, [0] * len(chunk))
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            logits = model(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+            ).logits
+        summed_nll(logits, batch.targets.to(device)).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    if torch.device(device).type == "cuda":
+        step(ordered[:batch_size])
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for i in range(0, len(ordered), batch_size):
-        chunk = ordered[i : i + batch_size]
-        batch = make_batch([e.token_ids for e in chunk], [1] * len(chunk), pad, [0] * len(chunk))
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        summed_nll(logits, batch.targets).sum().backward()
-        model.zero_grad(set_to_none=True)
+        step(ordered[i : i + batch_size])
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     tokens = sum(len(e.token_ids) for e in examples)
     return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}

@@ -145,10 +145,12 @@ def _shares(sizes: Mapping[str, int], total: int) -> dict[str, float]:
         return {name: max(c * size, 1.0) for name, size in sizes.items()}
 
     low, high = 0.0, 1.0
+    if sum(targets(high).values()) <= total:
+        return targets(high)  # every module whole
     for _ in range(60):  # halves the interval to far below one dimension
         middle = (low + high) / 2
         low, high = (middle, high) if sum(targets(middle).values()) <= total else (low, middle)
-    return targets(high if sum(targets(high).values()) <= total else low)
+    return targets(low)
 
 
 def _near_square(target: float, cap_out: int, cap_in: int) -> ModuleRanks:

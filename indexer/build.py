@@ -317,6 +317,7 @@ def _manifest(
         curvature_fit=fit,
         built_from=summary.built_from,
         rerank_bound=rerank_bound,
+        autocast=config.autocast,
         build_seconds=summary.seconds,
     )
 
@@ -412,6 +413,7 @@ def _settings(state: _BuildState, factory: str, *, exact_rerank: bool) -> Settin
         score=ScoreKind(config.store.score),
         index_factory=factory,
         exact_rerank=exact_rerank,
+        autocast=config.autocast,
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.config import BuildConfig, CurvatureConfig, ScoreKind, SketchConfig
+from indexer.config import Autocast, BuildConfig, CurvatureConfig, ScoreKind, SketchConfig
 from indexer.corpus import ExampleTable
 from indexer.manifest import INDEX_FILE, METADATA_FILE, Manifest
 from indexer.store import (
@@ -53,6 +53,7 @@ class Settings:
     score: ScoreKind
     index_factory: str
     exact_rerank: bool
+    autocast: Autocast
 
     @classmethod
     def of(cls, manifest: Manifest) -> Settings:
@@ -68,6 +69,7 @@ class Settings:
             score=ScoreKind(manifest.score),
             index_factory=manifest.index_factory,
             exact_rerank=manifest.exact_rerank,
+            autocast=manifest.autocast,
         )
 
     def difference(self, other: Settings) -> str | None:
@@ -90,6 +92,7 @@ _WORDS = {
     "score": "score kind",
     "index_factory": "index factory",
     "exact_rerank": "exact re-rank factors",
+    "autocast": "autocast",
 }
 
 
@@ -104,6 +107,7 @@ def built_with(manifest: Manifest, config: BuildConfig) -> bool:
         curvature=config.curvature,
         score=config.store.score,
         index_factory=config.store.index_factory or default_factory(manifest.counts.examples),
+        autocast=config.autocast,
     )
     return built.difference(asked) is None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from indexer.config import CorpusConfig, CurvatureConfig, ScoreKind, SketchConfig
+from indexer.config import Autocast, CorpusConfig, CurvatureConfig, ScoreKind, SketchConfig
 from indexer.errors import IndexVerificationError
 from indexer.scores import RerankBound
 
@@ -111,6 +111,7 @@ class Manifest:
     built_from: str | None = None  # the version whose curvature and vectors were reused
     # How far the sketch's score may be from the exact one (with re-rank factors only)
     rerank_bound: RerankBound | None = None
+    autocast: Autocast = Autocast.OFF  # the precision of the build's passes over the corpus
     build_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -168,6 +169,7 @@ class Manifest:
                 counts=Counts(**data["counts"]),
                 curvature_fit=CurvatureFit(**data["curvature_fit"]),
                 built_from=data["built_from"],
+                autocast=Autocast(data["autocast"]),
                 rerank_bound=(
                     RerankBound(**data["rerank_bound"]) if data["rerank_bound"] else None
                 ),

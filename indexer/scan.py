@@ -145,20 +145,44 @@ def unsupported(index: faiss.Index) -> str:
 
 def device_searcher(index: faiss.Index, device: str | torch.device) -> Searcher:
     """What searches `index` for an engine on `device`: on a CUDA device, a `CodeScan` of it
-    when it is one the scan supports and its codes take at most `FREE_MEMORY_SHARE` of the
-    device's free memory; the FAISS index itself (searching on the CPU) otherwise."""
+    when the scan supports it, its codes take at most `FREE_MEMORY_SHARE` of the device's free
+    memory and it answers two random queries as FAISS does (torch's int8 product has had
+    wrong results on some CUDA versions); the FAISS index itself (searching on the CPU)
+    otherwise, saying why."""
     device = torch.device(device)
     if device.type != "cuda":
         return index
-    reason = unsupported(index)
-    if not reason:
-        free = torch.cuda.mem_get_info(device)[0]
-        if index.ntotal * index.d > FREE_MEMORY_SHARE * free:
-            reason = f"its codes ({index.ntotal * index.d / 2**30:.1f} GiB) would not fit"
+    reason = unsupported(index) or _too_large(index, device)
+    scan = None if reason else CodeScan.from_index(index, device)
+    reason = reason or _disagreement(scan, index)
     if reason:
-        log.info("searching with FAISS on the CPU, not on %s: %s", device, reason)
+        log.warning("searching with FAISS on the CPU, not on %s: %s", device, reason)
         return index
-    return CodeScan.from_index(index, device)
+    return scan
+
+
+def _too_large(index: faiss.Index, device: torch.device) -> str:
+    """Why the index's codes would take too much of the device's free memory ("" if not)."""
+    if index.ntotal * index.d <= FREE_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]:
+        return ""
+    return f"its codes ({index.ntotal * index.d / 2**30:.1f} GiB) would not fit"
+
+
+def _disagreement(scan: CodeScan, index: faiss.Index) -> str:
+    """Why the scan's top scores of two random queries are not FAISS's ("" when they are,
+    within float32 rounding: sorted scores, so ties in any order agree)."""
+    queries = np.random.default_rng(0).standard_normal((2, index.d)).astype(np.float32)
+    k = min(10, index.ntotal)
+    if not k:
+        return ""
+    expected = index.search(queries, k)[0]
+    try:
+        found = scan.search(queries, k)[0]
+    except RuntimeError as e:
+        return f"the scan failed: {str(e).splitlines()[0]}"
+    if not np.allclose(found, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max()):
+        return "the scan's scores differ from FAISS's"
+    return ""
 
 
 def _flat(index: faiss.Index) -> tuple[faiss.Index, np.ndarray]:
@@ -172,7 +196,8 @@ def _digits(weights: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     """`weights [Q, D]` (float64) as int8 digits `[rows, cols]` (column `q·DIGITS + i` holds
     digit i of query q; zero past D and past Q·DIGITS columns, `cols` a multiple of COL_ALIGN)
     and their scales `[Q, DIGITS]`: `weights[q, j] ≈ Σ_i scales[q, i] · digits[j, q·DIGITS + i]`
-    within `scales[q, -1] / 2`."""
+    within `scales[q, -1] / 2`. Column-major, the layout torch's int8 matrix product is used
+    with most (a transposed weight)."""
     n_queries, dim = weights.shape
     largest = weights.abs().amax(dim=1)
     unit = torch.where(largest > 0, largest, 1.0) / 127
@@ -181,12 +206,11 @@ def _digits(weights: Tensor, rows: int) -> tuple[Tensor, Tensor]:
         digit = rest.round()
         parts.append(digit)
         rest = (rest - digit) * BASE
-    digits = torch.zeros(
-        (rows, _align(n_queries * DIGITS, COL_ALIGN)), dtype=torch.int8, device=weights.device
-    )
-    digits[:dim, : n_queries * DIGITS] = torch.stack(parts, dim=2).transpose(0, 1).flatten(1)
+    columns = _align(n_queries * DIGITS, COL_ALIGN)
+    digits = torch.zeros((columns, rows), dtype=torch.int8, device=weights.device)
+    digits[: n_queries * DIGITS, :dim] = torch.stack(parts, dim=1).flatten(0, 1)
     powers = float(BASE) ** -torch.arange(DIGITS, dtype=torch.float64, device=weights.device)
-    return digits, unit[:, None] * powers
+    return digits.T, unit[:, None] * powers
 
 
 def _chunk_rows(n_queries: int, columns: int) -> int:

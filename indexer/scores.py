@@ -76,6 +76,17 @@ class RerankBound:
         object.__setattr__(self, "rank_edges", tuple(self.rank_edges))
         object.__setattr__(self, "residuals", tuple(self.residuals))
 
+    def __str__(self) -> str:
+        bands = ", ".join(
+            f"ranks {start}+: {residual:+.3g}"
+            for start, residual in zip(self.rank_edges, self.residuals, strict=True)
+        )
+        return (
+            f"exact (cosine units) ≤ {self.slope:.3g}·cosine {self.intercept:+.3g} + ({bands}) "
+            f"with probability {self.quantile} ({self.n_pairs} pairs of {self.n_queries} "
+            "pseudo-queries)"
+        )
+
     def estimate(self, cosines: np.ndarray) -> np.ndarray:
         """Calibrated estimates `[n]` of exact scores in cosine units."""
         return self.slope * cosines + self.intercept

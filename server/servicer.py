@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -47,6 +48,7 @@ from server.rpc import FieldError, RejectedRequest, abort, rpc_scope
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=Message)
 Served = ServedQuery | ServedAttribution
 
 # gRPC reports "no deadline" as about 2**63 seconds away, beyond what a wait accepts.
@@ -117,9 +119,7 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         self._queries = ConcurrencyLimit(limits.max_concurrent_queries, "query RPCs")
 
     def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
-        with self._rpc("Query", request, context, limited=True) as rpc:
-            rpc.response = self._query(request, context)
-        return rpc.response
+        return self._unary("Query", request, context, self._query, limited=True)
 
     def QueryStream(
         self, request: pb.QueryRequest, context: grpc.ServicerContext
@@ -132,22 +132,30 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
     def QueryBatch(
         self, request: pb.QueryBatchRequest, context: grpc.ServicerContext
     ) -> pb.QueryBatchResponse:
-        with self._rpc("QueryBatch", request, context, limited=True) as rpc:
-            rpc.response = self._query_batch(request, context)
-        return rpc.response
+        return self._unary("QueryBatch", request, context, self._query_batch, limited=True)
 
     def AttributeTokens(
         self, request: pb.AttributeTokensRequest, context: grpc.ServicerContext
     ) -> pb.AttributeTokensResponse:
-        with self._rpc("AttributeTokens", request, context, limited=True) as rpc:
-            rpc.response = self._attribute(request, context)
-        return rpc.response
+        return self._unary("AttributeTokens", request, context, self._attribute, limited=True)
 
     def GetIndexInfo(
         self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetIndexInfoResponse:
-        with self._rpc("GetIndexInfo", request, context) as rpc:
-            rpc.response = self._info()
+        return self._unary("GetIndexInfo", request, context, lambda _r, _c: self._info())
+
+    def _unary(
+        self,
+        method: str,
+        request: Message | RejectedRequest,
+        context: grpc.ServicerContext,
+        body: Callable[[Message, grpc.ServicerContext], M],
+        *,
+        limited: bool = False,
+    ) -> M:
+        """A unary RPC: its body's response, under `_rpc`."""
+        with self._rpc(method, request, context, limited=limited) as rpc:
+            rpc.response = body(request, context)
         return rpc.response
 
     @contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -54,6 +53,5 @@ def test_cuda_engine_scans_the_codes_on_the_gpu(tmp_path, tiny_model_dir, small_
     assert isinstance(cuda.searcher, CodeScan) and cpu.searcher is cpu.index
     expected = cpu.query([replace(query, top_k=30)])[0].hits
     found = cuda.query([query])[0].hits
-    # float32 query vectors from the GPU differ from the CPU's in the last bits
-    np.testing.assert_allclose([h.score for h in found], [h.score for h in expected[:8]], rtol=1e-3)
-    assert_same_search(as_search(expected), as_search(found))
+    # the GPU's float32 query gradient differs from the CPU's in the last bits
+    assert_same_search(as_search(expected), as_search(found), rtol=1e-3)

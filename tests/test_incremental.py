@@ -13,7 +13,7 @@ import pytest
 
 import indexer.build
 from indexer.build import BuildSummary, build_index
-from indexer.config import IncrementalConfig, IncrementalMode
+from indexer.config import Autocast, IncrementalConfig, IncrementalMode
 from indexer.curvature import Curvature, FittedCurvature
 from indexer.engine import QueryEngine
 from indexer.errors import InvalidInputError
@@ -146,6 +146,15 @@ def test_a_refit_is_a_full_build_saying_why(builds, tiny_model_dir, tmp_path):
     manifest = verify_version(version_dir(root))
     assert manifest.curvature_fit.changed_since == 0
     assert manifest.curvature_fit.examples == summary.n_examples
+
+
+def test_vectors_of_another_precision_are_not_reused(builds, tiny_model_dir, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(builds.root, root)
+    config = replace(tiny_config(tiny_model_dir, builds.corpus, root), autocast=Autocast.BF16)
+    summary = build_index(config)
+    assert summary.mode == "full" and "autocast" in summary.full_reason
+    assert verify_version(version_dir(root)).autocast == Autocast.BF16
 
 
 def test_explicit_incremental_against_an_unusable_current_exits_2(

@@ -70,7 +70,7 @@ def test_a_pass_reads_one_window_at_a_time(monkeypatch):
         return [source[r] for r in rows]
 
     monkeypatch.setattr(indexer.passes, "fetch", fetch_window)
-    sketcher = SimpleNamespace(run=lambda batch, labels, keep_unprojected: None)
+    sketcher = SimpleNamespace(run=lambda batch, labels, keep_unprojected, autocast: None)
     example_pass = indexer.passes.ExamplePass(sketcher, examples, 0, 2, seed=0, progress=False)
     monkeypatch.setattr(indexer.passes, "WINDOW_ROWS", 4)
     batches = [rows for rows, _ in example_pass.run(list(range(10)), "data", "test")]

@@ -80,6 +80,8 @@ def run_info(args: argparse.Namespace) -> tuple[object, str]:
         f"vectors   dim {m.dim}, {index_bytes / max(m.counts.examples, 1):.0f} index "
         f"bytes/example, score {m.score}, faiss {m.index_factory}",
         f"modules   {len(m.modules)}, r_out x r_in: {describe(layout_ranks(m.modules))}",
+        f"exact     factors {'stored' if m.exact_rerank else 'not stored'}; early stop: "
+        f"{m.rerank_bound or 'off (no calibrated bound)'}",
     ]
     if args.verify:
         lines.append(f"checksums ok ({len(m.files)} files)")
@@ -113,11 +115,8 @@ def run_pin(args: argparse.Namespace) -> tuple[object, str]:
 
 def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=Path, required=True, metavar="ROOT", help="index root")
-    parser.add_argument(
-        "--to",
-        metavar="VERSION",
-        help="the version to serve (default: the newest valid one built before CURRENT's)",
-    )
+    text = "the version to serve (default: the newest valid one built before CURRENT's)"
+    parser.add_argument("--to", metavar="VERSION", help=text)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
