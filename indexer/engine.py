@@ -71,11 +71,12 @@ log = logging.getLogger(__name__)
 class EngineOptions:
     """How a served engine answers: the default exact re-rank depth and the budget guarding it."""
 
-    # 200 holds 0.97 (cosine) and 0.91 (influence) of exact top-10 at 64x64 on the demo
+    # The depth's upper bound (the exact stage stops earlier when it can): 200 candidates hold
+    # 0.977 (cosine) and 0.915 (influence) of exact top-10 at the default budget on the demo
     # (benchmarks/RESULTS.md)
     rerank_depth: int = field(
         default=200,
-        metadata={"help": "candidates re-ranked exactly when a query does not say (0: off)"},
+        metadata={"help": "most candidates re-ranked exactly when a query does not say (0: off)"},
     )
     max_rerank_tokens: int = field(
         default=131_072,

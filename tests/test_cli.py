@@ -50,7 +50,7 @@ def test_version(capsys) -> None:
 
 def test_build_defaults_come_from_the_config_dataclasses(capsys) -> None:
     args = cli.build_parser().parse_args(["build", "--model", "m", "--data", "d", "--out", "o"])
-    assert (args.rank_in, args.rank_out) == (SketchConfig().rank_in, SketchConfig().rank_out)
+    assert (args.dims, args.allocation) == (SketchConfig().dims, SketchConfig().allocation)
     assert (args.damping, args.fit_examples) == (
         CurvatureConfig().damping,
         CurvatureConfig().fit_examples,
@@ -58,7 +58,7 @@ def test_build_defaults_come_from_the_config_dataclasses(capsys) -> None:
     assert (args.score, args.nprobe) == (StoreConfig().score, StoreConfig().nprobe)
     with pytest.raises(SystemExit):
         cli.main(["build", "--help"])
-    assert f"(default: {SketchConfig().rank_in})" in capsys.readouterr().out
+    assert f"(default: {CurvatureConfig().fit_examples})" in capsys.readouterr().out
 
 
 def test_library_errors_are_one_line_with_exit_2(tmp_path, capsys) -> None:

@@ -35,7 +35,7 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rerank-depth",
         type=int,
-        help="candidates re-ranked exactly (default: the server's; 0: off)",
+        help="most candidates re-ranked exactly (default: the server's; 0: off)",
     )
     parser.add_argument(
         "--lexical-candidates",
