@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import sys
 from pathlib import Path
+
+import faiss
+import torch
 
 from indexer.demo.corpus import generate_corpus
 from indexer.demo.train import DemoArtifacts, ensure_demo_model
@@ -41,6 +45,13 @@ def peak_rss_mib(children: bool = False) -> float:
 def comma_ints(text: str) -> tuple[int, ...]:
     """An argparse type: `"100,200,500"` -> `(100, 200, 500)`, `""` -> `()`."""
     return tuple(int(v) for v in text.split(",") if v)
+
+
+def start_run(threads: int) -> None:
+    """What a benchmark sets before it measures: `threads` torch and FAISS threads, INFO logs."""
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
 def emit(result: dict, out: Path | None) -> None:

@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.common import emit
+from benchmarks.common import emit, start_run
 from benchmarks.rerank import (
     KINDS,
     TOP,
@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start_run(args.threads)
     kinds = [ScoreKind(k) for k in args.kinds.split(",")]
     with tempfile.TemporaryDirectory(prefix="exact-stage-") as tmp:
         work = args.work or Path(tmp)

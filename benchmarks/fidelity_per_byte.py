@@ -44,7 +44,7 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.common import comma_ints, emit
+from benchmarks.common import comma_ints, emit, start_run
 from benchmarks.rerank import (
     SETTINGS,
     TOP,
@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start_run(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     factories = tuple(args.factories.split(","))
     measured = sketches(args.ranks, args.dims, tuple(args.rules.split(",")))

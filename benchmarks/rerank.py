@@ -44,7 +44,7 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.common import comma_ints, demo_artifacts, emit
+from benchmarks.common import comma_ints, demo_artifacts, emit, start_run
 from benchmarks.large_model import (
     MID_CONFIG,
     MID_SEEDS,
@@ -475,9 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start_run(args.threads)
     config = RunConfig(
         setting=args.setting,
         n_queries=args.queries,
