@@ -6,7 +6,9 @@ import json
 import logging
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import faiss
 import torch
@@ -16,6 +18,7 @@ from indexer.demo.train import DemoArtifacts, ensure_demo_model
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
+T = TypeVar("T")
 
 
 def demo_artifacts() -> DemoArtifacts:
@@ -42,9 +45,13 @@ def peak_rss_mib(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
-def comma_ints(text: str) -> tuple[int, ...]:
-    """An argparse type: `"100,200,500"` -> `(100, 200, 500)`, `""` -> `()`."""
-    return tuple(int(v) for v in text.split(",") if v)
+def comma_list(kind: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
+    """An argparse type of comma-separated `kind` values: `"1,2"` -> `(1, 2)`, `""` -> `()`."""
+    return lambda text: tuple(kind(v) for v in text.split(",") if v)
+
+
+comma_ints = comma_list(int)
+comma_floats = comma_list(float)
 
 
 def start_run(threads: int) -> None:

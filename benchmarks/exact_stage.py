@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.common import emit, start_run
+from benchmarks.common import comma_floats, emit, start_run
 from benchmarks.rerank import (
     KINDS,
     TOP,
@@ -46,10 +47,12 @@ from benchmarks.rerank import (
     row_of,
 )
 from indexer import metrics
-from indexer.config import ScoreKind, SketchConfig, StoreConfig
+from indexer.calibration import Calibrator
+from indexer.config import CalibrationConfig, ScoreKind, SketchConfig, StoreConfig
 from indexer.engine import EngineOptions, QueryEngine, QueryResult
 from indexer.evaluate import json_safe
 from indexer.query import TokenizedQuery
+from indexer.scores import fit_rerank_bound
 
 log = logging.getLogger("exact_stage")
 
@@ -117,7 +120,51 @@ def measure_kind(setting: Setting, root: Path, reference: Reference) -> dict:
     return out
 
 
-def run(setting_name: str, n_queries: int | None, kinds: list[ScoreKind], work: Path) -> dict:
+def quantile_sweep(
+    setting: Setting, root: Path, reference: Reference, quantiles: Sequence[float]
+) -> list[dict]:
+    """The early stop at other calibration quantiles: the version's bound refitted at each on
+    the build's own calibration pairs (the same pseudo-queries, seed and depth; the
+    default quantile gives back the stored bound), and every query answered with it."""
+    engine = QueryEngine.open(root)
+    calibrator = Calibrator(
+        engine.sketcher, engine.curvature, engine.reranker, engine.index, engine.metadata,
+        engine.info.score_kind, engine.pad_id,
+    )  # fmt: skip
+    ids = engine.metadata.ids_and_norms(np.arange(engine.info.n_examples))[0]
+    calibration = CalibrationConfig()
+    seed = engine.manifest.sketch.seed
+    cosines, exact_pairs = calibrator.pairs(ids, calibration.queries, calibration.depth, seed)
+    exact = reference.scores[str(engine.info.score_kind)]
+    prepared = [
+        engine.prepare(replace(q.query, top_k=TOP, rerank_depth=DEPTH)) for q in setting.queries
+    ]
+    rows = []
+    for quantile in quantiles:
+        bound = fit_rerank_bound(cosines, exact_pairs, quantile)
+        engine.manifest = replace(engine.manifest, rerank_bound=bound)
+        results = [engine.answer([t])[0] for t in prepared]
+        rows.append(
+            {
+                "quantile": quantile,
+                "agreement_with_exact_top10": metrics.mean(
+                    agreement(engine, e, r) for e, r in zip(exact, results, strict=True)
+                ),
+                "mean_candidates_reranked": metrics.mean(r.candidates_reranked for r in results),
+            }
+        )
+        log.info("%s quantile %s: %s", engine.info.score_kind, quantile, rows[-1])
+    engine.close()
+    return rows
+
+
+def run(
+    setting_name: str,
+    n_queries: int | None,
+    kinds: list[ScoreKind],
+    work: Path,
+    quantiles: Sequence[float] = (),
+) -> dict:
     started = time.perf_counter()
     setting = load_setting(setting_name, n_queries)
     builds, roots = {}, {}
@@ -140,6 +187,9 @@ def run(setting_name: str, n_queries: int | None, kinds: list[ScoreKind], work: 
         "faiss_threads": faiss.omp_get_max_threads(),
         "builds": builds,
         "kinds": [measure_kind(setting, roots[k], reference) for k in kinds],
+        "quantile_sweep": {
+            str(k): quantile_sweep(setting, roots[k], reference, quantiles) for k in kinds
+        },
         "seconds": time.perf_counter() - started,
     }
 
@@ -151,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(map(str, KINDS)))
     parser.add_argument("--work", type=Path, help="keep builds and exact scores here (reused)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--quantiles",
+        type=comma_floats,
+        default=(),
+        help="also replay every query's early stop with the bound refitted at these "
+        "calibration quantiles (agreement and candidates, e.g. 0.99,0.995,0.999)",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     start_run(args.threads)
@@ -158,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="exact-stage-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        emit(json_safe(run(args.setting, args.queries, kinds, work)), args.out)
+        emit(json_safe(run(args.setting, args.queries, kinds, work, args.quantiles)), args.out)
     return 0
 
 

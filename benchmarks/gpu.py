@@ -524,7 +524,7 @@ def section_build(args, record: Recorder, deadline: float, work: Path) -> None:
     for mode in Autocast:
         bare = {
             "bare_forward_backward": bare_forward_backward_seconds(
-                model, corpus, BUILD_BATCH, args.device, mode
+                model, CorpusConfig(str(corpus)), BUILD_BATCH, args.device, mode
             )
         }
         record[str(mode)] = bare  # kept should the build run out of time

@@ -146,10 +146,16 @@ class Reference:
     doc_ids: list[str] = field(default_factory=list)
 
 
-def exact_reference(engine: QueryEngine, tokenized: list[TokenizedQuery], cache: Path) -> Reference:
+def exact_reference(
+    engine: QueryEngine,
+    tokenized: list[TokenizedQuery],
+    cache: Path,
+    limits: ExactConfig | None = None,
+) -> Reference:
     """Exact influence and cosine of every query on every example, from the version's own full
     factors (one streaming pass: preconditioned full gradients, their norms for cosine; as
-    tests/test_rerank.py's `exact_scores`).
+    tests/test_rerank.py's `exact_scores`); `limits`: the scorer's batch size and memory limit
+    (default: `ExactConfig`'s).
     Cached in `cache` (npz), keyed by the factors' sha256 and the queries' tokens."""
     sha = engine.manifest.files[FULL_CURVATURE_FILE].sha256
     key = hashlib.sha256(repr([sha, [t.token_ids for t in tokenized]]).encode()).hexdigest()
@@ -162,8 +168,10 @@ def exact_reference(engine: QueryEngine, tokenized: list[TokenizedQuery], cache:
         return Reference(scores, sha, float(stored["seconds"]), doc_ids)
     start = time.perf_counter()
     full = Curvature.load(engine.path / FULL_CURVATURE_FILE)
-    config = ExactConfig(
-        curvature=engine.manifest.curvature, modules=engine.manifest.sketch.modules
+    config = replace(
+        limits or ExactConfig(),
+        curvature=engine.manifest.curvature,
+        modules=engine.manifest.sketch.modules,
     )
     scorer = ExactScorer(engine.loaded, examples, config, curvature=full)
     q = query_vectors(scorer.sketcher, full, tokenized, engine.pad_id)

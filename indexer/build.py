@@ -172,24 +172,29 @@ def _write_vectors(
     rows: np.ndarray,
     *,
     cosine: bool,
-) -> None:
+) -> float:
     """The main pass over `rows` (ascending): training-loss sketches, preconditioned, into
     `vectors [len(rows), D]` in the order of `rows` (unit vectors for a `cosine` index);
     each row's norm (before any scaling), exact preconditioned norm and loss go to the CSV
     file `sketched`. The exact norm, what an exact cosine divides by, costs about a per-example
     gradient: only a cosine index with unprojected factors pays for it (empty otherwise), once
-    here, so that re-ranking a candidate costs only its contraction with the query."""
+    here, so that re-ranking a candidate costs only its contraction with the query.
+
+    Returns the seconds the exact norms took: they share the pass's forward/backward, and the
+    build reports their cost apart from the sketches'."""
     unprojected = curvature.unprojected if cosine else None
-    keep = unprojected is not None
+    keep, norm_seconds = unprojected is not None, 0.0
     with sketched.open("w") as stats:
         for batch, capture in example_pass.run(
             rows, "data", "sketch corpus", keep_unprojected=keep
         ):
             block = curvature.sketch.vectors(capture).cpu()
             norms = block.double().norm(dim=1).tolist()
+            start = time.perf_counter()
             exact_norms = (
                 unprojected.norms(capture.unprojected).tolist() if keep else [None] * len(batch)
             )
+            norm_seconds += time.perf_counter() - start
             if cosine:
                 block = block / block.norm(dim=1, keepdim=True).clamp_min(1e-30)
             stored = block.numpy().astype(np.float16)
@@ -199,6 +204,7 @@ def _write_vectors(
             losses = capture.losses.double().tolist()
             lines = zip(batch, norms, exact_norms, losses, strict=True)
             stats.writelines(f"{r},{n!r},{_csv(e)},{loss!r}\n" for r, n, e, loss in lines)
+    return norm_seconds
 
 
 def _csv(value: float | None) -> str:
@@ -521,7 +527,12 @@ def _write_version(
     with ScratchVectors(scratch, len(mine), dim) as vectors, _timed(seconds, "sketch"):
         cosine = config.store.score == ScoreKind.COSINE
         stats = _scratch(staging, SKETCHED_FILE, ranks.rank)
-        _write_vectors(state.example_pass, curvature, vectors, stats, mine, cosine=cosine)
+        norm_seconds = _write_vectors(
+            state.example_pass, curvature, vectors, stats, mine, cosine=cosine
+        )
+    # Phases do not overlap: the exact norms' share of the main pass is a phase of its own.
+    seconds["exact_norms"] = round(norm_seconds, 3)
+    seconds["sketch"] = round(seconds["sketch"] - norm_seconds, 3)
     if not ranks.main:
         state.close()  # before rank 0 deletes the staged corpus and publishes
     ranks.barrier()  # every rank's shard is written
@@ -613,7 +624,11 @@ def _calibrate(
         )
         calibration = config.calibration
         return calibrator.calibrate(
-            ids, calibration.queries, calibration.depth, calibration.quantile, config.sketch.seed
+            ids,
+            calibration.queries,
+            calibration.depth,
+            calibration.quantile_for(config.store.score),
+            config.sketch.seed,
         )
     finally:
         metadata.close()

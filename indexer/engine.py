@@ -17,6 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexer.budget import describe, layout_ranks
 from indexer.config import ScoreKind
 from indexer.corpus import framing
 from indexer.curvature import Curvature
@@ -172,6 +173,8 @@ class IndexInfo:
     lexical_available: bool = False
     rerank_depth: int = 0  # the default depth; 0: no re-ranking unless asked
     max_rerank_depth: int = 0
+    allocation: str = ""  # `r_out x r_in` per module group (`indexer.budget.describe`)
+    index_bytes_per_example: float = 0.0
 
     @classmethod
     def from_manifest(
@@ -200,6 +203,9 @@ class IndexInfo:
                 if options and manifest.exact_rerank
                 else 0
             ),
+            allocation=describe(layout_ranks(manifest.modules)),
+            index_bytes_per_example=manifest.files[INDEX_FILE].bytes
+            / max(manifest.counts.examples, 1),
         )
 
 

@@ -127,4 +127,6 @@ def index_info_fields(info: IndexInfo) -> dict[str, object]:
         "rerank_depth": info.rerank_depth,
         "max_rerank_depth": info.max_rerank_depth,
         "lexical_available": info.lexical_available,
+        "allocation": info.allocation,
+        "index_bytes_per_example": info.index_bytes_per_example,
     }

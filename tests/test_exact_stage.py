@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from indexer.config import CalibrationConfig, ScoreKind
 from indexer.exact import ExactScores
 from indexer.rerank import (
     CandidateList,
@@ -34,6 +35,14 @@ def test_the_bound_fits_the_line_and_the_residual_quantile_per_band() -> None:
     x = np.array([0.3, 0.3])
     upper = bound.upper(x, np.array([0, 20]))
     assert upper[0] - upper[1] == pytest.approx(bound.residuals[0] - bound.residuals[1])
+
+
+def test_the_quantile_defaults_by_score_kind_unless_asked() -> None:
+    default = CalibrationConfig()
+    assert default.quantile_for(ScoreKind.COSINE) == 0.99
+    assert default.quantile_for(ScoreKind.INFLUENCE) == 0.995  # its sketch tracks more loosely
+    asked = CalibrationConfig(quantile=0.9)
+    assert {asked.quantile_for(kind) for kind in ScoreKind} == {0.9}
 
 
 class _Scores:

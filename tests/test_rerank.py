@@ -108,6 +108,7 @@ def test_the_exact_stage_stops_once_sure_and_says_so(early: QueryEngine) -> None
 def test_the_calibrated_bound_holds_for_queries_it_was_not_fitted_on(early: QueryEngine) -> None:
     bound = early.manifest.rerank_bound
     assert bound is not None and bound.n_queries == CalibrationConfig().queries
+    assert bound.quantile == CalibrationConfig().quantile_for(early.info.score_kind)
     calibrator = Calibrator(
         early.sketcher, early.curvature, early.reranker, early.index, early.metadata,
         early.info.score_kind, early.pad_id,

@@ -162,6 +162,9 @@ def test_health_and_info(served) -> None:
     assert info.n_examples > 0 and info.dim > 0 and info.max_length > 0
     assert list(info.tracked_modules) and info.score_kind != pb.SCORE_KIND_UNSPECIFIED
     assert info.max_top_k == 50
+    # The budget's allocation differs per module group: the shared ranks say 0, this says which.
+    assert "c_fc" in info.allocation and "x" in info.allocation
+    assert info.dim <= info.index_bytes_per_example <= info.dim + 200  # 8-bit codes, an id
 
 
 def test_each_bad_input_has_its_status_code(served, demo_queries) -> None:
