@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +22,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_TARGET = "127.0.0.1:50051"
 
-# Token shading thresholds, as fractions of the largest |score| among the tokens.
-_STRONG = 0.5
+# Without colour, tokens whose |score| reaches this fraction of the largest are bracketed.
 _VISIBLE = 0.2
-# (raises the completion's probability, strong) -> ANSI style.
-_ANSI = {
-    (True, True): "\x1b[1;30;42m",
-    (True, False): "\x1b[32m",
-    (False, True): "\x1b[1;37;41m",
-    (False, False): "\x1b[31m",
-}
+# ANSI 256-colour backgrounds, faint to strong, for |score| / largest |score| in
+# [0.1, 0.3), [0.3, 0.5), [0.5, 0.7), [0.7, 0.9), [0.9, 1]; fainter tokens are not shaded.
+_SHADE_STEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+_GREENS = (194, 157, 120, 83, 46)  # raise the completion's probability
+_REDS = (224, 217, 210, 203, 196)  # lower it
 _ANSI_RESET = "\x1b[0m"
 
 
@@ -223,8 +222,18 @@ def _score_kind(kind: ScoreKind | str | None) -> ScoreKind | None:
     return None if kind is None else ScoreKind(kind)
 
 
+def group_identical(hits: Sequence[pb.Influence]) -> list[list[int]]:
+    """Indices of `hits` grouped by identical text, in order of first appearance; a hit
+    without text is a group of its own."""
+    groups: dict[str | int, list[int]] = {}
+    for i, hit in enumerate(hits):
+        groups.setdefault(hit.text or i, []).append(i)
+    return list(groups.values())
+
+
 def format_query_table(response: pb.QueryResponse, *, excerpt_chars: int = 72) -> str:
-    """Rank, score, doc id (#chunk) and a one-line text excerpt per influence."""
+    """Rank, score, doc id (#chunk) and a one-line text excerpt per influence; hits with
+    identical texts are one row (the first's), followed by their count and ranks."""
     t = response.timings
     lines = [
         f"index {response.index_version}: {len(response.influences)} influences, "
@@ -237,45 +246,64 @@ def format_query_table(response: pb.QueryResponse, *, excerpt_chars: int = 72) -
             f", exact re-rank of {response.candidates_reranked} candidates "
             f"{t.rerank_us / 1000:.1f} ms, stopped: {stop})"
         )
-    docs = [f"{hit.doc_id}#{hit.chunk}" for hit in response.influences]
+    hits = response.influences
+    groups = group_identical(hits)
+    docs = [f"{hits[g[0]].doc_id}#{hits[g[0]].chunk}" for g in groups]
     doc_width = max([len("doc id"), *map(len, docs)])
     lines.append(f"{'rank':>4}  {'score':>10}  {'doc id':<{doc_width}}  text")
-    for rank, (hit, doc) in enumerate(zip(response.influences, docs, strict=True), start=1):
+    for group, doc in zip(groups, docs, strict=True):
+        hit = hits[group[0]]
         excerpt = _excerpt(hit.text, excerpt_chars)
+        if len(group) > 1:
+            ranks = ", ".join(str(i + 1) for i in group)
+            excerpt += f"  (×{len(group)} identical, ranks {ranks})"
         mark = "*" if hit.exact else " "
-        lines.append(f"{rank:>4}  {hit.score:>10.4g}{mark} {doc:<{doc_width}}  {excerpt}".rstrip())
-    if any(hit.exact for hit in response.influences):
+        row = f"{group[0] + 1:>4}  {hit.score:>10.4g}{mark} {doc:<{doc_width}}  {excerpt}"
+        lines.append(row.rstrip())
+    if any(hit.exact for hit in hits):
         lines.append("* exact EK-FAC score (re-ranked); others are sketch estimates")
     return "\n".join(lines)
+
+
+def use_color() -> bool:
+    """Whether stdout takes ANSI colours: a terminal, and NO_COLOR (no-color.org) unset."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
 def format_token_attribution(attribution: pb.TokenAttribution, *, color: bool = False) -> str:
     """The training example's text with its influential tokens marked.
 
-    Tokens whose |score| reaches 20% of the largest are marked: coloured (green raises the
-    completion's probability, red lowers it; bold background at 50%) or, without colour,
-    bracketed with their score.
+    With colour, every token whose |score| reaches 10% of the largest gets an ANSI 256-colour
+    background, the deeper the stronger (green raises the completion's probability, red
+    lowers it); without, tokens reaching 20% are bracketed with their score.
     """
     header = (
         f"example {attribution.example_id} (doc {attribution.doc_id}), "
         f"influence {attribution.total:+.4g} (sum over its tokens)"
     )
     peak = max((abs(s) for s in attribution.scores), default=0.0)
+    mark = _shade if color else _bracket
     pieces = [
-        _mark(token, score / peak if peak else 0.0, score, color)
+        mark(token, score / peak if peak else 0.0, score)
         for token, score in zip(attribution.tokens, attribution.scores, strict=True)
     ]
     return f"{header}\n{''.join(pieces)}"
 
 
-def _mark(token: str, relative: float, score: float, color: bool) -> str:
+def _shade(token: str, relative: float, _score: float) -> str:
+    step = sum(abs(relative) >= s for s in _SHADE_STEPS)
+    if step == 0:
+        return token
+    background = (_GREENS if relative > 0 else _REDS)[step - 1]
+    return f"\x1b[48;5;{background};38;5;16m{token}{_ANSI_RESET}"
+
+
+def _bracket(token: str, relative: float, score: float) -> str:
     if abs(relative) < _VISIBLE:
         return token
     # Leading whitespace stays outside the mark so that words stay separated.
     word = token.lstrip()
     space = token[: len(token) - len(word)]
-    if color:
-        return f"{space}{_ANSI[(relative > 0, abs(relative) >= _STRONG)]}{word}{_ANSI_RESET}"
     return f"{space}[{word} {score:+.2g}]"
 
 

@@ -70,7 +70,8 @@ def test_query_command_prints_a_table_or_json(root: Path, capsys: pytest.Capture
         payload = json.loads(capsys.readouterr().out)
         assert query("--target", target, "--completion", "", "-k", "3") == 2
         captured = capsys.readouterr()
-    assert "index v1" in table and len(table.splitlines()) == 2 + 3
+    # Header, column names, 3 hits; a blank line, the top hit's token attribution (2 lines).
+    assert "index v1" in table and len(table.splitlines()) == 2 + 3 + 3
     assert payload["index_version"] == "v1" and len(payload["influences"]) == 10
     assert isinstance(payload["influences"][0]["example_id"], int)
     assert captured.out == ""

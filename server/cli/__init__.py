@@ -48,6 +48,12 @@ COMMANDS = {
         log_level="INFO",
     ),
     "query": Command("query a running server", serving.add_query_arguments, serving.run_query),
+    "ui": Command(
+        "a web page over a running server",
+        serving.add_ui_arguments,
+        serving.run_ui,
+        log_level="INFO",
+    ),
     "info": Command("describe a published index", index.add_info_arguments, index.run_info),
     "eval": Command(
         "measure an index against exact influence",

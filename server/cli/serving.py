@@ -1,18 +1,26 @@
-"""Subcommands of the gRPC service: serve, query, and demo (which does both)."""
+"""Subcommands of the gRPC service: serve, query, ui (a page over it), and demo (which serves
+and queries)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from google.protobuf.json_format import MessageToDict
 
 from indexer.config import ScoreKind, default_of
 from indexer.query import Query
+from influence.v1 import influence_pb2 as pb
 from server.app import InfluenceServer, ServerConfig
 from server.cli.options import add_options, from_args
-from server.client import ClientOptions, format_query_table, format_token_attribution
+from server.client import (
+    ClientOptions,
+    InfluenceClient,
+    format_query_table,
+    format_token_attribution,
+    use_color,
+)
 from server.demo import DemoOptions, ask_demo
+from server.ui import PageServer, UiOptions
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,23 +52,43 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
         help="BM25 matches re-ranked with the index's candidates",
     )
     parser.add_argument("--stream", action="store_true", help="show the sketch answer first")
+    parser.add_argument(
+        "--attribute",
+        type=int,
+        default=1,
+        metavar="RANK",
+        help="show the token attribution of the hit at this rank (0: none; not with --json)",
+    )
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
 
 
 def run_query(args: argparse.Namespace) -> tuple[object, str]:
-    """The top influences, as a table; with --stream the sketch's first, as soon as it came."""
+    """The top influences, as a table (identical texts grouped) with the token attribution of
+    one hit; with --stream the sketch's first, as soon as it came."""
     options = {"top_k": args.top_k, "score_kind": args.score_kind}
     options |= {"rerank_depth": args.rerank_depth, "lexical_candidates": args.lexical_candidates}
     with from_args(ClientOptions, args).connect() as client:
         if not args.stream:
             response = client.query(args.prompt, args.completion, **options)
-            return _as_dict(response), format_query_table(response)
-        responses = []
-        for response in client.query_stream(args.prompt, args.completion, **options):
-            responses.append(response)
-            if not response.final and not args.json:
-                print(f"sketch answer:\n{format_query_table(response)}\n", flush=True)
-    return [_as_dict(r) for r in responses], format_query_table(responses[-1])
+            data: object = _as_dict(response)
+        else:
+            responses = []
+            for response in client.query_stream(args.prompt, args.completion, **options):
+                responses.append(response)
+                if not response.final and not args.json:
+                    print(f"sketch answer:\n{format_query_table(response)}\n", flush=True)
+            data = [_as_dict(r) for r in responses]
+        text = format_query_table(response)
+        if not args.json and 1 <= args.attribute <= len(response.influences):
+            text += "\n" + _attribution(client, args, response.influences[args.attribute - 1])
+    return data, text
+
+
+def _attribution(client: InfluenceClient, args: argparse.Namespace, hit: pb.Influence) -> str:
+    """The token attribution of `hit`, shaded where the terminal takes colour."""
+    answer = client.attribute_tokens(args.prompt, args.completion, [hit.example_id])
+    shown = format_token_attribution(answer.attributions[0], color=use_color())
+    return f"\ntoken attribution of rank {args.attribute}: {shown}"
 
 
 def _as_dict(response: object) -> dict:
@@ -70,6 +98,17 @@ def _as_dict(response: object) -> dict:
         always_print_fields_with_no_presence=True,
         unquote_int64_if_possible=True,
     )
+
+
+def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, UiOptions)
+    add_options(parser, ClientOptions)
+
+
+def run_ui(args: argparse.Namespace) -> None:
+    """Serve the page over the service at --target until SIGINT/SIGTERM."""
+    with from_args(ClientOptions, args).connect() as client:
+        PageServer(client, from_args(UiOptions, args)).serve_forever()
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,5 +130,5 @@ def run_demo(args: argparse.Namespace) -> tuple[object, str]:
         found = ", ".join(map(str, ranks)) or "none"
         lines.append(f"documents stating this fact (gold) at ranks: {found}\n")
     lines.append("token-level influence of the top result on the first query:")
-    lines.append(format_token_attribution(demo.attribution, color=sys.stdout.isatty()))
+    lines.append(format_token_attribution(demo.attribution, color=use_color()))
     return demo.to_dict(), "\n".join(lines)
