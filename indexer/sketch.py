@@ -6,7 +6,7 @@ exactly what the exact reference scorer asks for). The same code serves the buil
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from indexer.config import Autocast
+from indexer.experts import ExpertMatrix, traced_experts
 from indexer.hashing import int63
-from indexer.model import module_shape
+from indexer.model import Tracked, module_shape
 
 IGNORE = -100
 LabelMode = Literal["data", "sampled"]
@@ -33,7 +34,7 @@ class Projection:
 
 
 def gaussian_projection(
-    name: str, module: nn.Module, rank_in: int, rank_out: int, seed: int
+    name: str, module: Tracked, rank_in: int, rank_out: int, seed: int
 ) -> Projection:
     """Projection for one module, seeded by (seed, name), scaled to preserve inner products.
 
@@ -153,14 +154,91 @@ def _project_inputs(a: Tensor, R: Tensor | None, has_bias: bool) -> Tensor:
     return a @ R.T
 
 
+class _Recorder:
+    """Records one pass's tokens per tracked module, projected (and, when asked, not): inputs
+    `a` as the forward reaches a module, output gradients `g` as the backward does, each as
+    `[batch, tokens, d]`, zero at the tokens a module did not see (an expert's unrouted ones)
+    and, for inputs, at padding."""
+
+    def __init__(
+        self,
+        sketcher: GradientSketcher,
+        mask: Tensor,
+        projected: _Tensors,
+        unprojected: _Tensors | None,
+    ):
+        self.sketcher = sketcher
+        self.mask = mask
+        self.token_mask = mask.unsqueeze(-1).to(torch.float32)
+        self.projected = projected
+        self.unprojected = unprojected
+
+    def module_hook(self, name: str) -> Callable:
+        """A forward hook for a module that sees every token (a router's first output is its
+        logits)."""
+
+        def hook(_module: nn.Module, inputs: tuple, output: Tensor | tuple) -> None:
+            self.record(name, inputs[0], output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def record(self, name: str, a: Tensor, y: Tensor, rows: Tensor | None = None) -> None:
+        """Module `name`'s inputs `a [.., d_in]` now and the gradient at its outputs `y [..,
+        d_out]` in the backward: of every token (`rows` None) or of the flat token positions
+        `rows [n]` only."""
+        projection = self.sketcher.projections[name]
+        has_bias = module_shape(self.sketcher.modules[name]).has_bias
+        a = a.detach().float()
+        # The sketch's own products stay float32 under the forward's autocast.
+        with torch.autocast(a.device.type, enabled=False):
+            self.projected.activations[name] = (
+                self._tokens(_project_inputs(a, projection.R, has_bias), rows) * self.token_mask
+            )
+            if self.unprojected is not None:
+                self.unprojected.activations[name] = (
+                    self._tokens(_project_inputs(a, None, has_bias), rows) * self.token_mask
+                )
+
+        def grad_hook(g: Tensor) -> None:
+            g = g.detach().float()
+            self.projected.gradients[name] = self._tokens(_project(g, projection.P), rows)
+            if self.unprojected is not None:
+                self.unprojected.gradients[name] = self._tokens(g, rows)
+
+        y.register_hook(grad_hook)
+
+    def fill_unseen(self) -> None:
+        """Zeros for the modules the pass never reached (experts no token was routed to)."""
+        for name, module in self.sketcher.modules.items():
+            shape, projection = module_shape(module), self.sketcher.projections[name]
+            d_in = shape.d_in if projection.R is None else projection.R.shape[0]
+            d_out = shape.d_out if projection.P is None else projection.P.shape[0]
+            self._zeros(self.projected, name, d_in, d_out)
+            if self.unprojected is not None:
+                self._zeros(self.unprojected, name, shape.d_in, shape.d_out)
+
+    def _zeros(self, tensors: _Tensors, name: str, d_in: int, d_out: int) -> None:
+        for found, d in ((tensors.activations, d_in), (tensors.gradients, d_out)):
+            if name not in found:
+                found[name] = self.token_mask.new_zeros(*self.mask.shape, d)
+
+    def _tokens(self, x: Tensor, rows: Tensor | None) -> Tensor:
+        """`x [.., d]` as `[batch, tokens, d]`, its rows at the flat positions `rows` if given."""
+        batch, tokens = self.mask.shape
+        if rows is not None:
+            x = x.new_zeros(batch * tokens, x.shape[-1]).index_copy_(0, rows, x)
+        return x.reshape(batch, tokens, -1)
+
+
 class GradientSketcher:
-    """Runs forward/backward passes with hooks on the tracked modules.
+    """Runs forward/backward passes with hooks on the tracked modules (and fused experts run
+    with `indexer.experts.traced_forward`).
 
     Parameters never get gradients: only activation gradients flow, which is all a sketch needs.
     """
 
     def __init__(
-        self, model: nn.Module, modules: dict[str, nn.Module], projections: dict[str, Projection]
+        self, model: nn.Module, modules: dict[str, Tracked], projections: dict[str, Projection]
     ):
         self.model = model
         self.modules = modules
@@ -168,50 +246,22 @@ class GradientSketcher:
         self.device = next(model.parameters()).device
 
     @contextmanager
-    def _hooks(self, mask: Tensor, projected: _Tensors, unprojected: _Tensors | None):
+    def _hooks(self, recorder: _Recorder) -> Iterator[None]:
         handles = [
             self.model.get_input_embeddings().register_forward_hook(
                 lambda _m, _i, out: out.requires_grad_(True)
             )
         ]
-        token_mask = mask.unsqueeze(-1).to(torch.float32)
+        experts = {n: m for n, m in self.modules.items() if isinstance(m, ExpertMatrix)}
         for name, module in self.modules.items():
-            handles.append(
-                module.register_forward_hook(
-                    self._forward_hook(name, token_mask, projected, unprojected)
-                )
-            )
+            if name not in experts:
+                handles.append(module.register_forward_hook(recorder.module_hook(name)))
         try:
-            yield
+            with traced_experts(experts, recorder.record):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
-
-    def _forward_hook(
-        self, name: str, token_mask: Tensor, projected: _Tensors, unprojected: _Tensors | None
-    ) -> Callable:
-        projection = self.projections[name]
-        has_bias = module_shape(self.modules[name]).has_bias
-
-        def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            a = inputs[0].detach().float()
-            # The sketch's own products stay float32 under the forward's autocast.
-            with torch.autocast(a.device.type, enabled=False):
-                projected.activations[name] = (
-                    _project_inputs(a, projection.R, has_bias) * token_mask
-                )
-                if unprojected is not None:
-                    unprojected.activations[name] = _project_inputs(a, None, has_bias) * token_mask
-
-            def grad_hook(g: Tensor) -> None:
-                g = g.detach().float()
-                projected.gradients[name] = _project(g, projection.P)
-                if unprojected is not None:
-                    unprojected.gradients[name] = g
-
-            output.register_hook(grad_hook)
-
-        return hook
 
     def run(
         self,
@@ -230,7 +280,8 @@ class GradientSketcher:
         input_ids = batch.input_ids.to(self.device)
         attention_mask = batch.attention_mask.to(self.device)
         dtype = AUTOCAST_DTYPES.get(autocast)
-        with self._hooks(attention_mask, projected, unprojected), torch.enable_grad():
+        recorder = _Recorder(self, attention_mask, projected, unprojected)
+        with self._hooks(recorder), torch.enable_grad():
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = batch.targets.to(self.device)
@@ -238,6 +289,7 @@ class GradientSketcher:
                 targets = sample_targets(logits, batch)
             losses = summed_nll(logits, targets)
             losses.sum().backward()
+        recorder.fill_unseen()
         losses, n_tokens = losses.detach(), int(batch.attention_mask.sum())
         return Capture(
             projected.activations,
