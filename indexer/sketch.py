@@ -114,6 +114,11 @@ class Capture:
 
     `unprojected`, when asked for, holds the same pass without projection: `a [batch, tokens,
     d_in]` (bias column included) and `g [batch, tokens, d_out]`, as identity projections give.
+
+    A module that sees only some tokens (an expert: those routed to it) holds them packed,
+    `[batch, tokens_l, ..]` with `tokens_l` the most any example routed to it (zero-filled),
+    and `positions[name] [batch, tokens_l]` their positions in the batch: every sum over an
+    example's tokens is the same either way (`at_tokens` puts per-token values back).
     """
 
     activations: dict[str, Tensor]
@@ -121,6 +126,17 @@ class Capture:
     losses: Tensor  # [batch], the loss that was back-propagated, per example
     n_tokens: int  # non-padding tokens in the batch
     unprojected: Capture | None = None
+    positions: dict[str, Tensor] = field(default_factory=dict)
+    width: int = 0  # tokens per example of the batch (its padded length)
+
+    def at_tokens(self, name: str, values: Tensor) -> Tensor:
+        """Per-token `values [.., batch, tokens_l]` of module `name` at the batch's positions,
+        `[.., batch, width]` (zero at the tokens a packed module did not see)."""
+        positions = self.positions.get(name)
+        if positions is None:
+            return values
+        zeros = values.new_zeros(*values.shape[:-1], self.width)
+        return zeros.scatter_add_(-1, positions.expand_as(values), values)
 
     def sketches(self) -> dict[str, Tensor]:
         """`S = sum_t g_t a_t^T` per module: `[batch, r_out, r_in]`."""
@@ -156,9 +172,9 @@ def _project_inputs(a: Tensor, R: Tensor | None, has_bias: bool) -> Tensor:
 
 class _Recorder:
     """Records one pass's tokens per tracked module, projected (and, when asked, not): inputs
-    `a` as the forward reaches a module, output gradients `g` as the backward does, each as
-    `[batch, tokens, d]`, zero at the tokens a module did not see (an expert's unrouted ones)
-    and, for inputs, at padding."""
+    `a` as the forward reaches a module, output gradients `g` as the backward does, `[batch,
+    tokens, d]` (inputs zero at padding), or packed for a module that sees some tokens only
+    (see `Capture`)."""
 
     def __init__(
         self,
@@ -169,9 +185,10 @@ class _Recorder:
     ):
         self.sketcher = sketcher
         self.mask = mask
-        self.token_mask = mask.unsqueeze(-1).to(torch.float32)
+        self.keep = mask.reshape(-1, 1).to(torch.float32)  # [batch * tokens, 1]
         self.projected = projected
         self.unprojected = unprojected
+        self.positions: dict[str, Tensor] = {}
 
     def module_hook(self, name: str) -> Callable:
         """A forward hook for a module that sees every token (a router's first output is its
@@ -185,49 +202,73 @@ class _Recorder:
     def record(self, name: str, a: Tensor, y: Tensor, rows: Tensor | None = None) -> None:
         """Module `name`'s inputs `a [.., d_in]` now and the gradient at its outputs `y [..,
         d_out]` in the backward: of every token (`rows` None) or of the flat token positions
-        `rows [n]` only."""
+        `rows [n]` only (ascending)."""
         projection = self.sketcher.projections[name]
         has_bias = module_shape(self.sketcher.modules[name]).has_bias
-        a = a.detach().float()
+        place = self._aligned if rows is None else self._packing(name, rows)
+        a = a.detach().float().reshape(-1, a.shape[-1])
+        a = a * (self.keep if rows is None else self.keep[rows])
         # The sketch's own products stay float32 under the forward's autocast.
         with torch.autocast(a.device.type, enabled=False):
-            self.projected.activations[name] = (
-                self._tokens(_project_inputs(a, projection.R, has_bias), rows) * self.token_mask
-            )
+            self.projected.activations[name] = place(_project_inputs(a, projection.R, has_bias))
             if self.unprojected is not None:
-                self.unprojected.activations[name] = (
-                    self._tokens(_project_inputs(a, None, has_bias), rows) * self.token_mask
-                )
+                self.unprojected.activations[name] = place(_project_inputs(a, None, has_bias))
 
         def grad_hook(g: Tensor) -> None:
-            g = g.detach().float()
-            self.projected.gradients[name] = self._tokens(_project(g, projection.P), rows)
+            g = g.detach().float().reshape(-1, g.shape[-1])
+            self.projected.gradients[name] = place(_project(g, projection.P))
             if self.unprojected is not None:
-                self.unprojected.gradients[name] = self._tokens(g, rows)
+                self.unprojected.gradients[name] = place(g)
 
         y.register_hook(grad_hook)
 
-    def fill_unseen(self) -> None:
-        """Zeros for the modules the pass never reached (experts no token was routed to)."""
+    def capture(self, losses: Tensor, n_tokens: int) -> Capture:
+        """What the pass recorded (once its backward is done)."""
+        self._fill_unseen()
+
+        def of(tensors: _Tensors, unprojected: Capture | None = None) -> Capture:
+            a, g, width = tensors.activations, tensors.gradients, self.mask.shape[1]
+            return Capture(a, g, losses, n_tokens, unprojected, self.positions, width)
+
+        return of(self.projected, None if self.unprojected is None else of(self.unprojected))
+
+    def _fill_unseen(self) -> None:
+        """No tokens for the modules the pass never reached (experts nothing was routed to)."""
         for name, module in self.sketcher.modules.items():
             shape, projection = module_shape(module), self.sketcher.projections[name]
             d_in = shape.d_in if projection.R is None else projection.R.shape[0]
             d_out = shape.d_out if projection.P is None else projection.P.shape[0]
-            self._zeros(self.projected, name, d_in, d_out)
+            self._empty(self.projected, name, d_in, d_out)
             if self.unprojected is not None:
-                self._zeros(self.unprojected, name, shape.d_in, shape.d_out)
+                self._empty(self.unprojected, name, shape.d_in, shape.d_out)
 
-    def _zeros(self, tensors: _Tensors, name: str, d_in: int, d_out: int) -> None:
+    def _empty(self, tensors: _Tensors, name: str, d_in: int, d_out: int) -> None:
+        batch = self.mask.shape[0]
         for found, d in ((tensors.activations, d_in), (tensors.gradients, d_out)):
             if name not in found:
-                found[name] = self.token_mask.new_zeros(*self.mask.shape, d)
+                found[name] = self.keep.new_zeros(batch, 0, d)
+                self.positions[name] = self.mask.new_zeros(batch, 0, dtype=torch.long)
 
-    def _tokens(self, x: Tensor, rows: Tensor | None) -> Tensor:
-        """`x [.., d]` as `[batch, tokens, d]`, its rows at the flat positions `rows` if given."""
+    def _aligned(self, x: Tensor) -> Tensor:
+        """`x [batch * tokens, d]` -> `[batch, tokens, d]`."""
+        return x.view(*self.mask.shape, -1)
+
+    def _packing(self, name: str, rows: Tensor) -> Callable[[Tensor], Tensor]:
+        """Packs `x [n, d]` at the flat positions `rows [n]` (ascending) into `[batch,
+        tokens_l, d]`; records their positions."""
         batch, tokens = self.mask.shape
-        if rows is not None:
-            x = x.new_zeros(batch * tokens, x.shape[-1]).index_copy_(0, rows, x)
-        return x.reshape(batch, tokens, -1)
+        example = rows // tokens
+        counts = torch.bincount(example, minlength=batch)
+        slot = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[example]
+        width = int(counts.max())
+        self.positions[name] = rows.new_zeros(batch, width).index_put_(
+            (example, slot), rows % tokens
+        )
+
+        def place(x: Tensor) -> Tensor:
+            return x.new_zeros(batch, width, x.shape[-1]).index_put_((example, slot), x)
+
+        return place
 
 
 class GradientSketcher:
@@ -289,14 +330,4 @@ class GradientSketcher:
                 targets = sample_targets(logits, batch)
             losses = summed_nll(logits, targets)
             losses.sum().backward()
-        recorder.fill_unseen()
-        losses, n_tokens = losses.detach(), int(batch.attention_mask.sum())
-        return Capture(
-            projected.activations,
-            projected.gradients,
-            losses,
-            n_tokens,
-            None
-            if unprojected is None
-            else Capture(unprojected.activations, unprojected.gradients, losses, n_tokens),
-        )
+        return recorder.capture(losses.detach(), int(batch.attention_mask.sum()))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexer.curvature import fit_curvature
+from indexer.curvature import Curvature, ModuleCurvature, fit_curvature
 from indexer.errors import InvalidInputError
 from indexer.experts import ExpertMatrix
 from indexer.model import coverage, tracked_modules
@@ -96,3 +96,28 @@ def test_ekfac_over_experts_matches_the_dense_solve() -> None:
     for batch, capture in example_pass.run(rows, "data", "score"):
         scores[batch] = curvature.vectors(capture) @ q
     dense_check(model, curvature, examples, query, scores)
+
+
+def test_token_scores_of_packed_experts_sit_at_their_tokens() -> None:
+    """Experts hold only their routed tokens, packed; per-token influence puts them back at
+    their positions: each example's tokens sum to its score, padding scores nothing."""
+    model = tiny_causal_lm("olmoe", width=16)
+    modules = tracked_modules(model)
+    projections = {n: gaussian_projection(n, m, 4, 3, seed=7) for n, m in modules.items()}
+    sketcher = GradientSketcher(model, modules, projections)
+    lengths = [9, 5, 12]
+    batch = make_batch(random_sequences(lengths), [1, 1, 1], pad_id=0, sample_seeds=[0, 1, 2])
+    capture = sketcher.run(batch)
+    expert = "model.layers.1.mlp.experts.down_proj.2"
+    assert capture.activations[expert].shape[1] < max(lengths)  # packed: fewer than all
+    curvature = Curvature(
+        {
+            n: ModuleCurvature(p, torch.eye(4), torch.eye(3), torch.rand(3, 4), 0.1)
+            for n, p in projections.items()
+        }
+    )
+    folded = curvature.fold(torch.randn(2, curvature.dim))
+    tokens = curvature.token_scores(capture, folded)
+    assert tokens.shape == (2, 3, max(lengths))
+    torch.testing.assert_close(tokens.sum(-1), curvature.example_scores(capture, folded))
+    assert tokens[:, 1, 5:].abs().max() == 0
