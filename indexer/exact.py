@@ -31,7 +31,7 @@ class ExactConfig:
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     modules: str | None = field(
         default=None,
-        metadata={"help": "regex of module names to track (default: as the build's --modules)"},
+        metadata={"help": "regex of module names to track (default: as build's default)"},
     )
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward pass"})
     memory_limit_bytes: int = field(

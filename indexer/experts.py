@@ -26,8 +26,8 @@ from torch import Tensor, nn
 # The fused parameters of an experts module, in the order its forward applies them.
 FUSED_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
 # What `transformers.integrations.use_experts_implementation` gives an experts module: the
-# attributes `traced_forward` reads to run it.
-_EXPERTS_ATTRIBUTES = ("num_experts", "has_gate", "has_bias", "is_transposed", "act_fn")
+# attributes `traced_forward` reads to run it (and `_apply_gate`, or without a gate `act_fn`).
+_EXPERTS_ATTRIBUTES = ("num_experts", "has_gate", "has_bias", "is_transposed")
 
 # `record(name, a [n, d_in], y [n, d_out], rows [n])`: the inputs of expert matrix `name` at
 # the flat token positions `rows`, and its outputs (whose gradient is recorded later).
@@ -59,8 +59,10 @@ class ExpertMatrix:
 def is_fused_experts(module: nn.Module) -> bool:
     """Whether `module` is an experts module whose fused weights `traced_forward` can run."""
     fused = [p for p in FUSED_PARAMETERS if isinstance(getattr(module, p, None), nn.Parameter)]
-    attributes = all(hasattr(module, a) for a in _EXPERTS_ATTRIBUTES)
-    return attributes and "down_proj" in fused and len(fused) == 2
+    if not all(hasattr(module, a) for a in _EXPERTS_ATTRIBUTES):
+        return False
+    activation = "_apply_gate" if module.has_gate else "act_fn"
+    return hasattr(module, activation) and "down_proj" in fused and len(fused) == 2
 
 
 def expert_matrices(name: str, experts: nn.Module) -> dict[str, ExpertMatrix]:

@@ -1,5 +1,6 @@
 """Every architecture users bring: tiny random Llama, GPT-NeoX, Qwen2 and the MoE families
-(Mixtral, Qwen2-MoE, OLMoE) build, track >= 95% of their blocks' parameters, serve, and answer
+(Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, gpt-oss, DeepSeek-V3) build, track >= 95% of their
+blocks' parameters, serve, and answer
 with exact re-ranking whose top-10 is the exact scorer's."""
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from indexer.build import build_index
@@ -33,16 +33,7 @@ from tests.conftest import write_jsonl
 from tests.tiny import ARCHITECTURES, MOE_ARCHITECTURES, tiny_causal_lm
 
 QUERY = Query("The market", " was busy", top_k=10)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is fastest, and far faster on a machine shared with other
-    work (threads waiting on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,33 @@ ARCHITECTURES: dict[str, dict] = {
         **_ATTENTION,
     },
     "olmoe": {"intermediate_size": 1, "num_experts": 4, **_MOE, **_ATTENTION},
+    "qwen3_moe": {"moe_intermediate_size": 1, "num_experts": 4, **_MOE, **_ATTENTION},
+    # Experts stored transposed, with biases; a router with a bias; attention sinks (skipped).
+    "gpt_oss": {
+        "intermediate_size": 1,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "head_dim": 8,
+        "layer_types": ["full_attention"] * 2,
+        **_ATTENTION,
+    },
+    # Shared experts beside the routed ones; low-rank attention projections.
+    "deepseek_v3": {
+        "moe_intermediate_size": 1,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 0,
+        "q_lora_rank": 8,
+        "kv_lora_rank": 8,
+        "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 4,
+        "v_head_dim": 8,
+        **_ATTENTION,
+    },
 }
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "olmoe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "gpt_oss", "deepseek_v3")
 
 
 def tiny_causal_lm(
