@@ -1,7 +1,7 @@
 """Every architecture users bring: tiny random Llama, GPT-NeoX, Qwen2 and the MoE families
 (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, gpt-oss, DeepSeek-V3) build, track >= 95% of their
-blocks' parameters, serve, and answer
-with exact re-ranking whose top-10 is the exact scorer's."""
+blocks' parameters, serve, and answer with exact re-ranking whose top-10 is the exact
+scorer's."""
 
 from __future__ import annotations
 
