@@ -9,6 +9,8 @@ per token; the Llama's MLP is `top_k · inner` wide, so a token passes through a
 parameters in both (the router's `experts x width` aside). Each build runs `--repeats` times,
 alternating the models, and the fastest counts. Ratio = MoE build seconds / dense (target
 <= 1.5); bytes per example from the index file (target: within ±10% of the dense model's).
+Beside them, each model's own forward/backward over the corpus with parameter gradients
+(`benchmarks.build_throughput`): what training it costs, as a baseline.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from benchmarks.build_throughput import bare_forward_backward_seconds
 from benchmarks.common import emit, start_run, synthetic_corpus
 from indexer.build import BuildSummary, build_index
 from indexer.config import BuildConfig, CorpusConfig, SketchConfig
@@ -102,6 +105,9 @@ def measure(args: argparse.Namespace, models: dict[str, Path], corpus: Path, roo
     return {
         name: {
             **active_parameters(models[name], args.top_k),
+            "bare_forward_backward": bare_forward_backward_seconds(
+                models[name], corpus, args.batch_size
+            ),
             "build_seconds": seconds,
             "phase_seconds": summary.seconds,
             "sketch_tokens_per_second": summary.tokens_per_second,
@@ -142,6 +148,9 @@ def main() -> None:
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "models": results,
             "ratio_build_seconds_moe_vs_dense": moe["build_seconds"] / dense["build_seconds"],
+            "ratio_bare_seconds_moe_vs_dense": (
+                moe["bare_forward_backward"]["seconds"] / dense["bare_forward_backward"]["seconds"]
+            ),
             "ratio_sketch_throughput_dense_vs_moe": (
                 dense["sketch_tokens_per_second"] / moe["sketch_tokens_per_second"]
             ),

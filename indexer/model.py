@@ -153,7 +153,8 @@ def tracked_modules(model: nn.Module, pattern: str | None = None) -> dict[str, T
         chosen = {n: m for n, m in trackable.items() if regex.search(n)}
     if not chosen:
         what = f"matching {pattern!r}" if pattern else "inside its transformer blocks"
-        raise InvalidInputError(f"model has no linear modules or experts {what} to track")
+        kinds = "Linear/Conv1D modules, routers or experts"
+        raise InvalidInputError(f"model has no {kinds} {what} to track")
     return chosen
 
 

@@ -77,7 +77,7 @@ def test_coverage_counts_experts_and_names_what_is_skipped() -> None:
     some = tracked_modules(model, r"experts\.\w+\.[01]$")  # two of the four experts
     assert len(some) == 2 * 2 * 2
     assert "model.layers.*.mlp.experts.gate_up_proj" in coverage(model, some).skipped
-    with pytest.raises(InvalidInputError, match="no linear modules or experts"):
+    with pytest.raises(InvalidInputError, match="no Linear/Conv1D modules, routers or experts"):
         tracked_modules(model, "nothing-matches")
 
 
