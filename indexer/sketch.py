@@ -160,7 +160,7 @@ def _project(x: Tensor, matrix: Tensor | None) -> Tensor:
 
 
 def _project_inputs(a: Tensor, R: Tensor | None, has_bias: bool) -> Tensor:
-    """`R [a; 1]` for inputs `a [batch, tokens, d]`, without materialising `[a; 1]`."""
+    """`R [a; 1]` for inputs `a [.., d]`, without materialising `[a; 1]`."""
     if R is None:
         return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if has_bias else a
     if has_bias:
@@ -207,12 +207,14 @@ class _Recorder:
         has_bias = module_shape(self.sketcher.modules[name]).has_bias
         place = self._aligned if rows is None else self._packing(name, rows)
         a = a.detach().float().reshape(-1, a.shape[-1])
-        a = a * (self.keep if rows is None else self.keep[rows])
+        keep = self.keep if rows is None else self.keep[rows]  # padding: no input, nor bias 1
         # The sketch's own products stay float32 under the forward's autocast.
         with torch.autocast(a.device.type, enabled=False):
-            self.projected.activations[name] = place(_project_inputs(a, projection.R, has_bias))
+            projected = _project_inputs(a, projection.R, has_bias) * keep
+            self.projected.activations[name] = place(projected)
             if self.unprojected is not None:
-                self.unprojected.activations[name] = place(_project_inputs(a, None, has_bias))
+                unprojected = _project_inputs(a, None, has_bias) * keep
+                self.unprojected.activations[name] = place(unprojected)
 
         def grad_hook(g: Tensor) -> None:
             g = g.detach().float().reshape(-1, g.shape[-1])
@@ -251,7 +253,7 @@ class _Recorder:
 
     def _aligned(self, x: Tensor) -> Tensor:
         """`x [batch * tokens, d]` -> `[batch, tokens, d]`."""
-        return x.view(*self.mask.shape, -1)
+        return x.reshape(*self.mask.shape, -1)
 
     def _packing(self, name: str, rows: Tensor) -> Callable[[Tensor], Tensor]:
         """Packs `x [n, d]` at the flat positions `rows [n]` (ascending) into `[batch,

@@ -119,3 +119,15 @@ def test_bf16_autocast_sketches_are_float32_and_close():
         found = reduced.sketches_of(name)
         assert not torch.equal(found, expected)  # the forward did run in bfloat16
         assert (found - expected).norm() <= 0.05 * expected.norm()
+
+
+def test_padding_tokens_have_no_inputs_not_even_a_bias_column():
+    """Padding adds nothing to the curvature's input covariances (`ã ãᵀ` per token)."""
+    model = tiny_gpt2()
+    modules = tracked_modules(model)
+    projections = {n: gaussian_projection(n, m, 4, 3, seed=7) for n, m in modules.items()}
+    batch = make_batch(random_sequences([9, 5]), [1, 1], pad_id=0, sample_seeds=[0, 1])
+    capture = GradientSketcher(model, modules, projections).run(batch, keep_unprojected=True)
+    for found in (capture, capture.unprojected):
+        assert all(a[1, 5:].abs().max() == 0 for a in found.activations.values())
+        assert all(a[1, :5].abs().max() > 0 for a in found.activations.values())
