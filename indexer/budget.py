@@ -19,14 +19,13 @@ same allocation, which the manifest records (`ModuleLayout.rank_out/rank_in`).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from indexer.config import DEFAULT_DIMS, AllocationRule, SketchConfig
 from indexer.errors import InvalidInputError
 from indexer.manifest import ModuleLayout
-from indexer.model import ModuleShape
+from indexer.model import ModuleShape, layer_pattern
 
 Shapes = Mapping[str, ModuleShape]  # tracked module name -> its gradient's shape
 
@@ -79,7 +78,7 @@ def describe(ranks: Mapping[str, ModuleRanks]) -> str:
     replaced by `*` (`h.*.mlp.c_fc 90x30 (×12)`), in first-seen order."""
     groups: dict[tuple[str, str], int] = {}
     for name, r in ranks.items():
-        key = (re.sub(r"\.\d+(?=\.|$)", ".*", name), str(r))
+        key = (layer_pattern(name), str(r))
         groups[key] = groups.get(key, 0) + 1
     return ", ".join(
         f"{name} {r}" + (f" (×{count})" if count > 1 else "") for (name, r), count in groups.items()

@@ -41,12 +41,20 @@ from indexer.manifest import (
     LEXICAL_DIR,
     METADATA_FILE,
     Counts,
+    Coverage,
     CurvatureFit,
     Manifest,
     ModelIdentity,
     ModuleLayout,
 )
-from indexer.model import LoadedModel, load_model, module_shape, tracked_modules
+from indexer.model import (
+    LoadedModel,
+    coverage,
+    load_model,
+    log_coverage,
+    module_shape,
+    tracked_modules,
+)
 from indexer.passes import ExamplePass
 from indexer.publish import (
     build_lock,
@@ -105,6 +113,7 @@ class BuildSummary:
     n_tokens: int
     dim: int
     allocation: str  # `r_out x r_in` per module group (`indexer.budget.describe`)
+    coverage: Coverage  # the share of the blocks' parameters tracked, and what was skipped
     index_factory: str
     index_bytes_per_example: float
     full_curvature_bytes: int  # the exact re-rank factors; 0 when not stored
@@ -321,6 +330,7 @@ def _manifest(
             tokens=corpus.n_tokens,
         ),
         curvature_fit=fit,
+        coverage=summary.coverage,
         built_from=summary.built_from,
         rerank_bound=rerank_bound,
         autocast=config.autocast,
@@ -389,6 +399,8 @@ def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
         loaded = load_model(config.model, config.device)
         max_length = _check_config(config, loaded)
         modules = tracked_modules(loaded.model, config.sketch.modules)
+        if ranks.main:
+            log_coverage(coverage(loaded.model, modules))
         allocation = module_ranks({n: module_shape(m) for n, m in modules.items()}, config.sketch)
         projections = _projections(modules, allocation, config.sketch.seed)
         staged = _scratch(staging, CORPUS_FILE, ranks.rank)
@@ -585,6 +597,7 @@ def _write_version(
         n_tokens=corpus.n_tokens,
         dim=curvature.sketch.dim,
         allocation=describe(_ranks(curvature.sketch.projections())),
+        coverage=coverage(state.loaded.model, state.modules),
         index_factory=plan.factory,
         index_bytes_per_example=(staging / INDEX_FILE).stat().st_size / n,
         full_curvature_bytes=_size(staging / FULL_CURVATURE_FILE),

@@ -130,7 +130,10 @@ class SketchConfig:
     seed: int = field(default=0, metadata={"help": "projections and label sampling"})
     modules: str | None = field(
         default=None,
-        metadata={"help": "regex of module names to track (default: Linear/Conv1D in the blocks)"},
+        metadata={
+            "help": "regex of module names to track (default: every linear map in the blocks: "
+            "Linear/Conv1D, routers, each expert's matrices as <experts>.<parameter>.<expert>)"
+        },
     )
     dims: int | None = field(
         default=None,

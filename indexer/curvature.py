@@ -134,7 +134,9 @@ class Curvature:
         `Σ_l g_tᵀ M_l a_t`. An example's tokens sum to `⟨q, v_n⟩` (as `vectors` would give it),
         with one module's contraction in memory at a time and no per-example gradient."""
         return sum(
-            m.contract(capture.gradients[name], capture.activations[name], folded[name])
+            capture.at_tokens(
+                name, m.contract(capture.gradients[name], capture.activations[name], folded[name])
+            )
             for name, m in self.modules.items()
         )
 

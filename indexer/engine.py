@@ -37,7 +37,7 @@ from indexer.manifest import (
     METADATA_FILE,
     Manifest,
 )
-from indexer.model import LoadedModel, load_model
+from indexer.model import LoadedModel, load_model, modules_named, trackable_modules
 from indexer.publish import verify_version, version_dir
 from indexer.query import (
     Query,
@@ -353,9 +353,10 @@ class QueryEngine:
         self.searcher = index if searcher is None else searcher
         self.metadata = metadata
         self.vectors = vectors
-        named = dict(model.loaded.model.named_modules())
         self.sketcher = GradientSketcher(
-            model.loaded.model, {n: named[n] for n in curvature.modules}, curvature.projections()
+            model.loaded.model,
+            modules_named(model.loaded.model, curvature.modules),
+            curvature.projections(),
         )
         self.pad_id = model.loaded.tokenizer.pad_token_id
         self._max_query_chars = max_query_chars(model.loaded.tokenizer, self.info.max_length)
@@ -378,8 +379,8 @@ class QueryEngine:
         path = version_dir(Path(root), version)
         manifest = verify_version(path)
         model = _open_model(path.name, manifest, model_dir, device, reuse_model_from)
-        named = dict(model.loaded.model.named_modules())
-        missing = [m.name for m in manifest.modules if m.name not in named]
+        trackable = trackable_modules(model.loaded.model)
+        missing = [m.name for m in manifest.modules if m.name not in trackable]
         if missing:
             raise IndexVerificationError(f"model has no module {missing[0]} that the index tracks")
         curvature = Curvature.load(path / CURVATURE_FILE, device)

@@ -18,7 +18,7 @@ from indexer.config import CurvatureConfig, ScoreKind
 from indexer.corpus import Example
 from indexer.curvature import Curvature, fit_curvature, subsample
 from indexer.errors import ResourceLimitError
-from indexer.model import LoadedModel, module_shape, tracked_modules
+from indexer.model import LoadedModel, module_shape, modules_named, tracked_modules
 from indexer.passes import ExamplePass
 from indexer.query import TokenizedQuery, query_vectors
 from indexer.sketch import Capture, GradientSketcher, Projection, make_batch
@@ -31,7 +31,7 @@ class ExactConfig:
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     modules: str | None = field(
         default=None,
-        metadata={"help": "regex of module names to track (default: Linear/Conv1D in the blocks)"},
+        metadata={"help": "regex of module names to track (default: as build's default)"},
     )
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward pass"})
     memory_limit_bytes: int = field(
@@ -143,8 +143,7 @@ class ExactReranker:
     """
 
     def __init__(self, model: nn.Module, curvature: Curvature, pad_id: int, batch_size: int):
-        named = dict(model.named_modules())
-        modules = {name: named[name] for name in curvature.modules}
+        modules = modules_named(model, curvature.modules)
         self.sketcher = GradientSketcher(model, modules, curvature.projections())
         self.curvature = curvature
         self.pad_id = pad_id

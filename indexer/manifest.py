@@ -18,7 +18,8 @@ from indexer.scores import RerankBound
 # the curvature fit's age; incremental builds. 5: each example's exact preconditioned norm in
 # the metadata (a cosine index with re-rank factors). 6: the exact stage's calibrated bound;
 # each module's sketch ranks in its layout (a budget per example, allocated across modules).
-FORMAT_VERSION = 6
+# 7: the share of the blocks' parameters tracked (experts and routers tracked too).
+FORMAT_VERSION = 7
 
 MANIFEST_FILE = "manifest.json"
 CURVATURE_FILE = "curvature.safetensors"
@@ -66,6 +67,31 @@ class ModuleLayout:
 
 
 @dataclass(frozen=True)
+class Coverage:
+    """How much of the transformer blocks' parameters (embeddings and LM head excluded) the
+    tracked modules hold: `tracked` of `total` elements; `skipped` names the block parameters
+    left out (wholly or in part), their layer indices as `*`."""
+
+    tracked: int
+    total: int
+    skipped: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "skipped", tuple(self.skipped))  # from JSON
+
+    @property
+    def share(self) -> float:
+        return self.tracked / max(self.total, 1)
+
+    def __str__(self) -> str:
+        skipped = ", ".join(self.skipped) or "nothing"
+        return (
+            f"{self.share:.1%} of the blocks' parameters ({self.tracked:,} of {self.total:,}); "
+            f"skipped: {skipped}"
+        )
+
+
+@dataclass(frozen=True)
 class Counts:
     documents: int
     examples: int
@@ -108,6 +134,7 @@ class Manifest:
     lexical_index: bool  # a BM25 index of the examples' texts stored (LEXICAL_FILES)
     counts: Counts
     curvature_fit: CurvatureFit
+    coverage: Coverage
     built_from: str | None = None  # the version whose curvature and vectors were reused
     # How far the sketch's score may be from the exact one (with re-rank factors only)
     rerank_bound: RerankBound | None = None
@@ -168,6 +195,7 @@ class Manifest:
                 lexical_index=data["lexical_index"],
                 counts=Counts(**data["counts"]),
                 curvature_fit=CurvatureFit(**data["curvature_fit"]),
+                coverage=Coverage(**data["coverage"]),
                 built_from=data["built_from"],
                 autocast=Autocast(data["autocast"]),
                 rerank_bound=(

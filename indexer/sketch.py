@@ -6,7 +6,7 @@ exactly what the exact reference scorer asks for). The same code serves the buil
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from indexer.config import Autocast
+from indexer.experts import ExpertMatrix, traced_experts
 from indexer.hashing import int63
-from indexer.model import module_shape
+from indexer.model import Tracked, module_shape
 
 IGNORE = -100
 LabelMode = Literal["data", "sampled"]
@@ -33,7 +34,7 @@ class Projection:
 
 
 def gaussian_projection(
-    name: str, module: nn.Module, rank_in: int, rank_out: int, seed: int
+    name: str, module: Tracked, rank_in: int, rank_out: int, seed: int
 ) -> Projection:
     """Projection for one module, seeded by (seed, name), scaled to preserve inner products.
 
@@ -113,6 +114,11 @@ class Capture:
 
     `unprojected`, when asked for, holds the same pass without projection: `a [batch, tokens,
     d_in]` (bias column included) and `g [batch, tokens, d_out]`, as identity projections give.
+
+    A module that sees only some tokens (an expert: those routed to it) holds them packed,
+    `[batch, tokens_l, ..]` with `tokens_l` the most any example routed to it (zero-filled),
+    and `positions[name] [batch, tokens_l]` their positions in the batch: every sum over an
+    example's tokens is the same either way (`at_tokens` puts per-token values back).
     """
 
     activations: dict[str, Tensor]
@@ -120,6 +126,17 @@ class Capture:
     losses: Tensor  # [batch], the loss that was back-propagated, per example
     n_tokens: int  # non-padding tokens in the batch
     unprojected: Capture | None = None
+    positions: dict[str, Tensor] = field(default_factory=dict)
+    width: int = 0  # tokens per example of the batch (its padded length)
+
+    def at_tokens(self, name: str, values: Tensor) -> Tensor:
+        """Per-token `values [.., batch, tokens_l]` of module `name` at the batch's positions,
+        `[.., batch, width]` (zero at the tokens a packed module did not see)."""
+        positions = self.positions.get(name)
+        if positions is None:
+            return values
+        zeros = values.new_zeros(*values.shape[:-1], self.width)
+        return zeros.scatter_add_(-1, positions.expand_as(values), values)
 
     def sketches(self) -> dict[str, Tensor]:
         """`S = sum_t g_t a_t^T` per module: `[batch, r_out, r_in]`."""
@@ -143,7 +160,7 @@ def _project(x: Tensor, matrix: Tensor | None) -> Tensor:
 
 
 def _project_inputs(a: Tensor, R: Tensor | None, has_bias: bool) -> Tensor:
-    """`R [a; 1]` for inputs `a [batch, tokens, d]`, without materialising `[a; 1]`."""
+    """`R [a; 1]` for inputs `a [.., d]`, without materialising `[a; 1]`."""
     if R is None:
         return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if has_bias else a
     if has_bias:
@@ -153,14 +170,118 @@ def _project_inputs(a: Tensor, R: Tensor | None, has_bias: bool) -> Tensor:
     return a @ R.T
 
 
+class _Recorder:
+    """Records one pass's tokens per tracked module, projected (and, when asked, not): inputs
+    `a` as the forward reaches a module, output gradients `g` as the backward does, `[batch,
+    tokens, d]` (inputs zero at padding), or packed for a module that sees some tokens only
+    (see `Capture`)."""
+
+    def __init__(
+        self,
+        sketcher: GradientSketcher,
+        mask: Tensor,
+        projected: _Tensors,
+        unprojected: _Tensors | None,
+    ):
+        self.sketcher = sketcher
+        self.mask = mask
+        self.keep = mask.reshape(-1, 1).to(torch.float32)  # [batch * tokens, 1]
+        self.projected = projected
+        self.unprojected = unprojected
+        self.positions: dict[str, Tensor] = {}
+
+    def module_hook(self, name: str) -> Callable:
+        """A forward hook for a module that sees every token (a router's first output is its
+        logits)."""
+
+        def hook(_module: nn.Module, inputs: tuple, output: Tensor | tuple) -> None:
+            self.record(name, inputs[0], output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def record(self, name: str, a: Tensor, y: Tensor, rows: Tensor | None = None) -> None:
+        """Module `name`'s inputs `a [.., d_in]` now and the gradient at its outputs `y [..,
+        d_out]` in the backward: of every token (`rows` None) or of the flat token positions
+        `rows [n]` only (ascending)."""
+        projection = self.sketcher.projections[name]
+        has_bias = module_shape(self.sketcher.modules[name]).has_bias
+        place = self._aligned if rows is None else self._packing(name, rows)
+        a = a.detach().float().reshape(-1, a.shape[-1])
+        keep = self.keep if rows is None else self.keep[rows]  # padding: no input, nor bias 1
+        # The sketch's own products stay float32 under the forward's autocast.
+        with torch.autocast(a.device.type, enabled=False):
+            projected = _project_inputs(a, projection.R, has_bias) * keep
+            self.projected.activations[name] = place(projected)
+            if self.unprojected is not None:
+                unprojected = _project_inputs(a, None, has_bias) * keep
+                self.unprojected.activations[name] = place(unprojected)
+
+        def grad_hook(g: Tensor) -> None:
+            g = g.detach().float().reshape(-1, g.shape[-1])
+            self.projected.gradients[name] = place(_project(g, projection.P))
+            if self.unprojected is not None:
+                self.unprojected.gradients[name] = place(g)
+
+        y.register_hook(grad_hook)
+
+    def capture(self, losses: Tensor, n_tokens: int) -> Capture:
+        """What the pass recorded (once its backward is done)."""
+        self._fill_unseen()
+
+        def of(tensors: _Tensors, unprojected: Capture | None = None) -> Capture:
+            a, g, width = tensors.activations, tensors.gradients, self.mask.shape[1]
+            return Capture(a, g, losses, n_tokens, unprojected, self.positions, width)
+
+        return of(self.projected, None if self.unprojected is None else of(self.unprojected))
+
+    def _fill_unseen(self) -> None:
+        """No tokens for the modules the pass never reached (experts nothing was routed to)."""
+        for name, module in self.sketcher.modules.items():
+            shape, projection = module_shape(module), self.sketcher.projections[name]
+            d_in = shape.d_in if projection.R is None else projection.R.shape[0]
+            d_out = shape.d_out if projection.P is None else projection.P.shape[0]
+            self._empty(self.projected, name, d_in, d_out)
+            if self.unprojected is not None:
+                self._empty(self.unprojected, name, shape.d_in, shape.d_out)
+
+    def _empty(self, tensors: _Tensors, name: str, d_in: int, d_out: int) -> None:
+        batch = self.mask.shape[0]
+        for found, d in ((tensors.activations, d_in), (tensors.gradients, d_out)):
+            if name not in found:
+                found[name] = self.keep.new_zeros(batch, 0, d)
+                self.positions[name] = self.mask.new_zeros(batch, 0, dtype=torch.long)
+
+    def _aligned(self, x: Tensor) -> Tensor:
+        """`x [batch * tokens, d]` -> `[batch, tokens, d]`."""
+        return x.reshape(*self.mask.shape, -1)
+
+    def _packing(self, name: str, rows: Tensor) -> Callable[[Tensor], Tensor]:
+        """Packs `x [n, d]` at the flat positions `rows [n]` (ascending) into `[batch,
+        tokens_l, d]`; records their positions."""
+        batch, tokens = self.mask.shape
+        example = rows // tokens
+        counts = torch.bincount(example, minlength=batch)
+        slot = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[example]
+        width = int(counts.max())
+        self.positions[name] = rows.new_zeros(batch, width).index_put_(
+            (example, slot), rows % tokens
+        )
+
+        def place(x: Tensor) -> Tensor:
+            return x.new_zeros(batch, width, x.shape[-1]).index_put_((example, slot), x)
+
+        return place
+
+
 class GradientSketcher:
-    """Runs forward/backward passes with hooks on the tracked modules.
+    """Runs forward/backward passes with hooks on the tracked modules (and fused experts run
+    with `indexer.experts.traced_forward`).
 
     Parameters never get gradients: only activation gradients flow, which is all a sketch needs.
     """
 
     def __init__(
-        self, model: nn.Module, modules: dict[str, nn.Module], projections: dict[str, Projection]
+        self, model: nn.Module, modules: dict[str, Tracked], projections: dict[str, Projection]
     ):
         self.model = model
         self.modules = modules
@@ -168,50 +289,22 @@ class GradientSketcher:
         self.device = next(model.parameters()).device
 
     @contextmanager
-    def _hooks(self, mask: Tensor, projected: _Tensors, unprojected: _Tensors | None):
+    def _hooks(self, recorder: _Recorder) -> Iterator[None]:
         handles = [
             self.model.get_input_embeddings().register_forward_hook(
                 lambda _m, _i, out: out.requires_grad_(True)
             )
         ]
-        token_mask = mask.unsqueeze(-1).to(torch.float32)
+        experts = {n: m for n, m in self.modules.items() if isinstance(m, ExpertMatrix)}
         for name, module in self.modules.items():
-            handles.append(
-                module.register_forward_hook(
-                    self._forward_hook(name, token_mask, projected, unprojected)
-                )
-            )
+            if name not in experts:
+                handles.append(module.register_forward_hook(recorder.module_hook(name)))
         try:
-            yield
+            with traced_experts(experts, recorder.record):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
-
-    def _forward_hook(
-        self, name: str, token_mask: Tensor, projected: _Tensors, unprojected: _Tensors | None
-    ) -> Callable:
-        projection = self.projections[name]
-        has_bias = module_shape(self.modules[name]).has_bias
-
-        def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            a = inputs[0].detach().float()
-            # The sketch's own products stay float32 under the forward's autocast.
-            with torch.autocast(a.device.type, enabled=False):
-                projected.activations[name] = (
-                    _project_inputs(a, projection.R, has_bias) * token_mask
-                )
-                if unprojected is not None:
-                    unprojected.activations[name] = _project_inputs(a, None, has_bias) * token_mask
-
-            def grad_hook(g: Tensor) -> None:
-                g = g.detach().float()
-                projected.gradients[name] = _project(g, projection.P)
-                if unprojected is not None:
-                    unprojected.gradients[name] = g
-
-            output.register_hook(grad_hook)
-
-        return hook
 
     def run(
         self,
@@ -230,7 +323,8 @@ class GradientSketcher:
         input_ids = batch.input_ids.to(self.device)
         attention_mask = batch.attention_mask.to(self.device)
         dtype = AUTOCAST_DTYPES.get(autocast)
-        with self._hooks(attention_mask, projected, unprojected), torch.enable_grad():
+        recorder = _Recorder(self, attention_mask, projected, unprojected)
+        with self._hooks(recorder), torch.enable_grad():
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = batch.targets.to(self.device)
@@ -238,13 +332,4 @@ class GradientSketcher:
                 targets = sample_targets(logits, batch)
             losses = summed_nll(logits, targets)
             losses.sum().backward()
-        losses, n_tokens = losses.detach(), int(batch.attention_mask.sum())
-        return Capture(
-            projected.activations,
-            projected.gradients,
-            losses,
-            n_tokens,
-            None
-            if unprojected is None
-            else Capture(unprojected.activations, unprojected.gradients, losses, n_tokens),
-        )
+        return recorder.capture(losses.detach(), int(batch.attention_mask.sum()))

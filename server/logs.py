@@ -74,7 +74,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
-    """Log to stderr at `level` in `log_format` ('text' or 'json')."""
+    """Log to stderr at `level` in `log_format` ('text' or 'json'). The handler holds the level
+    too: libraries that set their own logger's level lower (bm25s sets DEBUG) stay quiet."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler])

@@ -19,6 +19,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: fastest for them, and far faster on
+    a machine shared with other work (threads waiting on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_corpus() -> list[dict]:
     """The first documents of the demo corpus, plus its longest one (to exercise chunking)."""

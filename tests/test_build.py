@@ -182,7 +182,7 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
     return {
         "model directory not found": ["--model", str(tmp / "missing")],
         "no .safetensors weights": ["--model", str(pickled)],
-        "no Linear/Conv1D modules matching": ["--modules", "^nothing$"],
+        "no Linear/Conv1D modules, routers or experts matching": ["--modules", "^nothing$"],
         "matches no files": ["--data", str(tmp / "nothing-*.jsonl")],
         "no column 'body'": ["--text-column", "body"],
         "corpus is empty": ["--data", str(empty)],

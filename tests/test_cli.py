@@ -65,3 +65,19 @@ def test_library_errors_are_one_line_with_exit_2(tmp_path, capsys) -> None:
     assert cli.main(["info", "--index", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no published index") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("quiet", [[], ["-q"]], ids=["default", "quiet"])
+def test_third_party_debug_lines_stay_off_stderr(
+    quiet, monkeypatch, capsys, tmp_path, tiny_model_dir, small_corpus_path
+) -> None:
+    """bm25s sets its own logger to DEBUG; a build with a lexical index logs none of it."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh process: the CLI configures it
+    command = [*quiet, "build", "--model", str(tiny_model_dir), "--data", str(small_corpus_path),
+               "--out", str(tmp_path), "--rank-in", "2", "--rank-out", "2", "--max-length", "16",
+               "--fit-examples", "8", "--lexical-index", "on", "--exact-rerank", "off"]  # fmt: skip
+    assert cli.main(command) == 0
+    err = capsys.readouterr().err
+    assert "Building index" not in err and " DEBUG " not in err, err

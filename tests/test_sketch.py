@@ -9,7 +9,8 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from indexer.config import Autocast
-from indexer.model import module_shape, tracked_modules
+from indexer.experts import ExpertMatrix
+from indexer.model import Tracked, module_shape, tracked_modules
 from indexer.sketch import (
     GradientSketcher,
     Projection,
@@ -33,13 +34,21 @@ def autograd_gradients(
     batch = make_batch([tokens], [loss_start], pad_id=0, sample_seeds=[0])
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     summed_nll(logits, batch.targets if targets is None else targets).sum().backward()
-    gradients = {}
-    for name, module in tracked_modules(model).items():
+    return {name: weight_gradient(m) for name, m in tracked_modules(model).items()}
+
+
+def weight_gradient(module: Tracked) -> torch.Tensor:
+    """`[d_out, d_in(+1 bias)]`: the gradient autograd left in a tracked module's parameters
+    (an expert's slice of its fused parameters)."""
+    if isinstance(module, ExpertMatrix):
+        experts, e = module.experts, module.index
+        weight = getattr(experts, module.parameter).grad[e]
+        weight = weight.T if experts.is_transposed else weight
+        bias = getattr(experts, f"{module.parameter}_bias").grad[e] if experts.has_bias else None
+    else:
         weight = module.weight.grad.T if isinstance(module, Conv1D) else module.weight.grad
-        gradients[name] = (
-            weight if module.bias is None else torch.cat([weight, module.bias.grad[:, None]], 1)
-        )
-    return gradients
+        bias = module.bias.grad if getattr(module, "bias", None) is not None else None
+    return weight if bias is None else torch.cat([weight, bias[:, None]], 1)
 
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama], ids=["gpt2-conv1d", "llama-linear"])
@@ -110,3 +119,15 @@ def test_bf16_autocast_sketches_are_float32_and_close():
         found = reduced.sketches_of(name)
         assert not torch.equal(found, expected)  # the forward did run in bfloat16
         assert (found - expected).norm() <= 0.05 * expected.norm()
+
+
+def test_padding_tokens_have_no_inputs_not_even_a_bias_column():
+    """Padding adds nothing to the curvature's input covariances (`ã ãᵀ` per token)."""
+    model = tiny_gpt2()
+    modules = tracked_modules(model)
+    projections = {n: gaussian_projection(n, m, 4, 3, seed=7) for n, m in modules.items()}
+    batch = make_batch(random_sequences([9, 5]), [1, 1], pad_id=0, sample_seeds=[0, 1])
+    capture = GradientSketcher(model, modules, projections).run(batch, keep_unprojected=True)
+    for found in (capture, capture.unprojected):
+        assert all(a[1, 5:].abs().max() == 0 for a in found.activations.values())
+        assert all(a[1, :5].abs().max() > 0 for a in found.activations.values())
