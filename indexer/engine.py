@@ -175,6 +175,8 @@ class IndexInfo:
     max_rerank_depth: int = 0
     allocation: str = ""  # `r_out x r_in` per module group (`indexer.budget.describe`)
     index_bytes_per_example: float = 0.0
+    tracked_parameter_share: float = 0.0  # of the blocks' parameters (`Manifest.coverage`)
+    skipped_parameters: tuple[str, ...] = ()
 
     @classmethod
     def from_manifest(
@@ -206,6 +208,8 @@ class IndexInfo:
             allocation=describe(layout_ranks(manifest.modules)),
             index_bytes_per_example=manifest.files[INDEX_FILE].bytes
             / max(manifest.counts.examples, 1),
+            tracked_parameter_share=manifest.coverage.share,
+            skipped_parameters=manifest.coverage.skipped,
         )
 
 

@@ -129,4 +129,6 @@ def index_info_fields(info: IndexInfo) -> dict[str, object]:
         "lexical_available": info.lexical_available,
         "allocation": info.allocation,
         "index_bytes_per_example": info.index_bytes_per_example,
+        "tracked_parameter_share": info.tracked_parameter_share,
+        "skipped_parameters": info.skipped_parameters,
     }

@@ -165,6 +165,7 @@ def test_health_and_info(served) -> None:
     # The budget's allocation differs per module group: the shared ranks say 0, this says which.
     assert "c_fc" in info.allocation and "x" in info.allocation
     assert info.dim <= info.index_bytes_per_example <= info.dim + 200  # 8-bit codes, an id
+    assert info.tracked_parameter_share > 0.95  # GPT-2's blocks: all but the layer norms
 
 
 def test_each_bad_input_has_its_status_code(served, demo_queries) -> None:

@@ -41,18 +41,33 @@ function enumName(value, prefix) {
 
 // --- the served version ---
 
-async function loadInfo() {
+// The page server's answer to a request, or null once its failure is shown on the page.
+async function request(url, options = {}) {
   let response;
   try {
-    response = await fetch("/api/info");
+    response = await fetch(url, options);
   } catch (exc) {
     showError({ code: "UNAVAILABLE", message: `the page server did not answer: ${exc.message}` });
-    return;
+    return null;
   }
   if (!response.ok) {
     showError(await failure(response));
-    return;
+    return null;
   }
+  return response;
+}
+
+function postJson(body) {
+  return {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  };
+}
+
+async function loadInfo() {
+  const response = await request("/api/info");
+  if (!response) return;
   const info = await response.json();
   maxAttributionExamples = info.max_attribution_examples;
   const rows = [
@@ -62,6 +77,8 @@ async function loadInfo() {
     ["model", info.model_path],
     ["examples", Number(info.n_examples).toLocaleString("en")],
     ["dimension", String(info.dim)],
+    ["allocation", info.allocation || "(not recorded)"],
+    ["tracked", `${(100 * (info.tracked_parameter_share || 0)).toFixed(1)} % of block parameters`],
     ["score", enumName(info.score_kind, "SCORE_KIND_")],
     ["factory", info.faiss_factory],
     ["re-rank", info.rerank_available ? `available (default depth ${info.rerank_depth})` : "not available"],
@@ -103,21 +120,8 @@ async function ask(event) {
   errorBox.hidden = true;
   hitList.replaceChildren();
   statusLine.textContent = "asking…";
-  let response;
-  try {
-    response = await fetch("/api/query", {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify(fields),
-    });
-  } catch (exc) {
-    showError({ code: "UNAVAILABLE", message: `the page server did not answer: ${exc.message}` });
-    return;
-  }
-  if (!response.ok) {
-    showError(await failure(response));
-    return;
-  }
+  const response = await request("/api/query", postJson(fields));
+  if (!response) return;
   for await (const line of jsonLines(response.body)) {
     if (line.error) {
       showError(line.error);
@@ -213,15 +217,11 @@ async function attribute(fields, hits, groups) {
   const ids = groups.map((group) => hits[group[0]].example_id).slice(0, maxAttributionExamples);
   if (!ids.length) return;
   statusLine.textContent += "; token attributions…";
-  const response = await fetch("/api/attribute", {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ prompt: fields.prompt, completion: fields.completion, example_ids: ids }),
-  });
-  if (!response.ok) {
-    showError(await failure(response));
-    return;
-  }
+  const response = await request(
+    "/api/attribute",
+    postJson({ prompt: fields.prompt, completion: fields.completion, example_ids: ids }),
+  );
+  if (!response) return;
   const answer = await response.json();
   for (const attribution of answer.attributions) {
     const item = hitList.querySelector(`li[data-example-id="${attribution.example_id}"]`);
