@@ -261,6 +261,7 @@ class _BuildState:
     max_length: int
     seconds: dict[str, float]
     ranks: Ranks
+    coverage: Coverage  # of the blocks' parameters by `modules`
 
     def close(self) -> None:
         self.corpus.close()
@@ -399,8 +400,9 @@ def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
         loaded = load_model(config.model, config.device)
         max_length = _check_config(config, loaded)
         modules = tracked_modules(loaded.model, config.sketch.modules)
+        tracked = coverage(loaded.model, modules)
         if ranks.main:
-            log_coverage(coverage(loaded.model, modules))
+            log_coverage(tracked)
         allocation = module_ranks({n: module_shape(m) for n, m in modules.items()}, config.sketch)
         projections = _projections(modules, allocation, config.sketch.seed)
         staged = _scratch(staging, CORPUS_FILE, ranks.rank)
@@ -414,7 +416,9 @@ def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
         config.progress and ranks.main,
         config.autocast,
     )
-    return _BuildState(config, loaded, modules, corpus, example_pass, max_length, seconds, ranks)
+    return _BuildState(
+        config, loaded, modules, corpus, example_pass, max_length, seconds, ranks, tracked
+    )
 
 
 def _settings(state: _BuildState, factory: str, *, exact_rerank: bool) -> Settings:
@@ -597,7 +601,7 @@ def _write_version(
         n_tokens=corpus.n_tokens,
         dim=curvature.sketch.dim,
         allocation=describe(_ranks(curvature.sketch.projections())),
-        coverage=coverage(state.loaded.model, state.modules),
+        coverage=state.coverage,
         index_factory=plan.factory,
         index_bytes_per_example=(staging / INDEX_FILE).stat().st_size / n,
         full_curvature_bytes=_size(staging / FULL_CURVATURE_FILE),
