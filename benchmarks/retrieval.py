@@ -51,20 +51,22 @@ SKETCH = SketchConfig(rank_in=64, rank_out=64)  # the 64×64 default, stated so 
 REFERENCE_FACTORY = "IDMap,SQ8"  # the flat index: exhaustive search over 8-bit codes
 
 
-def _build_config(model: Path, corpus: Path, root: Path) -> BuildConfig:
+def _build_config(model: Path, corpus: Path, root: Path, sketch: SketchConfig) -> BuildConfig:
     return BuildConfig(
         model=model,
         out=root,
         corpus=CorpusConfig(str(corpus)),
-        sketch=SKETCH,
+        sketch=sketch,
         store=StoreConfig(index_factory=REFERENCE_FACTORY, exact_rerank=False, lexical_index=False),
         progress=False,
     )
 
 
-def ensure_version(work: Path, documents: int, threads: int) -> dict | None:
-    """A version of `documents` synthetic documents under `work/root`: built (its summary
-    returned) unless CURRENT already holds them (None)."""
+def ensure_version(
+    work: Path, documents: int, threads: int, sketch: SketchConfig = SKETCH
+) -> dict | None:
+    """A version of `documents` synthetic documents under `work/root` with `sketch`'s
+    dimensions: built (its summary returned) unless CURRENT already holds them (None)."""
     root = work / "root"
     current = read_current(root)
     if current is not None:
@@ -74,7 +76,7 @@ def ensure_version(work: Path, documents: int, threads: int) -> dict | None:
     torch.set_num_threads(threads)
     corpus = synthetic_corpus(work / "corpus.jsonl", documents)
     start = time.perf_counter()
-    summary = build_index(_build_config(demo_artifacts().model_dir, corpus, root))
+    summary = build_index(_build_config(demo_artifacts().model_dir, corpus, root, sketch))
     return {"wall_seconds": time.perf_counter() - start, **summary.to_dict()}
 
 

@@ -4,8 +4,10 @@
 
 Builds (or reuses, under .cache/bench-index-N) an index of a synthetic demo-style corpus with
 the demo model, starts `influence-index serve` as a subprocess, and measures from real gRPC
-clients on localhost: single-client latency (p50, p99) and throughput with 1 and 8 concurrent
-clients. In the same run it measures the floor a server cannot beat: the bare forward/backward
+clients on localhost: single-client latency (p50, p99) and throughput with each count of
+concurrent clients in `--clients` (1, 8 and 32 by default; `--index ROOT` serves an index
+already built, e.g. `benchmarks.tiers`'s 100k version with its compact code). In the same run
+it measures the floor a server cannot beat: the bare forward/backward
 of the same queries (batch of one, same model, parameter gradients as in training) plus the
 FAISS search of their vectors in the same index.
 """
@@ -25,7 +27,7 @@ import grpc
 import numpy as np
 import torch
 
-from benchmarks.common import CACHE, demo_artifacts, emit, synthetic_corpus
+from benchmarks.common import CACHE, comma_ints, demo_artifacts, emit, synthetic_corpus
 from indexer.engine import QueryEngine
 from indexer.publish import read_current
 from indexer.query import LabeledQuery, read_queries
@@ -129,6 +131,8 @@ def peak_rss_mib(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=100_000)
+    parser.add_argument("--index", type=Path, help="serve this index ROOT instead of building")
+    parser.add_argument("--clients", type=comma_ints, default=(1, 8, 32))
     parser.add_argument("--single", type=int, default=200, help="sequential single-client queries")
     parser.add_argument("--per-client", type=int, default=60, help="queries per concurrent client")
     parser.add_argument("--build-batch-size", type=int, default=32)
@@ -136,7 +140,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    root = ensure_index(args.documents, args.build_batch_size)
+    root = args.index or ensure_index(args.documents, args.build_batch_size)
     queries = read_queries(demo_artifacts().queries_path)
     port = free_port()
     server = subprocess.Popen(
@@ -150,8 +154,7 @@ def main() -> None:
             info = client.info()
         timed_queries(target, queries, 20, 0)  # warm-up
         single = timed_queries(target, queries, args.single, 0)
-        one = concurrent_rate(target, queries, 1, args.per_client)
-        eight = concurrent_rate(target, queries, 8, args.per_client)
+        rates = [concurrent_rate(target, queries, c, args.per_client) for c in args.clients]
         rss = peak_rss_mib(server.pid)
     finally:
         server.terminate()
@@ -170,9 +173,12 @@ def main() -> None:
                 "latency_ms_p50": p50,
                 "latency_ms_p99": float(np.percentile(single, 99)),
             },
-            "one_client": one,
-            "eight_clients": eight,
-            "throughput_gain_8_vs_1": eight["queries_per_second"] / one["queries_per_second"],
+            "retrieval_code": info.retrieval_code,
+            "concurrent": rates,
+            "throughput_gain_over_first": [
+                r["queries_per_second"] / rates[0]["queries_per_second"] for r in rates
+            ],
+            "load_average": os.getloadavg(),
             "bare": floor,
             "p50_over_floor": p50 / floor["floor_ms_p50"],
             "server_peak_rss_mib": rss,

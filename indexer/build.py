@@ -17,7 +17,14 @@ import numpy as np
 from indexer import __version__
 from indexer.budget import ModuleRanks, describe, module_ranks, total_dim
 from indexer.calibration import Calibrator
-from indexer.config import BuildConfig, IncrementalMode, ScoreKind, example_max_length
+from indexer.config import (
+    RETRIEVAL_MIN_EXAMPLES,
+    BuildConfig,
+    CompactCode,
+    IncrementalMode,
+    ScoreKind,
+    example_max_length,
+)
 from indexer.corpus import ExampleTable, stage_corpus
 from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
 from indexer.distributed import Ranks, join
@@ -40,6 +47,7 @@ from indexer.manifest import (
     INDEX_FILE,
     LEXICAL_DIR,
     METADATA_FILE,
+    RETRIEVAL_FILE,
     Counts,
     Coverage,
     CurvatureFit,
@@ -67,13 +75,14 @@ from indexer.publish import (
     version_dir,
     write_manifest,
 )
+from indexer.retrieval import write_compact_index
 from indexer.scores import RerankBound
 from indexer.sketch import GradientSketcher, Projection, gaussian_projection
 from indexer.store import (
+    FLAT_FACTORY,
     MetadataReader,
     ScratchShards,
     ScratchVectors,
-    default_factory,
     new_index,
     open_index,
     set_nprobe,
@@ -116,6 +125,7 @@ class BuildSummary:
     coverage: Coverage  # the share of the blocks' parameters tracked, and what was skipped
     index_factory: str
     index_bytes_per_example: float
+    retrieval_code: str | None  # the compact code scanned first (`indexer.retrieval`), if any
     full_curvature_bytes: int  # the exact re-rank factors; 0 when not stored
     mode: str  # "incremental" or "full"
     full_reason: str  # why a full build ("" for an incremental one)
@@ -151,6 +161,13 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
         raise InvalidInputError("--damping must be positive")
     if config.incremental.refit_threshold < 0:
         raise InvalidInputError("--refit-threshold must be at least 0")
+    if config.store.retrieval_dims < 1:
+        raise InvalidInputError("--retrieval-dims must be at least 1")
+    if config.store.retrieval_code is not False:
+        try:
+            new_index(config.store.retrieval_dims, config.store.retrieval_quantizer)
+        except ValueError as e:
+            raise InvalidInputError(f"--retrieval-quantizer: {e}") from e
     max_length = example_max_length(config.corpus.max_length, loaded.context_length)
     if not 2 <= max_length <= loaded.context_length:
         raise InvalidInputError(
@@ -249,6 +266,27 @@ def store_exact_factors(config: BuildConfig, modules: dict) -> bool:
     return True
 
 
+def compact_code(config: BuildConfig, n: int, factory: str, dim: int) -> CompactCode | None:
+    """The compact retrieval code to store for `n` examples of `dim` dimensions in an index of
+    `factory`: as asked, or (auto) from `RETRIEVAL_MIN_EXAMPLES` on, over a flat index (its
+    candidates are re-scored on the flat codes, read by row) of more dimensions than the code."""
+    store = config.store
+    code = store.compact_code()
+    flat = factory.startswith("IDMap,")
+    if store.retrieval_code is None:
+        usable = flat and n >= RETRIEVAL_MIN_EXAMPLES and code.dims < dim
+        return code if usable else None
+    if not store.retrieval_code:
+        return None
+    if not flat:
+        raise InvalidInputError(
+            f"--retrieval-code on needs a flat index (IDMap,...) to re-score on, not {factory!r}"
+        )
+    if not 0 < code.dims < dim:
+        raise InvalidInputError(f"--retrieval-dims must be in [1, {dim}), not {code.dims}")
+    return code
+
+
 @dataclass
 class _BuildState:
     """What the build has loaded before it starts writing a version."""
@@ -288,6 +326,7 @@ def _manifest(
     curvature: Curvature,
     summary: BuildSummary,
     rerank_bound: RerankBound | None,
+    retrieval: CompactCode | None,
 ) -> Manifest:
     config, loaded, corpus = state.config, state.loaded, state.corpus
     ranks = _ranks(curvature.projections())
@@ -334,6 +373,7 @@ def _manifest(
         coverage=summary.coverage,
         built_from=summary.built_from,
         rerank_bound=rerank_bound,
+        retrieval=retrieval,
         autocast=config.autocast,
         build_seconds=summary.seconds,
     )
@@ -445,7 +485,7 @@ def _plan(state: _BuildState) -> _Plan:
     `--incremental on` cannot be honoured (nothing published, or CURRENT corrupt or
     incompatible); a refit, asked for or past the threshold, is a full build either way."""
     config, n = state.config, len(state.corpus)
-    options, factory = config.incremental, config.store.index_factory
+    options, factory = config.incremental, config.store.index_factory or FLAT_FACTORY
     exact = store_exact_factors(config, state.modules)
     current = read_current(config.out)
     manifest, refused = None, ""
@@ -459,10 +499,8 @@ def _plan(state: _BuildState) -> _Plan:
         except IndexVerificationError as e:
             refused = f"CURRENT does not verify ({e})"
     if manifest is not None:
-        factory = factory or default_factory(n, keep=manifest.index_factory)
         other = Settings.of(manifest).difference(_settings(state, factory, exact_rerank=exact))
         refused = f"CURRENT ({current}) was built with other {other}" if other else ""
-    factory = factory or default_factory(n)
     if refused:
         if options.mode == IncrementalMode.ON:
             raise InvalidInputError(f"cannot build incrementally: {refused}")
@@ -578,6 +616,12 @@ def _write_version(
             )
         except ValueError as e:
             raise InvalidInputError(str(e)) from e
+    retrieval = compact_code(config, n, plan.factory, curvature.sketch.dim)
+    if retrieval is not None:
+        with _timed(seconds, "retrieval"):
+            write_compact_index(
+                staging / INDEX_FILE, staging / RETRIEVAL_FILE, retrieval, config.sketch.seed
+            )
     with _timed(seconds, "metadata"):
         sketched = [_scratch(staging, SKETCHED_FILE, k) for k in range(ranks.size)]
         reuse = plan.previous is not None
@@ -604,6 +648,7 @@ def _write_version(
         coverage=state.coverage,
         index_factory=plan.factory,
         index_bytes_per_example=(staging / INDEX_FILE).stat().st_size / n,
+        retrieval_code=retrieval.name if retrieval is not None else None,
         full_curvature_bytes=_size(staging / FULL_CURVATURE_FILE),
         mode="incremental" if plan.previous is not None else "full",
         full_reason=plan.full_reason,
@@ -614,7 +659,9 @@ def _write_version(
         deleted=change.deleted,
         seconds=seconds,
     )
-    write_manifest(staging, _manifest(state, plan, curvature.sketch, summary, rerank_bound))
+    write_manifest(
+        staging, _manifest(state, plan, curvature.sketch, summary, rerank_bound, retrieval)
+    )
     return summary
 
 

@@ -16,6 +16,9 @@ DEFAULT_MAX_LENGTH = 512  # tokens per example when the model's context is longe
 # exact top-10 (cosine / influence) there, 64x64 per module 0.78 / 0.55 at 1.5x the bytes
 # (benchmarks/RESULTS.md, issue 13).
 DEFAULT_DIMS = 32_768
+# From this many examples on, a compact code is scanned first: the flat scan reads D bytes an
+# example (0.33 GB at 10k examples of 32,768 dimensions; 0.69 GB took 0.4-2.4 s, RESULTS.md).
+RETRIEVAL_MIN_EXAMPLES = 10_000
 
 
 class ScoreKind(str, Enum):
@@ -196,6 +199,39 @@ class StoreConfig:
     lexical_index: bool = field(
         default=True, metadata={"help": "store a BM25 index of the texts, for lexical candidates"}
     )
+    retrieval_code: bool | None = field(
+        default=None,
+        metadata={
+            "help": "store a compact retrieval code per example, scanned before the stored codes "
+            f"(auto: from {RETRIEVAL_MIN_EXAMPLES:,} examples, with a flat index)"
+        },
+    )
+    # At 21k examples the top 1,024 principal directions found 0.97 / 0.99 of the flat top-10
+    # within K″ = 100 / 200, 512 only 0.90 / 0.95 (benchmarks/RESULTS.md, issue 14).
+    retrieval_dims: int = field(
+        default=1024, metadata={"help": "dimensions of the compact retrieval code"}
+    )
+    retrieval_quantizer: str = field(
+        default="SQ8",
+        metadata={"help": "FAISS factory string of the compact code's own index"},
+    )
+
+    def compact_code(self) -> CompactCode:
+        return CompactCode(self.retrieval_dims, self.retrieval_quantizer)
+
+
+@dataclass(frozen=True)
+class CompactCode:
+    """A compact retrieval code (`indexer.retrieval`): each stored vector projected on `dims`
+    principal directions, the projections indexed by FAISS factory `quantizer`."""
+
+    dims: int
+    quantizer: str
+
+    @property
+    def name(self) -> str:
+        """As FAISS would spell the pipeline: e.g. `PCA1024,SQ8`."""
+        return f"PCA{self.dims},{self.quantizer}"
 
 
 class IncrementalMode(str, Enum):

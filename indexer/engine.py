@@ -35,6 +35,7 @@ from indexer.manifest import (
     INDEX_FILE,
     LEXICAL_DIR,
     METADATA_FILE,
+    RETRIEVAL_FILE,
     Manifest,
 )
 from indexer.model import LoadedModel, load_model, modules_named, trackable_modules
@@ -54,6 +55,7 @@ from indexer.rerank import (
     StopReason,
     run_exact_stage,
 )
+from indexer.retrieval import RETRIEVAL_CANDIDATES, TieredSearcher
 from indexer.scan import Searcher, device_searcher
 from indexer.scores import ScoreSpace
 from indexer.sketch import GradientSketcher, make_batch
@@ -82,6 +84,13 @@ class EngineOptions:
     max_rerank_tokens: int = field(
         default=131_072,
         metadata={"help": "budget of one query's re-rank: depth x tokens per example"},
+    )
+    retrieval_candidates: int = field(
+        default=RETRIEVAL_CANDIDATES,
+        metadata={
+            "help": "K″: candidates of the compact retrieval code (when the version has one) "
+            "re-scored on the stored codes per search"
+        },
     )
     rerank_batch_size: int = 32  # candidates per forward/backward of the re-rank pass
     rerank_chunk: int = field(
@@ -177,6 +186,8 @@ class IndexInfo:
     index_bytes_per_example: float = 0.0
     tracked_parameter_share: float = 0.0  # of the blocks' parameters (`Manifest.coverage`)
     skipped_parameters: tuple[str, ...] = ()
+    retrieval_code: str = ""  # the compact code scanned first (`indexer.retrieval`), if any
+    retrieval_candidates: int = 0  # K″: its candidates re-scored on the stored codes
 
     @classmethod
     def from_manifest(
@@ -210,6 +221,10 @@ class IndexInfo:
             / max(manifest.counts.examples, 1),
             tracked_parameter_share=manifest.coverage.share,
             skipped_parameters=manifest.coverage.skipped,
+            retrieval_code=manifest.retrieval.name if manifest.retrieval else "",
+            retrieval_candidates=(
+                options.retrieval_candidates if options and manifest.retrieval else 0
+            ),
         )
 
 
@@ -411,7 +426,7 @@ class QueryEngine:
             reranker,
             lexical,
             options,
-            searcher=device_searcher(index, device),  # the codes scanned on a CUDA device
+            searcher=_searcher(path, manifest, index, device, options or EngineOptions()),
         )
 
     @property
@@ -703,6 +718,17 @@ class QueryEngine:
 
     def close(self) -> None:
         self.metadata.close()
+
+
+def _searcher(
+    path: Path, manifest: Manifest, index: faiss.Index, device: str, options: EngineOptions
+) -> Searcher:
+    """The stored codes scanned on a CUDA device; else the version's compact code, scanned
+    first, when it has one; else the FAISS index itself."""
+    searcher = device_searcher(index, device)
+    if searcher is not index or manifest.retrieval is None:
+        return searcher
+    return TieredSearcher(open_index(path / RETRIEVAL_FILE), index, options.retrieval_candidates)
 
 
 def _open_model(

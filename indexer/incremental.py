@@ -23,13 +23,13 @@ from indexer.corpus import ExampleTable
 from indexer.manifest import INDEX_FILE, METADATA_FILE, Manifest
 from indexer.store import (
     ADD_CHUNK_ROWS,
+    FLAT_FACTORY,
     REUSE_JOIN,
     MetadataReader,
     ScratchShards,
     ScratchVectors,
     StoredVectors,
     copy_training,
-    default_factory,
     new_index,
     open_index,
     sql_path,
@@ -98,15 +98,15 @@ _WORDS = {
 
 def built_with(manifest: Manifest, config: BuildConfig) -> bool:
     """Whether a version was built with the settings `config` fixes without loading a model:
-    sketch, curvature, score and index factory (`config`'s, or the default for the version's
-    size). The others (model, tokenizer, code, framing, ...) count as the version's own."""
+    sketch, curvature, score and index factory (`config`'s, or the default flat one). The
+    others (model, tokenizer, code, framing, ...) count as the version's own."""
     built = Settings.of(manifest)
     asked = replace(
         built,
         sketch=config.sketch,
         curvature=config.curvature,
         score=config.store.score,
-        index_factory=config.store.index_factory or default_factory(manifest.counts.examples),
+        index_factory=config.store.index_factory or FLAT_FACTORY,
         autocast=config.autocast,
     )
     return built.difference(asked) is None

@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from indexer.config import Autocast, CorpusConfig, CurvatureConfig, ScoreKind, SketchConfig
+from indexer.config import (
+    Autocast,
+    CompactCode,
+    CorpusConfig,
+    CurvatureConfig,
+    ScoreKind,
+    SketchConfig,
+)
 from indexer.errors import IndexVerificationError
 from indexer.scores import RerankBound
 
@@ -19,7 +26,8 @@ from indexer.scores import RerankBound
 # the metadata (a cosine index with re-rank factors). 6: the exact stage's calibrated bound;
 # each module's sketch ranks in its layout (a budget per example, allocated across modules).
 # 7: the share of the blocks' parameters tracked (experts and routers tracked too).
-FORMAT_VERSION = 7
+# 8: a compact retrieval code (RETRIEVAL_FILE) scanned before the stored codes.
+FORMAT_VERSION = 8
 
 MANIFEST_FILE = "manifest.json"
 CURVATURE_FILE = "curvature.safetensors"
@@ -38,6 +46,7 @@ LEXICAL_FILES = tuple(
 )
 LEXICAL_DIR = "lexical"
 INDEX_FILE = "index.faiss"
+RETRIEVAL_FILE = "retrieval.faiss"  # the compact retrieval code, when `retrieval` is set
 METADATA_FILE = "metadata.duckdb"
 
 
@@ -138,6 +147,7 @@ class Manifest:
     built_from: str | None = None  # the version whose curvature and vectors were reused
     # How far the sketch's score may be from the exact one (with re-rank factors only)
     rerank_bound: RerankBound | None = None
+    retrieval: CompactCode | None = None  # the compact code scanned first (RETRIEVAL_FILE)
     autocast: Autocast = Autocast.OFF  # the precision of the build's passes over the corpus
     build_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
@@ -161,6 +171,8 @@ class Manifest:
             names.append(FULL_CURVATURE_FILE)
         if self.lexical_index:
             names.extend(LEXICAL_FILES)
+        if self.retrieval is not None:
+            names.append(RETRIEVAL_FILE)
         return tuple(names)
 
     def with_files(self, files: dict[str, FileRecord]) -> Manifest:
@@ -201,6 +213,7 @@ class Manifest:
                 rerank_bound=(
                     RerankBound(**data["rerank_bound"]) if data["rerank_bound"] else None
                 ),
+                retrieval=CompactCode(**data["retrieval"]) if data["retrieval"] else None,
                 build_seconds=dict(data["build_seconds"]),
                 files={name: FileRecord(**f) for name, f in data["files"].items()},
             )

@@ -3,9 +3,7 @@ DuckDB metadata; and the reader that decodes stored vectors back from the index.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,8 +15,10 @@ import numpy as np
 
 from indexer.corpus import ExampleTable
 
-FLAT_FACTORY = "IDMap,SQ8"  # exhaustive search over 8-bit codes (a trained range per dimension)
-EXACT_INDEX_LIMIT = 50_000  # up to this many examples a flat (exact) index is cheap enough
+# Exhaustive search over 8-bit codes (a trained range per dimension), at any size: gradient
+# vectors do not cluster (an IVF at 100k found 0.55 of the flat top-10); large corpora add a
+# compact code scanned first (`indexer.retrieval`).
+FLAT_FACTORY = "IDMap,SQ8"
 ADD_CHUNK_ROWS = 1024  # rows decoded and added at a time: 192 MiB of float32 at D = 49,152
 TRAIN_ROWS_PER_LIST = 40  # k-means training sample per inverted list (FAISS asks for 30-256)
 
@@ -38,21 +38,6 @@ CREATE TABLE examples (
     source VARCHAR NOT NULL
 )
 """
-
-
-def default_factory(n_examples: int, keep: str | None = None) -> str:
-    """Exact search over 8-bit codes for small corpora (1 byte a dimension); IVF with 8-bit
-    scalar quantisation beyond that.
-
-    `keep` (the previous version's factory) is kept when it is this default's kind: the list
-    count of IVF follows sqrt(N), which would otherwise make every incremental build a full one.
-    """
-    if n_examples <= EXACT_INDEX_LIMIT:
-        return FLAT_FACTORY
-    if keep is not None and re.fullmatch(r"IVF\d+,SQ8", keep):
-        return keep
-    nlist = int(min(65536, max(64, math.sqrt(n_examples))))
-    return f"IVF{nlist},SQ8"
 
 
 def _n_lists(index: faiss.Index) -> int:
@@ -192,7 +177,7 @@ def write_faiss(
         index.add_with_ids(block, ids[start : start + ADD_CHUNK_ROWS])
     _add_direct_map(index)
     try:
-        _decode_rows(index, np.zeros(1, dtype=np.int64), ids[:1])
+        decode_rows(index, np.zeros(1, dtype=np.int64), ids[:1])
     except RuntimeError as e:
         raise ValueError(
             f"FAISS factory {factory!r} cannot give its vectors back, and the index is their "
@@ -287,7 +272,7 @@ def _add_direct_map(index: faiss.Index) -> None:
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
 
 
-def _decode_rows(index: faiss.Index, rows: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+def decode_rows(index: faiss.Index, rows: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
     """The index's own vectors `[n, D]` (float32) of `rows` (whose example ids are `ids`): by
     position in an `IDMap`'s inner index, by id through the direct map otherwise."""
     if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
@@ -434,7 +419,7 @@ class StoredVectors:
         ids = None
         if not isinstance(self.index, faiss.IndexIDMap | faiss.IndexIDMap2):
             ids = self.metadata.ids_and_norms(rows)[0]
-        return _decode_rows(self.index, rows, ids)
+        return decode_rows(self.index, rows, ids)
 
 
 class VectorsAtNorms:

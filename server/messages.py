@@ -131,4 +131,6 @@ def index_info_fields(info: IndexInfo) -> dict[str, object]:
         "index_bytes_per_example": info.index_bytes_per_example,
         "tracked_parameter_share": info.tracked_parameter_share,
         "skipped_parameters": info.skipped_parameters,
+        "retrieval_code": info.retrieval_code,
+        "retrieval_candidates": info.retrieval_candidates,
     }

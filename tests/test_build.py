@@ -190,6 +190,14 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
         "exceed module": ["--rank-in", "4096"],
         "not writable": ["--out", str(not_a_dir / "root")],
         "invalid FAISS factory": ["--index-factory", "Bogus42"],
+        "--retrieval-quantizer: invalid FAISS factory": ["--retrieval-quantizer", "Bogus7"],
+        "--retrieval-code on needs a flat index": [
+            "--index-factory",
+            "IVF4,SQ8",
+            "--retrieval-code",
+            "on",
+        ],
+        "--retrieval-dims must be in [1, ": ["--retrieval-code", "on", "--retrieval-dims", "9999"],
         "--max-length 4096": ["--max-length", "4096"],
     }
 

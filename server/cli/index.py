@@ -43,7 +43,8 @@ def run_build(args: argparse.Namespace) -> tuple[object, str] | None:
     text = (
         f"published {s.version} in {s.root}: {s.n_examples} examples from {s.n_documents} "
         f"documents ({s.n_empty_skipped} empty skipped), dim {s.dim} ({s.allocation}), "
-        f"{s.index_factory}, {s.index_bytes_per_example:.0f} index bytes/example, exact "
+        f"{s.index_factory}, {s.index_bytes_per_example:.0f} index bytes/example, compact "
+        f"retrieval code {s.retrieval_code or 'none'}, exact "
         f"re-rank factors {s.full_curvature_bytes / 2**20:.1f} MiB, "
         f"{s.tokens_per_second:.0f} tokens/s\ntracked {s.coverage}\n"
     )
@@ -79,6 +80,7 @@ def run_info(args: argparse.Namespace) -> tuple[object, str]:
         f"examples  {m.counts.examples} from {m.counts.documents} documents",
         f"vectors   dim {m.dim}, {index_bytes / max(m.counts.examples, 1):.0f} index "
         f"bytes/example, score {m.score}, faiss {m.index_factory}",
+        f"retrieval {m.retrieval.name + ', scanned first' if m.retrieval else 'flat scan only'}",
         f"modules   {len(m.modules)}, r_out x r_in: {describe(layout_ranks(m.modules))}",
         f"tracked   {m.coverage}",
         f"exact     factors {'stored' if m.exact_rerank else 'not stored'}; early stop: "

@@ -163,7 +163,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("version", "model_path", "model_sha256", "n_examples", "dim", "score_kind", "faiss_factory", "build_time", "tracked_modules", "rank_in", "rank_out", "damping", "max_length", "last_reload_error", "pending_version", "serving", "max_top_k", "max_queries_per_batch", "max_attribution_examples", "rerank_available", "rerank_depth", "max_rerank_depth", "lexical_available", "allocation", "index_bytes_per_example", "tracked_parameter_share", "skipped_parameters")
+    __slots__ = ("version", "model_path", "model_sha256", "n_examples", "dim", "score_kind", "faiss_factory", "build_time", "tracked_modules", "rank_in", "rank_out", "damping", "max_length", "last_reload_error", "pending_version", "serving", "max_top_k", "max_queries_per_batch", "max_attribution_examples", "rerank_available", "rerank_depth", "max_rerank_depth", "lexical_available", "allocation", "index_bytes_per_example", "tracked_parameter_share", "skipped_parameters", "retrieval_code", "retrieval_candidates")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,8 @@ class GetIndexInfoResponse(_message.Message):
     INDEX_BYTES_PER_EXAMPLE_FIELD_NUMBER: _ClassVar[int]
     TRACKED_PARAMETER_SHARE_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_CODE_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     version: str
     model_path: str
     model_sha256: str
@@ -218,4 +220,6 @@ class GetIndexInfoResponse(_message.Message):
     index_bytes_per_example: float
     tracked_parameter_share: float
     skipped_parameters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., model_path: _Optional[str] = ..., model_sha256: _Optional[str] = ..., n_examples: _Optional[int] = ..., dim: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., faiss_factory: _Optional[str] = ..., build_time: _Optional[str] = ..., tracked_modules: _Optional[_Iterable[str]] = ..., rank_in: _Optional[int] = ..., rank_out: _Optional[int] = ..., damping: _Optional[float] = ..., max_length: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., pending_version: _Optional[str] = ..., serving: _Optional[bool] = ..., max_top_k: _Optional[int] = ..., max_queries_per_batch: _Optional[int] = ..., max_attribution_examples: _Optional[int] = ..., rerank_available: _Optional[bool] = ..., rerank_depth: _Optional[int] = ..., max_rerank_depth: _Optional[int] = ..., lexical_available: _Optional[bool] = ..., allocation: _Optional[str] = ..., index_bytes_per_example: _Optional[float] = ..., tracked_parameter_share: _Optional[float] = ..., skipped_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
+    retrieval_code: str
+    retrieval_candidates: int
+    def __init__(self, version: _Optional[str] = ..., model_path: _Optional[str] = ..., model_sha256: _Optional[str] = ..., n_examples: _Optional[int] = ..., dim: _Optional[int] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., faiss_factory: _Optional[str] = ..., build_time: _Optional[str] = ..., tracked_modules: _Optional[_Iterable[str]] = ..., rank_in: _Optional[int] = ..., rank_out: _Optional[int] = ..., damping: _Optional[float] = ..., max_length: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., pending_version: _Optional[str] = ..., serving: _Optional[bool] = ..., max_top_k: _Optional[int] = ..., max_queries_per_batch: _Optional[int] = ..., max_attribution_examples: _Optional[int] = ..., rerank_available: _Optional[bool] = ..., rerank_depth: _Optional[int] = ..., max_rerank_depth: _Optional[int] = ..., lexical_available: _Optional[bool] = ..., allocation: _Optional[str] = ..., index_bytes_per_example: _Optional[float] = ..., tracked_parameter_share: _Optional[float] = ..., skipped_parameters: _Optional[_Iterable[str]] = ..., retrieval_code: _Optional[str] = ..., retrieval_candidates: _Optional[int] = ...) -> None: ...

@@ -81,6 +81,7 @@ async function loadInfo() {
     ["tracked", `${(100 * (info.tracked_parameter_share || 0)).toFixed(1)} % of block parameters`],
     ["score", enumName(info.score_kind, "SCORE_KIND_")],
     ["factory", info.faiss_factory],
+    ["retrieval", info.retrieval_code ? `${info.retrieval_code} first, ${info.retrieval_candidates} candidates re-scored` : "flat scan"],
     ["re-rank", info.rerank_available ? `available (default depth ${info.rerank_depth})` : "not available"],
     ["lexical candidates", info.lexical_available ? "available" : "not available"],
     ["pending version", info.pending_version || "none"],

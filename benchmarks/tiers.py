@@ -1,0 +1,240 @@
+"""Tiered candidate retrieval (issue 14): recall against milliseconds, and batch throughput.
+
+    .venv/bin/python -m benchmarks.tiers --setting 100k --work .cache/issue14/100k \
+        --out benchmarks/results/tiers-100k.json
+    .venv/bin/python -m benchmarks.tiers --setting large --work .cache/issue14/large \
+        --out benchmarks/results/tiers-large.json
+
+For a version's stored index (the flat `IDMap,SQ8` codes) each compact code in `--codes` is
+built here from the stored vectors (`indexer.retrieval.build_compact_index`, as the build does)
+and searched through `TieredSearcher` (as the engine does) at each K″ in `--candidates`:
+
+- recall of the flat index's top-10 within the tiered top-10 (the tiered scores are the flat
+  index's, so the rest of the answer is unchanged when the two agree);
+- with `--setting large`, recall of the exact EK-FAC top-10 within the tiered top-K′ (K′ = 200,
+  the exact stage's default depth) beside the flat top-K′'s (its ceiling), from the exact
+  scores `benchmarks.exact_stage` computed for that setting (cached under `--work`);
+- p50 ms of one query at a time searching the exact stage's depth (K′ = 200), FAISS on 1 and 2
+  threads, and of the compact scan alone (the rest is the re-scoring on the stored codes), with
+  the load average: the machine is shared, so these are upper bounds;
+- batch throughput (queries/s) at 1, 8 and 32 queries per search, as a server batch searches.
+
+Settings: `100k`, 98,000 synthetic demo-style documents with the demo model at the default
+budget (`benchmarks.retrieval.ensure_version`) and 64 fact queries; `large`, the 21,331
+examples of `benchmarks.rerank`'s large setting and its 48 queries; `1m`, timing only: each
+code's scan over 1M synthetic rows (Gaussian projections, in memory; its speed does not depend
+on the values), whose candidates' re-scoring costs what it costs at 100k (K″ rows read by
+row, whatever N; from disk where the index outgrows the page cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from benchmarks.common import comma_ints, comma_list, emit, start_run
+from benchmarks.rerank import ensure_build, exact_reference, load_setting, p50
+from benchmarks.retrieval import ensure_version, fact_queries, unit_query_vectors
+from indexer.config import CompactCode, ScoreKind, SketchConfig, StoreConfig
+from indexer.engine import QueryEngine
+from indexer.retrieval import TieredSearcher, build_compact_index
+
+log = logging.getLogger("tiers")
+
+TOP = 10
+DEPTH = 200  # the exact stage's default depth: what a re-ranked query searches for
+BATCHES = (1, 8, 32)
+
+
+def parse_code(text: str) -> CompactCode:
+    """`1024:SQ8` -> CompactCode(1024, "SQ8")."""
+    dims, quantizer = text.split(":", 1)
+    return CompactCode(int(dims), quantizer)
+
+
+def _recall(found: np.ndarray, wanted: np.ndarray) -> float:
+    """Mean share of each row of `wanted [Q, k]` within the same row of `found [Q, ≥k]`."""
+    return float(
+        np.mean([len(set(f) & set(w)) / len(w) for f, w in zip(found, wanted, strict=True)])
+    )
+
+
+def _timed_p50(searcher, queries: np.ndarray, k: int, threads: int) -> dict[str, float]:
+    """p50 ms of `searcher.search` one query at a time (after one warm-up query): wall clock,
+    and this process's CPU time, which other processes' load does not inflate (on one thread
+    it is the search's own time, memory stalls included)."""
+    faiss.omp_set_num_threads(threads)
+    searcher.search(queries[:1], k)
+    wall, cpu = [], []
+    for q in queries:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        searcher.search(q[None], k)
+        wall.append(1000 * (time.perf_counter() - start))
+        cpu.append(1000 * (time.process_time() - start_cpu))
+    faiss.omp_set_num_threads(1)
+    return {"wall": p50(wall), "cpu": p50(cpu)}
+
+
+def _throughput(
+    searcher, queries: np.ndarray, k: int, threads: int, batches: tuple[int, ...] = BATCHES
+) -> dict[int, dict]:
+    """Queries per second at each batch size of `batches` over `max(batches)` queries (the
+    queries cycled to fill them), by wall clock and by this process's CPU time (see
+    `_timed_p50`)."""
+    faiss.omp_set_num_threads(threads)
+    rates = {}
+    block = np.resize(queries, (max(batches), queries.shape[1]))
+    for batch in batches:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for begin in range(0, len(block), batch):
+            searcher.search(block[begin : begin + batch], k)
+        rates[batch] = {
+            "wall": len(block) / (time.perf_counter() - start),
+            "cpu": len(block) / (time.process_time() - start_cpu),
+        }
+    faiss.omp_set_num_threads(1)
+    return rates
+
+
+def _exact_tops(setting_name: str, root: Path, work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The large setting's unit query vectors `[Q, D]` and exact cosine top-10 ids `[Q, 10]`."""
+    setting = load_setting(setting_name, None)
+    ensure_build(setting, root, StoreConfig(score=ScoreKind.COSINE), SketchConfig())
+    engine = QueryEngine.open(root)
+    tokenized = [engine.prepare(replace(q.query, rerank_depth=0)) for q in setting.queries]
+    reference = exact_reference(engine, tokenized, work)
+    rows = np.argsort(-reference.scores[str(ScoreKind.COSINE)], axis=1)[:, :TOP]
+    ids, _ = engine.metadata.ids_and_norms(rows.ravel())
+    vectors = unit_query_vectors(engine, [q.query for q in setting.queries])
+    engine.close()
+    return vectors, ids.reshape(rows.shape)
+
+
+def _queries(args: argparse.Namespace, root: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if args.setting == "large":
+        return _exact_tops("large", root, args.work)
+    ensure_version(args.work, 98_000, args.threads, SketchConfig())
+    engine = QueryEngine.open(root)
+    vectors = unit_query_vectors(engine, fact_queries(args.queries))
+    engine.close()
+    return vectors, None
+
+
+def measure_code(
+    stored: faiss.Index,
+    code: CompactCode,
+    queries: np.ndarray,
+    flat_ids: np.ndarray,
+    exact: np.ndarray | None,
+    args: argparse.Namespace,
+) -> dict:
+    """One compact code's build cost, size and sweep over K″."""
+    start = time.perf_counter()
+    compact = build_compact_index(stored, code)
+    built = time.perf_counter() - start
+    row = {
+        "code": code.name,
+        "bytes_per_example": len(faiss.serialize_index(compact)) / stored.ntotal,
+        "build_seconds": built,
+        "candidates": [],
+    }
+    for candidates in args.candidates:
+        tiered = TieredSearcher(compact, stored, candidates)
+        top_ids = tiered.search(queries, TOP)[1]
+        depth_ids = tiered.search(queries, DEPTH)[1]
+        point = {
+            "candidates": candidates,
+            "recall_flat_top10": _recall(top_ids, flat_ids[:, :TOP]),
+            "p50_ms": {t: _timed_p50(tiered, queries[: args.timed], DEPTH, t) for t in (1, 2)},
+            "compact_scan_p50_ms": _timed_p50(compact, queries[: args.timed], candidates, 1),
+            "load_average": os.getloadavg(),
+        }
+        if exact is not None:
+            point["recall_exact_top10_within_depth"] = _recall(depth_ids, exact)
+        log.info("%s K''=%d: %s", code.name, candidates, point)
+        row["candidates"].append(point)
+    best = TieredSearcher(compact, stored, args.throughput_candidates)
+    row["throughput_qps"] = {t: _throughput(best, queries, DEPTH, t) for t in (1, 2)} | {
+        "candidates": args.throughput_candidates,
+        "load_average": os.getloadavg(),
+    }
+    return row
+
+
+def measure_scan_at(n: int, code: CompactCode, args: argparse.Namespace) -> dict:
+    """A compact code's scan alone over `n` synthetic rows: p50 ms per K″, one query at a time."""
+    rng = np.random.default_rng(0)
+    index = faiss.index_factory(code.dims, code.quantizer, faiss.METRIC_INNER_PRODUCT)
+    index.train(rng.standard_normal((20_000, code.dims), dtype=np.float32))
+    for start in range(0, n, 100_000):
+        index.add(rng.standard_normal((min(100_000, n - start), code.dims), dtype=np.float32))
+    queries = rng.standard_normal((args.timed, code.dims), dtype=np.float32)
+    return {
+        "code": code.name,
+        "n": n,
+        "bytes_per_example": len(faiss.serialize_index(index)) / n,
+        "p50_ms": {
+            k: {t: _timed_p50(index, queries, k, t) for t in (1, 2)} for k in args.candidates
+        },
+        "load_average": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=("100k", "large", "1m"), default="100k")
+    parser.add_argument("--work", type=Path, help="the setting's build and cache (not for 1m)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (build, queries)")
+    parser.add_argument("--queries", type=int, default=64, help="fact queries (100k setting)")
+    parser.add_argument("--timed", type=int, default=24, help="queries timed one at a time")
+    parser.add_argument(
+        "--codes",
+        type=comma_list(parse_code),
+        default=(CompactCode(1024, "SQ8"), CompactCode(1024, "PQ512x4fs")),
+        help="compact codes, dims:quantizer, comma-separated",
+    )
+    parser.add_argument("--candidates", type=comma_ints, default=(200, 500, 1000, 2000))
+    parser.add_argument("--throughput-candidates", type=int, default=1000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    start_run(args.threads)
+    faiss.omp_set_num_threads(1)  # but where a search is timed
+    if args.setting == "1m":
+        scans = [measure_scan_at(1_000_000, code, args) for code in args.codes]
+        emit({"benchmark": "tiers", "setting": "1m", "scans": scans}, args.out)
+        return 0
+    root = args.work / ("root" if args.setting == "100k" else "default-cosine")
+    queries, exact = _queries(args, root)
+    engine = QueryEngine.open(root)
+    stored = engine.index
+    flat_ids = stored.search(queries, DEPTH)[1]  # the reference ranking
+    result = {
+        "benchmark": "tiers",
+        "setting": args.setting,
+        "n_examples": stored.ntotal,
+        "dim": stored.d,
+        "n_queries": len(queries),
+        "stored_bytes_per_example": engine.manifest.files["index.faiss"].bytes / stored.ntotal,
+        "flat": {
+            "p50_ms": {t: _timed_p50(stored, queries[:3], DEPTH, t) for t in (1, 2)},
+            "throughput_qps": _throughput(stored, queries, DEPTH, 1, batches=(1, 8)),
+            "load_average": os.getloadavg(),
+        },
+        "codes": [measure_code(stored, c, queries, flat_ids, exact, args) for c in args.codes],
+    }
+    if exact is not None:
+        result["flat"]["recall_exact_top10_within_depth"] = _recall(flat_ids, exact)
+    engine.close()
+    emit(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

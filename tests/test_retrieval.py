@@ -1,0 +1,121 @@
+"""The compact retrieval code (`indexer.retrieval`): its projection, the tiered search against
+the flat index it stands in for, and a version built and served with one."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer.build import build_index, compact_code
+from indexer.config import RETRIEVAL_MIN_EXAMPLES, CompactCode
+from indexer.engine import EngineOptions, QueryEngine
+from indexer.manifest import RETRIEVAL_FILE
+from indexer.publish import verify_version, version_dir
+from indexer.query import Query
+from indexer.retrieval import TieredSearcher, build_compact_index, principal_directions
+from indexer.store import FLAT_FACTORY, new_index
+from tests.test_build import tiny_config
+
+
+def _low_rank_vectors(n: int, dim: int, rank: int, seed: int) -> np.ndarray:
+    """Unit vectors `[n, dim]` near a `rank`-dimensional subspace (what gradients look like)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0]
+    x = rng.standard_normal((n, rank)) @ basis.T + 0.05 * rng.standard_normal((n, dim))
+    x = x.astype(np.float32)
+    faiss.normalize_L2(x)
+    return x
+
+
+def _flat(vectors: np.ndarray) -> faiss.IndexIDMap:
+    index = new_index(vectors.shape[1], FLAT_FACTORY)
+    index.train(vectors)
+    index.add_with_ids(vectors, 1000 + 7 * np.arange(len(vectors)))  # ids are not rows
+    return index
+
+
+def test_principal_directions_span_the_top_singular_vectors():
+    x = _low_rank_vectors(300, 64, 8, seed=0)
+    directions = principal_directions(x, 8)
+    reference = np.linalg.svd(x, full_matrices=False)[2][:8].T
+    assert directions.shape == (64, 8)
+    np.testing.assert_allclose(directions.T @ directions, np.eye(8), atol=1e-4)
+    # The same subspace: projecting one basis onto the other loses nothing.
+    np.testing.assert_allclose(np.linalg.svd(directions.T @ reference)[1], 1.0, atol=1e-4)
+
+
+def test_all_candidates_give_the_flat_index_answer():
+    x = _low_rank_vectors(600, 128, 12, seed=1)
+    flat = _flat(x)
+    compact = build_compact_index(flat, CompactCode(16, "SQ8"))
+    queries = x[:5] + 0.1 * _low_rank_vectors(5, 128, 12, seed=2)
+    tiered = TieredSearcher(compact, flat, candidates=len(x))
+    scores, ids = tiered.search(queries, 10)
+    flat_scores, flat_ids = flat.search(queries, 10)
+    np.testing.assert_array_equal(ids, flat_ids)
+    np.testing.assert_allclose(scores, flat_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_few_candidates_find_the_flat_top_ten_and_score_them_as_the_flat_index():
+    x = _low_rank_vectors(4000, 256, 24, seed=3)
+    flat = _flat(x)
+    queries = _low_rank_vectors(20, 256, 24, seed=3)[:20] + 0.3 * x[:20]
+    tiered = TieredSearcher(build_compact_index(flat, CompactCode(32, "SQ8")), flat, 100)
+    scores, ids = tiered.search(queries, 10)
+    flat_scores, flat_ids = flat.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, flat_ids, strict=True)])
+    assert recall >= 0.95
+    found = {(q, i): s for q in range(20) for i, s in zip(flat_ids[q], flat_scores[q], strict=True)}
+    for q in range(20):
+        for i, s in zip(ids[q], scores[q], strict=True):
+            if (q, i) in found:
+                assert s == pytest.approx(found[q, i], rel=1e-5, abs=1e-6)
+
+
+def test_a_code_no_smaller_than_the_vectors_is_refused():
+    flat = _flat(_low_rank_vectors(50, 16, 4, seed=4))
+    with pytest.raises(ValueError, match="not smaller than 16"):
+        build_compact_index(flat, CompactCode(16, "SQ8"))
+
+
+def test_a_version_with_a_compact_code_answers_as_its_flat_index(
+    tmp_path, tiny_model_dir, small_corpus_path, one_thread
+):
+    root = tmp_path / "index"
+    config = tiny_config(
+        tiny_model_dir, small_corpus_path, root, retrieval_code=True, retrieval_dims=24
+    )
+    summary = build_index(config)
+    assert summary.retrieval_code == "PCA24,SQ8" and "retrieval" in summary.seconds
+    manifest = verify_version(version_dir(root))
+    assert manifest.retrieval == CompactCode(24, "SQ8") and RETRIEVAL_FILE in manifest.files
+    engine = QueryEngine.open(root, options=EngineOptions(retrieval_candidates=summary.n_examples))
+    assert isinstance(engine.searcher, TieredSearcher)
+    assert (engine.info.retrieval_code, engine.info.retrieval_candidates) == (
+        "PCA24,SQ8",
+        summary.n_examples,
+    )
+    queries = [Query("The capital of", " the", top_k=5, rerank_depth=0)]
+    tiered = engine.query(queries)[0]
+    engine.searcher = engine.index  # the flat scan alone
+    flat = engine.query(queries)[0]
+    engine.close()
+    assert [h.example_id for h in tiered.hits] == [h.example_id for h in flat.hits]
+    assert [h.score for h in tiered.hits] == pytest.approx([h.score for h in flat.hits])
+
+
+def test_auto_stores_no_compact_code_for_a_small_corpus(
+    tmp_path, tiny_model_dir, small_corpus_path
+):
+    assert (
+        compact_code(
+            tiny_config(tiny_model_dir, small_corpus_path, tmp_path), 121, FLAT_FACTORY, 512
+        )
+        is None
+    )
+    big = RETRIEVAL_MIN_EXAMPLES
+    config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path)
+    assert compact_code(config, big, FLAT_FACTORY, 32_768) == CompactCode(1024, "SQ8")
+    assert compact_code(config, big, "IVF100,SQ8", 32_768) is None
+    assert compact_code(config, big, FLAT_FACTORY, 1024) is None
