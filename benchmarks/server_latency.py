@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--index", type=Path, help="serve this index ROOT instead of building")
     parser.add_argument("--clients", type=comma_ints, default=(1, 8, 32))
+    parser.add_argument(
+        "--rerank-depth", type=int, help="the server's default depth (0: the search path alone)"
+    )
     parser.add_argument("--single", type=int, default=200, help="sequential single-client queries")
     parser.add_argument("--per-client", type=int, default=60, help="queries per concurrent client")
     parser.add_argument("--build-batch-size", type=int, default=32)
@@ -143,8 +146,12 @@ def main() -> None:
     root = args.index or ensure_index(args.documents, args.build_batch_size)
     queries = read_queries(demo_artifacts().queries_path)
     port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--index", str(root),
+               "--port", str(port)]  # fmt: skip
+    if args.rerank_depth is not None:
+        command += ["--rerank-depth", str(args.rerank_depth)]
     server = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--index", str(root), "--port", str(port)],
+        command,
         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
     )
     target = f"127.0.0.1:{port}"
@@ -174,6 +181,7 @@ def main() -> None:
                 "latency_ms_p99": float(np.percentile(single, 99)),
             },
             "retrieval_code": info.retrieval_code,
+            "rerank_depth": info.rerank_depth,
             "concurrent": rates,
             "throughput_gain_over_first": [
                 r["queries_per_second"] / rates[0]["queries_per_second"] for r in rates

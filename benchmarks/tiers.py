@@ -10,7 +10,9 @@ built here from the stored vectors (`indexer.retrieval.build_compact_index`, as 
 and searched through `TieredSearcher` (as the engine does) at each K″ in `--candidates`:
 
 - recall of the flat index's top-10 within the tiered top-10 (the tiered scores are the flat
-  index's, so the rest of the answer is unchanged when the two agree);
+  index's, so the rest of the answer is unchanged when the two agree), and the same counting
+  a tiered hit whose flat score ties the flat 10th's or beats it as found (texts repeated in the
+  corpus have the same vector: the flat index orders them arbitrarily);
 - with `--setting large`, recall of the exact EK-FAC top-10 within the tiered top-K′ (K′ = 200,
   the exact stage's default depth) beside the flat top-K′'s (its ceiling), from the exact
   scores `benchmarks.exact_stage` computed for that setting (cached under `--work`);
@@ -64,6 +66,12 @@ def _recall(found: np.ndarray, wanted: np.ndarray) -> float:
     return float(
         np.mean([len(set(f) & set(w)) / len(w) for f, w in zip(found, wanted, strict=True)])
     )
+
+
+def _recall_with_ties(found_scores: np.ndarray, tenth: np.ndarray) -> float:
+    """Mean share of each row of `found_scores [Q, k]` (flat scores) at or above that query's
+    flat 10th score `tenth [Q]`, within float32 rounding."""
+    return float(np.mean(found_scores >= (tenth - 1e-6 * np.abs(tenth))[:, None]))
 
 
 def _timed_p50(searcher, queries: np.ndarray, k: int, threads: int) -> dict[str, float]:
@@ -131,11 +139,13 @@ def measure_code(
     stored: faiss.Index,
     code: CompactCode,
     queries: np.ndarray,
-    flat_ids: np.ndarray,
+    flat: tuple[np.ndarray, np.ndarray],
     exact: np.ndarray | None,
     args: argparse.Namespace,
 ) -> dict:
-    """One compact code's build cost, size and sweep over K″."""
+    """One compact code's build cost, size and sweep over K″ (`flat`: the flat index's scores
+    and ids `[Q, DEPTH]`)."""
+    flat_scores, flat_ids = flat
     start = time.perf_counter()
     compact = build_compact_index(stored, code)
     built = time.perf_counter() - start
@@ -147,11 +157,12 @@ def measure_code(
     }
     for candidates in args.candidates:
         tiered = TieredSearcher(compact, stored, candidates)
-        top_ids = tiered.search(queries, TOP)[1]
+        top_scores, top_ids = tiered.search(queries, TOP)
         depth_ids = tiered.search(queries, DEPTH)[1]
         point = {
             "candidates": candidates,
             "recall_flat_top10": _recall(top_ids, flat_ids[:, :TOP]),
+            "recall_flat_top10_ties": _recall_with_ties(top_scores, flat_scores[:, TOP - 1]),
             "p50_ms": {t: _timed_p50(tiered, queries[: args.timed], DEPTH, t) for t in (1, 2)},
             "compact_scan_p50_ms": _timed_p50(compact, queries[: args.timed], candidates, 1),
             "load_average": os.getloadavg(),
@@ -214,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     queries, exact = _queries(args, root)
     engine = QueryEngine.open(root)
     stored = engine.index
-    flat_ids = stored.search(queries, DEPTH)[1]  # the reference ranking
+    flat_scores, flat_ids = stored.search(queries, DEPTH)  # the reference ranking
     result = {
         "benchmark": "tiers",
         "setting": args.setting,
@@ -227,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             "throughput_qps": _throughput(stored, queries, DEPTH, 1, batches=(1, 8)),
             "load_average": os.getloadavg(),
         },
-        "codes": [measure_code(stored, c, queries, flat_ids, exact, args) for c in args.codes],
+        "codes": [
+            measure_code(stored, c, queries, (flat_scores, flat_ids), exact, args)
+            for c in args.codes
+        ],
     }
     if exact is not None:
         result["flat"]["recall_exact_top10_within_depth"] = _recall(flat_ids, exact)
