@@ -11,13 +11,14 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from indexer import __version__
 from indexer.budget import ModuleRanks, describe, module_ranks, total_dim
 from indexer.calibration import Calibrator
-from indexer.config import BuildConfig, IncrementalMode, ScoreKind, example_max_length
+from indexer.config import Backend, BuildConfig, IncrementalMode, ScoreKind, example_max_length
 from indexer.corpus import ExampleTable, stage_corpus
 from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
 from indexer.distributed import Ranks, join
@@ -40,6 +41,7 @@ from indexer.manifest import (
     INDEX_FILE,
     LEXICAL_DIR,
     METADATA_FILE,
+    CollectionRecord,
     Counts,
     Coverage,
     CurvatureFit,
@@ -57,9 +59,11 @@ from indexer.model import (
 )
 from indexer.passes import ExamplePass
 from indexer.publish import (
+    Pointers,
     build_lock,
     ensure_writable,
     new_version_id,
+    open_pointers,
     publish,
     read_current,
     staging_dir,
@@ -73,6 +77,7 @@ from indexer.store import (
     MetadataReader,
     ScratchShards,
     ScratchVectors,
+    StoredVectors,
     default_factory,
     new_index,
     open_index,
@@ -80,6 +85,9 @@ from indexer.store import (
     write_faiss,
     write_metadata,
 )
+
+if TYPE_CHECKING:
+    from indexer.milvus import MilvusBackend
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,7 @@ class BuildSummary:
     changed: int
     deleted: int
     seconds: dict[str, float] = field(default_factory=dict)
+    collection: str = ""  # the version's Milvus collection (--backend milvus)
 
     @property
     def tokens_per_second(self) -> float:
@@ -262,6 +271,13 @@ class _BuildState:
     seconds: dict[str, float]
     ranks: Ranks
     coverage: Coverage  # of the blocks' parameters by `modules`
+    pointers: Pointers | None  # CURRENT and PINNED (rank 0 only)
+
+    @property
+    def milvus(self) -> MilvusBackend | None:
+        """The Milvus that holds the versions' collections (--backend milvus, rank 0)."""
+        milvus = self.config.backend.backend == Backend.MILVUS
+        return self.pointers if milvus else None  # type: ignore[return-value]
 
     def close(self) -> None:
         self.corpus.close()
@@ -288,6 +304,7 @@ def _manifest(
     curvature: Curvature,
     summary: BuildSummary,
     rerank_bound: RerankBound | None,
+    collection: CollectionRecord | None,
 ) -> Manifest:
     config, loaded, corpus = state.config, state.loaded, state.corpus
     ranks = _ranks(curvature.projections())
@@ -336,6 +353,7 @@ def _manifest(
         rerank_bound=rerank_bound,
         autocast=config.autocast,
         build_seconds=summary.seconds,
+        collection=collection,
     )
 
 
@@ -345,8 +363,10 @@ def build_index(config: BuildConfig) -> BuildSummary:
     Under torchrun every rank calls this (`indexer.distributed`); rank 0 locks ROOT, assembles
     and publishes, and every rank returns its summary."""
     root, ranks = config.out, join()
+    pointers = None
     if ranks.main:
         ensure_writable(root)
+        pointers = open_pointers(root, config.backend)  # Milvus: fails early on a bad URI
     with build_lock(root) if ranks.main else nullcontext():
         version = new_version_id()
         version, staging = ranks.broadcast(
@@ -354,17 +374,22 @@ def build_index(config: BuildConfig) -> BuildSummary:
         )
         state, plan = None, None
         try:
-            state = _prepare(config, staging, ranks)
+            state = _prepare(config, staging, ranks, pointers)
+            if state.milvus is not None:
+                state.milvus.drop_orphans()  # of builds killed before they published
             with _timed(state.seconds, "plan"):  # verifies CURRENT: reads all its files once
                 plan = _plan(state)
             summary = _write_version(state, plan, staging, version)
             if ranks.main:
                 with _timed(state.seconds, "publish"):
-                    publish(root, staging, version, config.store.keep_versions)
+                    publish(root, staging, version, config.store.keep_versions, pointers)
             summary = ranks.broadcast(summary)
         except BaseException as e:
             if ranks.main:
+                unpublished = staging.exists()
                 shutil.rmtree(staging, ignore_errors=True)
+                if unpublished and state is not None and state.milvus is not None:
+                    _drop_collection(state.milvus, version)
             if _disk_full(e):
                 raise ResourceLimitError(
                     f"disk full in {root} while writing a new version (its files are removed, "
@@ -380,6 +405,15 @@ def build_index(config: BuildConfig) -> BuildSummary:
     return summary
 
 
+def _drop_collection(milvus: MilvusBackend, version: str) -> None:
+    """Drop the collection of a version that failed before it was published; if Milvus is
+    what failed, the next build drops it (`drop_orphans`)."""
+    try:
+        milvus.drop(version)
+    except Exception:
+        log.warning("could not drop the collection of unpublished version %s", version)
+
+
 def _disk_full(error: BaseException) -> bool:
     """Whether `error` (or one it was raised from) reports a full disk or quota. FAISS, DuckDB
     and safetensors raise their own types, with the system's message in the text."""
@@ -393,7 +427,9 @@ def _disk_full(error: BaseException) -> bool:
     return False
 
 
-def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
+def _prepare(
+    config: BuildConfig, staging: Path, ranks: Ranks, pointers: Pointers | None
+) -> _BuildState:
     """Load the model and stage the corpus (tokenized, chunked, hashed) in `staging`."""
     seconds: dict[str, float] = {}
     with _timed(seconds, "load"):
@@ -417,7 +453,7 @@ def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
         config.autocast,
     )
     return _BuildState(
-        config, loaded, modules, corpus, example_pass, max_length, seconds, ranks, tracked
+        config, loaded, modules, corpus, example_pass, max_length, seconds, ranks, tracked, pointers
     )
 
 
@@ -447,7 +483,9 @@ def _plan(state: _BuildState) -> _Plan:
     config, n = state.config, len(state.corpus)
     options, factory = config.incremental, config.store.index_factory
     exact = store_exact_factors(config, state.modules)
-    current = read_current(config.out)
+    # Rank 0 reads CURRENT (a Milvus alias: only it holds a connection)
+    main = state.ranks.main
+    current = state.ranks.broadcast(read_current(config.out, state.pointers) if main else None)
     manifest, refused = None, ""
     if options.mode == IncrementalMode.OFF:
         refused = "--incremental off"
@@ -535,6 +573,8 @@ def _write_version(
         new_index(dim, plan.factory)  # refuse an unknown factory before the passes, not after
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
+    if state.milvus is not None:
+        state.milvus.check_dimension(dim)
     with _timed(seconds, "curvature"):
         curvature = _curvature(state, plan, staging)
     rows = plan.change.to_sketch
@@ -591,6 +631,10 @@ def _write_version(
     state.close()  # the staged corpus is in the metadata now
     for scratch in staging.glob(".*"):
         scratch.unlink()
+    collection = None
+    if state.milvus is not None:
+        with _timed(seconds, "collection"):
+            collection = _write_collection(state, staging, version)
     change = plan.change
     summary = BuildSummary(
         version=version,
@@ -613,9 +657,26 @@ def _write_version(
         changed=change.changed,
         deleted=change.deleted,
         seconds=seconds,
+        collection=collection.name if collection is not None else "",
     )
-    write_manifest(staging, _manifest(state, plan, curvature.sketch, summary, rerank_bound))
+    manifest = _manifest(state, plan, curvature.sketch, summary, rerank_bound, collection)
+    write_manifest(staging, manifest)
     return summary
+
+
+def _write_collection(state: _BuildState, staging: Path, version: str) -> CollectionRecord:
+    """The staged version's vectors (decoded from its index: what FAISS scores) and records
+    in a new Milvus collection, read back and checked."""
+    index = open_index(staging / INDEX_FILE)
+    metadata = MetadataReader(staging / METADATA_FILE)
+    try:
+        cosine = state.config.store.score == ScoreKind.COSINE
+        vectors = StoredVectors(index, metadata, unit=cosine)
+        return state.milvus.write_collection(
+            version, vectors, staging, state.max_length, progress=state.config.progress
+        )
+    finally:
+        metadata.close()
 
 
 def _calibrate(

@@ -198,6 +198,59 @@ class StoreConfig:
     )
 
 
+class Backend(str, Enum):
+    """Where a published version's vectors are searched: FAISS in the server's process (the
+    embedded default), or a Milvus collection (`indexer.milvus`) that many hosts share."""
+
+    FAISS = "faiss"
+    MILVUS = "milvus"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Milvus refuses vectors over its proxy's `proxy.maxDimension` (32,768 unless raised): the
+# default budget (DEFAULT_DIMS) is exactly that.
+MILVUS_MAX_DIMENSION = 32_768
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """The vector engine behind a published index: with Milvus, a version is a collection
+    `<prefix>_<version id>` and CURRENT / PINNED are the aliases `<prefix>_current` /
+    `<prefix>_pinned`; ROOT keeps each version's manifest and factors."""
+
+    backend: Backend = field(
+        default=Backend.FAISS,
+        metadata={"help": "vector engine: faiss (in-process) or milvus (--milvus-uri)"},
+    )
+    milvus_uri: str = field(
+        default="",
+        metadata={
+            "help": "Milvus to use with --backend milvus: a Milvus Lite file (*.db) or "
+            "http://host:19530"
+        },
+    )
+    collection_prefix: str = field(
+        default="influence",
+        metadata={
+            "help": "Milvus collections and aliases of this index start with it (letters, "
+            "digits, underscores)",
+            "flags": ("--milvus-prefix",),
+        },
+    )
+    max_dimension: int = field(
+        default=MILVUS_MAX_DIMENSION,
+        metadata={
+            "help": "the Milvus server's proxy.maxDimension: a build over it exits 2",
+            "flags": ("--milvus-max-dimension",),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", Backend(self.backend))
+
+
 class IncrementalMode(str, Enum):
     """Whether a build reuses CURRENT's curvature and unchanged examples' vectors: `auto` when
     CURRENT is compatible (a full build otherwise), `on` or fail, `off` never."""
@@ -292,6 +345,7 @@ class BuildConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     batch_size: int = field(default=16, metadata={"help": "examples per forward/backward pass"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
     autocast: Autocast = field(

@@ -110,6 +110,16 @@ class CurvatureFit:
 
 
 @dataclass(frozen=True)
+class CollectionRecord:
+    """A version's Milvus collection (`indexer.milvus`): its name, its rows, and the sha256 of
+    its rows' digests in id order, checked by reading it back before the alias moves."""
+
+    name: str
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class FileRecord:
     sha256: str
     bytes: int
@@ -140,6 +150,9 @@ class Manifest:
     rerank_bound: RerankBound | None = None
     autocast: Autocast = Autocast.OFF  # the precision of the build's passes over the corpus
     build_seconds: dict[str, float] = field(default_factory=dict)
+    # With --backend milvus: the collection that holds the vectors a server searches. The
+    # version's files stay complete, so a reader that ignores this field reads a FAISS version.
+    collection: CollectionRecord | None = None
     files: dict[str, FileRecord] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -202,6 +215,9 @@ class Manifest:
                     RerankBound(**data["rerank_bound"]) if data["rerank_bound"] else None
                 ),
                 build_seconds=dict(data["build_seconds"]),
+                collection=(
+                    CollectionRecord(**data["collection"]) if data.get("collection") else None
+                ),
                 files={name: FileRecord(**f) for name, f in data["files"].items()},
             )
         except KeyError as e:
