@@ -573,8 +573,7 @@ def _write_version(
         new_index(dim, plan.factory)  # refuse an unknown factory before the passes, not after
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
-    if state.milvus is not None:
-        state.milvus.check_dimension(dim)
+    config.backend.check_dimension(dim)
     with _timed(seconds, "curvature"):
         curvature = _curvature(state, plan, staging)
     rows = plan.change.to_sketch

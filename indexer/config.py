@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
+from indexer.errors import InvalidInputError
+
 DEFAULT_MAX_LENGTH = 512  # tokens per example when the model's context is longer
 # Stored dimensions per example unless `--dims` says otherwise: at most 32,768 so that
 # distributed vector engines can hold the vectors; the demo's sketch alone finds 0.76 / 0.55 of
@@ -249,6 +251,17 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", Backend(self.backend))
+
+    def check_dimension(self, dim: int) -> None:
+        """InvalidInputError when this backend would refuse vectors of `dim` dimensions (every
+        rank of a build checks, before its passes)."""
+        limit = self.max_dimension
+        if self.backend == Backend.MILVUS and dim > limit:
+            raise InvalidInputError(
+                f"{dim} dimensions per example are over Milvus's limit of {limit} "
+                f"(proxy.maxDimension): build with --dims {limit}, or raise proxy.maxDimension "
+                "on the Milvus server and pass --milvus-max-dimension"
+            )
 
 
 class IncrementalMode(str, Enum):

@@ -96,16 +96,6 @@ class MilvusBackend:
         """The name of a version's collection (Milvus names allow no '-')."""
         return f"{self.config.collection_prefix}_{version_id.replace('-', '_')}"
 
-    def check_dimension(self, dim: int) -> None:
-        """InvalidInputError when Milvus would refuse vectors of `dim` dimensions."""
-        limit = self.config.max_dimension
-        if dim > limit:
-            raise InvalidInputError(
-                f"{dim} dimensions per example are over Milvus's limit of {limit} "
-                f"(proxy.maxDimension): build with --dims {limit}, or raise proxy.maxDimension "
-                "on the Milvus server and pass --milvus-max-dimension"
-            )
-
     # -- CURRENT and PINNED (indexer.publish.Pointers) --------------------------------------
 
     def _alias(self, name: str) -> str:
