@@ -11,7 +11,8 @@ it; and, under 8 real gRPC clients (`benchmarks.chaos.Load`):
 - switches: moves the CURRENT alias between two versions `--switches` times, then rolls back,
   pins a version and clears the pin (the library calls `influence-index rollback` / `pin`
   make), each time until the server answers from the version the alias names;
-- a bad collection: the alias moved to a version whose collection lost a row: the server must
+- a bad collection: the alias moved (by the Milvus client itself: `publish`, `pin` and
+  `rollback` refuse such a target) to a version whose collection lost a row: the server must
   refuse it (row count), say so in GetIndexInfo and keep serving;
 - kill -9 of the influence server and a restart: seconds until it serves again.
 
@@ -37,11 +38,9 @@ from benchmarks.server_latency import free_port
 from indexer.config import Backend, BackendConfig, ScoreKind
 from indexer.demo.index import ensure_demo_index
 from indexer.errors import InvalidInputError
-from indexer.manifest import INDEX_FILE, METADATA_FILE
 from indexer.milvus import MilvusBackend
 from indexer.publish import CURRENT, VERSIONS, clear_pin, pin, read_manifest, rollback
 from indexer.query import LabeledQuery, read_queries
-from indexer.store import MetadataReader, StoredVectors, open_index
 
 PREFIX = "chaos"
 
@@ -88,13 +87,8 @@ class Versions:
         target = self.root / VERSIONS / name
         shutil.copytree(self.source, target, copy_function=os.link)
         manifest = read_manifest(target)
-        metadata = MetadataReader(target / METADATA_FILE)
         unit = manifest.score == ScoreKind.COSINE
-        try:
-            vectors = StoredVectors(open_index(target / INDEX_FILE), metadata, unit=unit)
-            record = self.milvus.write_collection(name, vectors, target, manifest.max_length)
-        finally:
-            metadata.close()
+        record = self.milvus.write_collection(name, target, manifest.max_length, unit=unit)
         now = datetime.now(timezone.utc).isoformat()
         edit_manifest(target, lambda m: m.update(created=now, collection=asdict(record)))
         self.made.append(name)
@@ -113,7 +107,7 @@ def switches(server: Server, versions: Versions, queries: list[LabeledQuery], ti
             target = second if k % 2 == 0 else first
             milvus.write(CURRENT, target)
             seconds["switch"].append(wait_for(lambda t=target: served(server.target, t)))
-        done = rollback(root, pointers=milvus)
+        done = rollback(root, first if target == second else second, milvus)
         seconds["rollback"].append(wait_for(lambda: served(server.target, done.current)))
         pin(root, done.previous, milvus)
         seconds["pin"].append(wait_for(lambda: served(server.target, done.previous)))
@@ -144,7 +138,7 @@ def bad_collection(server: Server, versions: Versions, queries: list[LabeledQuer
     seen = set()
     with Load(server.target, queries, 8) as load:
         wait_for(load.running)
-        milvus.write(CURRENT, bad)
+        milvus.client.alter_alias(collection, f"{PREFIX}_{CURRENT.lower()}")
         reported_s = wait_for(lambda: bad in info(server.target).last_reload_error)
         error = info(server.target).last_reload_error
         time.sleep(1.0)  # a few more polls: is the bad version swapped in late?

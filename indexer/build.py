@@ -77,7 +77,6 @@ from indexer.store import (
     MetadataReader,
     ScratchShards,
     ScratchVectors,
-    StoredVectors,
     default_factory,
     new_index,
     open_index,
@@ -277,7 +276,7 @@ class _BuildState:
     def milvus(self) -> MilvusBackend | None:
         """The Milvus that holds the versions' collections (--backend milvus, rank 0)."""
         milvus = self.config.backend.backend == Backend.MILVUS
-        return self.pointers if milvus else None  # type: ignore[return-value]
+        return self.pointers if milvus else None
 
     def close(self) -> None:
         self.corpus.close()
@@ -633,7 +632,13 @@ def _write_version(
     collection = None
     if state.milvus is not None:
         with _timed(seconds, "collection"):
-            collection = _write_collection(state, staging, version)
+            collection = state.milvus.write_collection(
+                version,
+                staging,
+                state.max_length,
+                unit=config.store.score == ScoreKind.COSINE,
+                progress=config.progress,
+            )
     change = plan.change
     summary = BuildSummary(
         version=version,
@@ -661,21 +666,6 @@ def _write_version(
     manifest = _manifest(state, plan, curvature.sketch, summary, rerank_bound, collection)
     write_manifest(staging, manifest)
     return summary
-
-
-def _write_collection(state: _BuildState, staging: Path, version: str) -> CollectionRecord:
-    """The staged version's vectors (decoded from its index: what FAISS scores) and records
-    in a new Milvus collection, read back and checked."""
-    index = open_index(staging / INDEX_FILE)
-    metadata = MetadataReader(staging / METADATA_FILE)
-    try:
-        cosine = state.config.store.score == ScoreKind.COSINE
-        vectors = StoredVectors(index, metadata, unit=cosine)
-        return state.milvus.write_collection(
-            version, vectors, staging, state.max_length, progress=state.config.progress
-        )
-    finally:
-        metadata.close()
 
 
 def _calibrate(

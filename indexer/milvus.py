@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from indexer.config import BackendConfig
 from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
-from indexer.manifest import METADATA_FILE, CollectionRecord, Manifest
+from indexer.manifest import INDEX_FILE, METADATA_FILE, CollectionRecord, Manifest
 from indexer.publish import VERSIONS, list_versions, read_manifest
 from indexer.scan import NO_SCORE
-from indexer.store import ExampleRecord, StoredVectors
+from indexer.store import ExampleRecord, MetadataReader, StoredVectors, open_index
 
 VECTOR = "vector"
 RECORD_FIELDS = ("id", "row", "doc_id", "chunk", "text", "token_ids", "norm", "exact_norm")
@@ -156,15 +156,31 @@ class MilvusBackend:
     def write_collection(
         self,
         version_id: str,
-        vectors: StoredVectors,
-        staging: Path,
+        path: Path,
         max_length: int,
         *,
+        unit: bool,
         progress: bool = False,
     ) -> CollectionRecord:
-        """Write the collection of the version staged in `staging`: each example's stored
-        vector (`vectors`, decoded from its FAISS index) and its metadata row; then read it
-        back and check its rows and checksum. Returns what the manifest records."""
+        """Write the collection of the version in `path` (staged by a build, or published with
+        --backend faiss): each example's stored vector, decoded from the version's FAISS index
+        (unit vectors for a cosine index: `unit`), and its metadata row; then read it back and
+        check its rows and checksum. Returns what the manifest records."""
+        metadata = MetadataReader(path / METADATA_FILE)
+        try:
+            vectors = StoredVectors(open_index(path / INDEX_FILE), metadata, unit=unit)
+            return self._write(version_id, vectors, path, max_length, progress)
+        finally:
+            metadata.close()
+
+    def _write(
+        self,
+        version_id: str,
+        vectors: StoredVectors,
+        path: Path,
+        max_length: int,
+        progress: bool,
+    ) -> CollectionRecord:
         name = self.collection(version_id)
         if max_length > MAX_ARRAY:
             raise InvalidInputError(
@@ -179,7 +195,7 @@ class MilvusBackend:
         rows_per_insert = max(1, INSERT_BYTES // (4 * vectors.shape[1]))
         bar = tqdm(total=len(vectors), desc="milvus collection", unit="ex", disable=not progress)
         with bar:
-            for records in _metadata_rows(staging / METADATA_FILE, rows_per_insert):
+            for records in _metadata_rows(path / METADATA_FILE, rows_per_insert):
                 block = vectors[[r["row"] for r in records]]
                 for record, vector in zip(records, block, strict=True):
                     record[VECTOR] = vector
@@ -188,7 +204,7 @@ class MilvusBackend:
                 bar.update(len(records))
         self.client.flush(name)
         record = CollectionRecord(name, len(digests), _combined(digests))
-        self.verify(record, staging)
+        self.verify(record, path)
         return record
 
     def verify(self, record: CollectionRecord, version: Path) -> None:

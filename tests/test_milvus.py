@@ -5,6 +5,8 @@ flat index, the same top-10 as FAISS for every demo query."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -13,14 +15,15 @@ from pathlib import Path
 import pytest
 
 from indexer.build import build_index
-from indexer.config import Backend, BackendConfig, BuildConfig, CorpusConfig
+from indexer.config import Backend, BackendConfig, BuildConfig
 from indexer.engine import QueryEngine
 from indexer.errors import IndexVerificationError, InvalidInputError
-from indexer.manifest import INDEX_FILE, METADATA_FILE
+from indexer.manifest import INDEX_FILE, MANIFEST_FILE, METADATA_FILE
 from indexer.milvus import MilvusBackend
 from indexer.publish import (
     CURRENT,
     PINNED,
+    VERSIONS,
     new_version_id,
     open_pointers,
     read_current,
@@ -223,11 +226,8 @@ def test_a_killed_builds_collection_is_dropped_by_the_next_build(
     drops the collection it left."""
     root = tiny["root"]
     current = read_current(root, milvus)
-    engine = QueryEngine.open(root, version=current)
     orphan = new_version_id()
-    staged = version_dir(root, current)  # the metadata the collection is written from
-    milvus.write_collection(orphan, engine.vectors, staged, engine.manifest.max_length)
-    engine.close()
+    milvus.write_collection(orphan, version_dir(root, current), 64, unit=True)
     assert read_current(root, milvus) == current
     assert milvus.drop_orphans() == [milvus.collection(orphan)]
     assert not milvus.client.has_collection(milvus.collection(orphan))
@@ -257,25 +257,25 @@ def test_bad_uri_and_dimension_are_one_line_errors(
 
 
 def test_demo_top_10_equals_faiss_for_every_demo_query(
-    tmp_path: Path, demo_artifacts, demo_queries
+    tmp_path: Path, demo_index_root: Path, demo_queries
 ) -> None:
-    """On the demo with a flat index: Milvus stores the vectors the FAISS index scores, so
-    both return the same top-10, sketch alone and exactly re-ranked (duplicate texts aside,
-    which may trade places)."""
+    """On the demo with its flat index (`IDMap,SQ8`, searched exhaustively), published to
+    Milvus: Milvus holds the vectors the FAISS index scores (decoded from it), so both return
+    the same top-10, sketch alone and exactly re-ranked (duplicate texts aside, which may trade
+    places)."""
+    source = version_dir(demo_index_root)
+    assert read_manifest(source).index_factory == "IDMap,SQ8"
     root = tmp_path / "index"
-    config = BuildConfig(
-        model=demo_artifacts.model_dir,
-        out=root,
-        corpus=CorpusConfig(str(demo_artifacts.corpus_path)),
-        backend=lite(tmp_path / "milvus.db"),
-        progress=False,
-    )
-    config = replace(config, store=replace(config.store, index_factory="IDMap,Flat"))
-    version = build_index(config).version
-    milvus = open_pointers(root, config.backend)
+    version = root / VERSIONS / source.name
+    shutil.copytree(source, version, copy_function=os.link)
+    milvus = MilvusBackend.connect(lite(tmp_path / "milvus.db"), root)
+    manifest = read_manifest(version)
+    record = milvus.write_collection(version.name, version, manifest.max_length, unit=True)
+    (version / MANIFEST_FILE).unlink()  # a hard link to the session's index: write our own
+    (version / MANIFEST_FILE).write_text(replace(manifest, collection=record).to_json())
     engines = [
-        QueryEngine.open(root, version=version),
-        QueryEngine.open(root, version=version, milvus=milvus),
+        QueryEngine.open(root, version=version.name),
+        QueryEngine.open(root, version=version.name, milvus=milvus),
     ]
     queries = [Query(q["prompt"], q["completion"], top_k=10) for q in demo_queries]
     try:
