@@ -5,6 +5,7 @@ flat index, the same top-10 as FAISS for every demo query."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -121,6 +122,14 @@ def test_a_build_publishes_a_verified_collection_and_moves_the_alias(tiny, milvu
     assert read_current(root, milvus) == summary.version
     assert not (root / CURRENT).exists()  # the alias is CURRENT, not a file of ROOT
     milvus.verify(manifest.collection, version_dir(root, summary.version))
+
+
+def test_info_reads_the_alias_and_verifies_the_collection(tiny, capsys) -> None:
+    root, version = tiny["root"], tiny["first"].version
+    assert main(["info", "--index", str(root), *_flags(tiny), "--verify", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["current"] == info["version"] == version
+    assert info["manifest"]["collection"]["rows"] == tiny["first"].n_examples
 
 
 def test_the_server_searches_milvus_and_answers_as_faiss_does(tiny, serve) -> None:
@@ -288,3 +297,13 @@ def test_demo_top_10_equals_faiss_for_every_demo_query(
     finally:
         for engine in engines:
             engine.close()
+
+
+def test_pruned_versions_drop_their_collections(tiny, tiny_model_dir, milvus) -> None:
+    """Last in this module: it prunes the versions the other tests use."""
+    root, backend = tiny["root"], tiny["backend"]
+    config = milvus_config(tiny_model_dir, tiny["corpus"], root, backend, keep_versions=1)
+    summary = build_index(config)
+    ours = [c for c in milvus.client.list_collections() if c.startswith("influence_")]
+    assert ours == [summary.collection]
+    assert [v.name for v in (root / VERSIONS).iterdir()] == [summary.version]
