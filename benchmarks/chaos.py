@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -86,7 +86,7 @@ class Versions:
         name = f"v{len(self.made):02d}-{label}"
         target = self.root / VERSIONS / name
         shutil.copytree(self.source, target, copy_function=os.link)
-        _edit_manifest(target, lambda m: m.update(created=datetime.now(timezone.utc).isoformat()))
+        edit_manifest(target, lambda m: m.update(created=datetime.now(timezone.utc).isoformat()))
         if damage is not None:
             damage(target)
         self.made.append(name)
@@ -98,7 +98,7 @@ class Versions:
         os.replace(pointer, self.root / CURRENT)
 
 
-def _edit_manifest(version: Path, edit: Callable[[dict], object]) -> None:
+def edit_manifest(version: Path, edit: Callable[[dict], object]) -> None:
     path = version / MANIFEST_FILE
     data = json.loads(path.read_text())
     edit(data)
@@ -116,7 +116,7 @@ def corrupt(version: Path) -> None:
 
 def omit_and_corrupt(version: Path) -> None:
     """Leave the index out of the manifest, then corrupt it: trusting the manifest serves it."""
-    _edit_manifest(version, lambda m: m["files"].pop(INDEX_FILE))
+    edit_manifest(version, lambda m: m["files"].pop(INDEX_FILE))
     corrupt(version)
 
 
@@ -125,18 +125,26 @@ def escape(version: Path) -> None:
     outside = Path("/etc/passwd")
     name = os.path.relpath(outside, version)
     record = {"sha256": sha256_file(outside), "bytes": outside.stat().st_size}
-    _edit_manifest(version, lambda m: m["files"].update({name: record}))
+    edit_manifest(version, lambda m: m["files"].update({name: record}))
 
 
 def incompatible(version: Path) -> None:
     """Claim other model weights than the ones the server can load."""
-    _edit_manifest(version, lambda m: m["model"].update(weights_sha256="0" * 64))
+    edit_manifest(version, lambda m: m["model"].update(weights_sha256="0" * 64))
 
 
 class Server:
     """`influence-index serve` in a subprocess, restartable on the same ports."""
 
-    def __init__(self, root: Path, work: Path, poll_seconds: float, rerank_depth: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        work: Path,
+        poll_seconds: float,
+        rerank_depth: int,
+        extra: Sequence[str] = (),
+    ) -> None:
+        """`extra`: more `serve` options (e.g. the Milvus backend's)."""
         self.port, self.health_port = free_port(), free_port()
         self.target = f"{HOST}:{self.port}"
         self.health_target = f"{HOST}:{self.health_port}"
@@ -145,7 +153,7 @@ class Server:
             *(_OBEY_FILE_MODES if privileged else []),
             sys.executable, "-m", "server.cli", "--threads", "1", "serve", "--index", str(root),
             "--port", str(self.port), "--health-port", str(self.health_port),
-            "--poll-seconds", str(poll_seconds), "--rerank-depth", str(rerank_depth),
+            "--poll-seconds", str(poll_seconds), "--rerank-depth", str(rerank_depth), *extra,
         ]  # fmt: skip
         self.log = work / "server.log"
         self._process: subprocess.Popen | None = None

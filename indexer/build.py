@@ -11,6 +11,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from indexer.budget import ModuleRanks, describe, module_ranks, total_dim
 from indexer.calibration import Calibrator
 from indexer.config import (
     RETRIEVAL_MIN_EXAMPLES,
+    Backend,
     BuildConfig,
     CompactCode,
     IncrementalMode,
@@ -48,6 +50,7 @@ from indexer.manifest import (
     LEXICAL_DIR,
     METADATA_FILE,
     RETRIEVAL_FILE,
+    CollectionRecord,
     Counts,
     Coverage,
     CurvatureFit,
@@ -65,9 +68,11 @@ from indexer.model import (
 )
 from indexer.passes import ExamplePass
 from indexer.publish import (
+    Pointers,
     build_lock,
     ensure_writable,
     new_version_id,
+    open_pointers,
     publish,
     read_current,
     staging_dir,
@@ -89,6 +94,9 @@ from indexer.store import (
     write_faiss,
     write_metadata,
 )
+
+if TYPE_CHECKING:
+    from indexer.milvus import MilvusBackend
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +143,7 @@ class BuildSummary:
     changed: int
     deleted: int
     seconds: dict[str, float] = field(default_factory=dict)
+    collection: str = ""  # the version's Milvus collection (--backend milvus)
 
     @property
     def tokens_per_second(self) -> float:
@@ -300,6 +309,13 @@ class _BuildState:
     seconds: dict[str, float]
     ranks: Ranks
     coverage: Coverage  # of the blocks' parameters by `modules`
+    pointers: Pointers | None  # CURRENT and PINNED (rank 0 only)
+
+    @property
+    def milvus(self) -> MilvusBackend | None:
+        """The Milvus that holds the versions' collections (--backend milvus, rank 0)."""
+        milvus = self.config.backend.backend == Backend.MILVUS
+        return self.pointers if milvus else None
 
     def close(self) -> None:
         self.corpus.close()
@@ -327,6 +343,7 @@ def _manifest(
     summary: BuildSummary,
     rerank_bound: RerankBound | None,
     retrieval: CompactCode | None,
+    collection: CollectionRecord | None,
 ) -> Manifest:
     config, loaded, corpus = state.config, state.loaded, state.corpus
     ranks = _ranks(curvature.projections())
@@ -376,6 +393,7 @@ def _manifest(
         retrieval=retrieval,
         autocast=config.autocast,
         build_seconds=summary.seconds,
+        collection=collection,
     )
 
 
@@ -385,8 +403,10 @@ def build_index(config: BuildConfig) -> BuildSummary:
     Under torchrun every rank calls this (`indexer.distributed`); rank 0 locks ROOT, assembles
     and publishes, and every rank returns its summary."""
     root, ranks = config.out, join()
+    pointers = None
     if ranks.main:
         ensure_writable(root)
+        pointers = open_pointers(root, config.backend)  # Milvus: fails early on a bad URI
     with build_lock(root) if ranks.main else nullcontext():
         version = new_version_id()
         version, staging = ranks.broadcast(
@@ -394,17 +414,22 @@ def build_index(config: BuildConfig) -> BuildSummary:
         )
         state, plan = None, None
         try:
-            state = _prepare(config, staging, ranks)
+            state = _prepare(config, staging, ranks, pointers)
+            if state.milvus is not None:
+                state.milvus.drop_orphans()  # of builds killed before they published
             with _timed(state.seconds, "plan"):  # verifies CURRENT: reads all its files once
                 plan = _plan(state)
             summary = _write_version(state, plan, staging, version)
             if ranks.main:
                 with _timed(state.seconds, "publish"):
-                    publish(root, staging, version, config.store.keep_versions)
+                    publish(root, staging, version, config.store.keep_versions, pointers)
             summary = ranks.broadcast(summary)
         except BaseException as e:
             if ranks.main:
+                unpublished = staging.exists()
                 shutil.rmtree(staging, ignore_errors=True)
+                if unpublished and state is not None and state.milvus is not None:
+                    _drop_collection(state.milvus, version)
             if _disk_full(e):
                 raise ResourceLimitError(
                     f"disk full in {root} while writing a new version (its files are removed, "
@@ -420,6 +445,15 @@ def build_index(config: BuildConfig) -> BuildSummary:
     return summary
 
 
+def _drop_collection(milvus: MilvusBackend, version: str) -> None:
+    """Drop the collection of a version that failed before it was published; if Milvus is
+    what failed, the next build drops it (`drop_orphans`)."""
+    try:
+        milvus.drop(version)
+    except Exception:
+        log.warning("could not drop the collection of unpublished version %s", version)
+
+
 def _disk_full(error: BaseException) -> bool:
     """Whether `error` (or one it was raised from) reports a full disk or quota. FAISS, DuckDB
     and safetensors raise their own types, with the system's message in the text."""
@@ -433,7 +467,9 @@ def _disk_full(error: BaseException) -> bool:
     return False
 
 
-def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
+def _prepare(
+    config: BuildConfig, staging: Path, ranks: Ranks, pointers: Pointers | None
+) -> _BuildState:
     """Load the model and stage the corpus (tokenized, chunked, hashed) in `staging`."""
     seconds: dict[str, float] = {}
     with _timed(seconds, "load"):
@@ -457,7 +493,7 @@ def _prepare(config: BuildConfig, staging: Path, ranks: Ranks) -> _BuildState:
         config.autocast,
     )
     return _BuildState(
-        config, loaded, modules, corpus, example_pass, max_length, seconds, ranks, tracked
+        config, loaded, modules, corpus, example_pass, max_length, seconds, ranks, tracked, pointers
     )
 
 
@@ -487,7 +523,9 @@ def _plan(state: _BuildState) -> _Plan:
     config, n = state.config, len(state.corpus)
     options, factory = config.incremental, config.store.index_factory or FLAT_FACTORY
     exact = store_exact_factors(config, state.modules)
-    current = read_current(config.out)
+    # Rank 0 reads CURRENT (a Milvus alias: only it holds a connection)
+    main = state.ranks.main
+    current = state.ranks.broadcast(read_current(config.out, state.pointers) if main else None)
     manifest, refused = None, ""
     if options.mode == IncrementalMode.OFF:
         refused = "--incremental off"
@@ -573,6 +611,7 @@ def _write_version(
         new_index(dim, plan.factory)  # refuse an unknown factory before the passes, not after
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
+    config.backend.check_dimension(dim)
     with _timed(seconds, "curvature"):
         curvature = _curvature(state, plan, staging)
     rows = plan.change.to_sketch
@@ -635,6 +674,16 @@ def _write_version(
     state.close()  # the staged corpus is in the metadata now
     for scratch in staging.glob(".*"):
         scratch.unlink()
+    collection = None
+    if state.milvus is not None:
+        with _timed(seconds, "collection"):
+            collection = state.milvus.write_collection(
+                version,
+                staging,
+                state.max_length,
+                unit=config.store.score == ScoreKind.COSINE,
+                progress=config.progress,
+            )
     change = plan.change
     summary = BuildSummary(
         version=version,
@@ -658,10 +707,12 @@ def _write_version(
         changed=change.changed,
         deleted=change.deleted,
         seconds=seconds,
+        collection=collection.name if collection is not None else "",
     )
-    write_manifest(
-        staging, _manifest(state, plan, curvature.sketch, summary, rerank_bound, retrieval)
+    manifest = _manifest(
+        state, plan, curvature.sketch, summary, rerank_bound, retrieval, collection
     )
+    write_manifest(staging, manifest)
     return summary
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
+from indexer.errors import InvalidInputError
+
 DEFAULT_MAX_LENGTH = 512  # tokens per example when the model's context is longer
 # Stored dimensions per example unless `--dims` says otherwise: at most 32,768 so that
 # distributed vector engines can hold the vectors; the demo's sketch alone finds 0.76 / 0.55 of
@@ -234,6 +236,70 @@ class CompactCode:
         return f"PCA{self.dims},{self.quantizer}"
 
 
+class Backend(str, Enum):
+    """Where a published version's vectors are searched: FAISS in the server's process (the
+    embedded default), or a Milvus collection (`indexer.milvus`) that many hosts share."""
+
+    FAISS = "faiss"
+    MILVUS = "milvus"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Milvus refuses vectors over its proxy's `proxy.maxDimension` (32,768 unless raised): the
+# default budget (DEFAULT_DIMS) is exactly that.
+MILVUS_MAX_DIMENSION = 32_768
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """The vector engine behind a published index: with Milvus, a version is a collection
+    `<prefix>_<version id>` and CURRENT / PINNED are the aliases `<prefix>_current` /
+    `<prefix>_pinned`; ROOT keeps each version's manifest and factors."""
+
+    backend: Backend = field(
+        default=Backend.FAISS,
+        metadata={"help": "vector engine: faiss (in-process) or milvus (--milvus-uri)"},
+    )
+    milvus_uri: str = field(
+        default="",
+        metadata={
+            "help": "Milvus to use with --backend milvus: a Milvus Lite file (*.db) or "
+            "http://host:19530"
+        },
+    )
+    collection_prefix: str = field(
+        default="influence",
+        metadata={
+            "help": "Milvus collections and aliases of this index start with it (letters, "
+            "digits, underscores)",
+            "flags": ("--milvus-prefix",),
+        },
+    )
+    max_dimension: int = field(
+        default=MILVUS_MAX_DIMENSION,
+        metadata={
+            "help": "the Milvus server's proxy.maxDimension: a build over it exits 2",
+            "flags": ("--milvus-max-dimension",),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", Backend(self.backend))
+
+    def check_dimension(self, dim: int) -> None:
+        """InvalidInputError when this backend would refuse vectors of `dim` dimensions (every
+        rank of a build checks, before its passes)."""
+        limit = self.max_dimension
+        if self.backend == Backend.MILVUS and dim > limit:
+            raise InvalidInputError(
+                f"{dim} dimensions per example are over Milvus's limit of {limit} "
+                f"(proxy.maxDimension): build with --dims {limit}, or raise proxy.maxDimension "
+                "on the Milvus server and pass --milvus-max-dimension"
+            )
+
+
 class IncrementalMode(str, Enum):
     """Whether a build reuses CURRENT's curvature and unchanged examples' vectors: `auto` when
     CURRENT is compatible (a full build otherwise), `on` or fail, `off` never."""
@@ -328,6 +394,7 @@ class BuildConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     batch_size: int = field(default=16, metadata={"help": "examples per forward/backward pass"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
     autocast: Autocast = field(

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -66,6 +67,9 @@ from indexer.store import (
     open_index,
     set_nprobe,
 )
+
+if TYPE_CHECKING:
+    from indexer.milvus import MilvusBackend
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +354,7 @@ class QueryEngine:
         manifest: Manifest,
         model: _ModelHandle,
         curvature: Curvature,
-        index: faiss.Index,
+        index: faiss.Index | None,
         metadata: MetadataReader,
         vectors: StoredVectors,
         reranker: ExactReranker | None = None,
@@ -358,7 +362,8 @@ class QueryEngine:
         options: EngineOptions | None = None,
         searcher: Searcher | None = None,
     ):
-        """`searcher` answers the search (default: `index` itself, FAISS on the CPU)."""
+        """`searcher` answers the search (default: `index` itself, FAISS on the CPU). With
+        Milvus there is no `index`; `metadata` and `vectors` read the version's collection."""
         self.path = path
         self.version = path.name
         self.manifest = manifest
@@ -392,21 +397,33 @@ class QueryEngine:
         reuse_model_from: QueryEngine | None = None,
         version: str | None = None,
         options: EngineOptions | None = None,
+        milvus: MilvusBackend | None = None,
     ) -> QueryEngine:
         """Load and verify a version (default: CURRENT's). Raises IndexVerificationError when a
-        file fails its sha256 or the model's weights are not the ones the index was built from."""
-        path = version_dir(Path(root), version)
-        manifest = verify_version(path)
+        file fails its sha256 or the model's weights are not the ones the index was built from.
+
+        With `milvus` the version's collection answers searches and lookups (its row count
+        checked), and its FAISS index and metadata files are neither read nor verified."""
+        path = version_dir(Path(root), version, milvus)
+        manifest = verify_version(path, skip=(INDEX_FILE, METADATA_FILE) if milvus else ())
         model = _open_model(path.name, manifest, model_dir, device, reuse_model_from)
         trackable = trackable_modules(model.loaded.model)
         missing = [m.name for m in manifest.modules if m.name not in trackable]
         if missing:
             raise IndexVerificationError(f"model has no module {missing[0]} that the index tracks")
         curvature = Curvature.load(path / CURVATURE_FILE, device)
-        index = open_index(path / INDEX_FILE)
-        set_nprobe(index, manifest.nprobe)
-        metadata = MetadataReader(path / METADATA_FILE)
-        vectors = StoredVectors(index, metadata, unit=manifest.score == ScoreKind.COSINE)
+        if milvus is None:
+            index = open_index(path / INDEX_FILE)
+            set_nprobe(index, manifest.nprobe)
+            metadata = MetadataReader(path / METADATA_FILE)
+            vectors = StoredVectors(index, metadata, unit=manifest.score == ScoreKind.COSINE)
+            searcher = _searcher(path, manifest, index, device, options or EngineOptions())
+        else:
+            collection = milvus.check(manifest, path.name)
+            index = None
+            metadata = milvus.records(collection)
+            vectors = milvus.vectors(collection, (manifest.counts.examples, manifest.dim))
+            searcher = milvus.searcher(collection)
         reranker = None
         if manifest.exact_rerank:
             options = options or EngineOptions()
@@ -426,7 +443,7 @@ class QueryEngine:
             reranker,
             lexical,
             options,
-            searcher=_searcher(path, manifest, index, device, options or EngineOptions()),
+            searcher=searcher,
         )
 
     @property

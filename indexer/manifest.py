@@ -26,7 +26,8 @@ from indexer.scores import RerankBound
 # the metadata (a cosine index with re-rank factors). 6: the exact stage's calibrated bound;
 # each module's sketch ranks in its layout (a budget per example, allocated across modules).
 # 7: the share of the blocks' parameters tracked (experts and routers tracked too).
-# 8: a compact retrieval code (RETRIEVAL_FILE) scanned before the stored codes.
+# 8: a compact retrieval code (RETRIEVAL_FILE) scanned before the stored codes; with Milvus,
+# the collection that holds the vectors.
 FORMAT_VERSION = 8
 
 MANIFEST_FILE = "manifest.json"
@@ -119,6 +120,16 @@ class CurvatureFit:
 
 
 @dataclass(frozen=True)
+class CollectionRecord:
+    """A version's Milvus collection (`indexer.milvus`): its name, its rows, and the sha256 of
+    its rows' digests in id order, checked by reading it back before the alias moves."""
+
+    name: str
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class FileRecord:
     sha256: str
     bytes: int
@@ -150,6 +161,9 @@ class Manifest:
     retrieval: CompactCode | None = None  # the compact code scanned first (RETRIEVAL_FILE)
     autocast: Autocast = Autocast.OFF  # the precision of the build's passes over the corpus
     build_seconds: dict[str, float] = field(default_factory=dict)
+    # With --backend milvus: the collection that holds the vectors a server searches. The
+    # version's files stay complete, so a reader that ignores this field reads a FAISS version.
+    collection: CollectionRecord | None = None
     files: dict[str, FileRecord] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -215,6 +229,9 @@ class Manifest:
                 ),
                 retrieval=CompactCode(**data["retrieval"]) if data["retrieval"] else None,
                 build_seconds=dict(data["build_seconds"]),
+                collection=(
+                    CollectionRecord(**data["collection"]) if data.get("collection") else None
+                ),
                 files={name: FileRecord(**f) for name, f in data["files"].items()},
             )
         except KeyError as e:

@@ -16,12 +16,14 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
+from indexer.config import Backend, BackendConfig
 from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
 from indexer.hashing import sha256_file
 from indexer.manifest import MANIFEST_FILE, FileRecord, Manifest
@@ -30,6 +32,61 @@ CURRENT = "CURRENT"
 PINNED = "PINNED"
 VERSIONS = "versions"
 STAGING_PREFIX = ".staging-"
+
+
+class Pointers(Protocol):
+    """Where CURRENT and PINNED live: files of ROOT (`FilePointers`, FAISS) or collection
+    aliases (`indexer.milvus.MilvusBackend`). Either changes atomically."""
+
+    def read(self, name: str) -> str | None: ...
+
+    def write(self, name: str, version_id: str) -> None: ...
+
+    def clear(self, name: str) -> None: ...
+
+    def drop(self, version_id: str) -> None:
+        """Release what a pruned version holds outside its directory."""
+
+
+class FilePointers:
+    """CURRENT and PINNED as files of ROOT, each replaced by one atomic rename."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def read(self, name: str) -> str | None:
+        try:
+            return (self.root / name).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, version_id: str) -> None:
+        pointer = self.root / f".{name}.{os.getpid()}.tmp"
+        with pointer.open("w") as f:
+            f.write(version_id + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer, self.root / name)
+        _fsync_dir(self.root)
+
+    def clear(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+    def drop(self, version_id: str) -> None:
+        """A FAISS version is all in its directory."""
+
+
+def open_pointers(root: Path, backend: BackendConfig | None = None) -> Pointers:
+    """The pointers of ROOT under `backend` (default: FAISS's files); connects to Milvus."""
+    if backend is None or backend.backend == Backend.FAISS:
+        return FilePointers(root)
+    from indexer.milvus import MilvusBackend  # pymilvus only for the Milvus backend
+
+    return MilvusBackend.connect(backend, root)
+
+
+def _pointers(root: Path, pointers: Pointers | None) -> Pointers:
+    return FilePointers(root) if pointers is None else pointers
 
 
 def new_version_id() -> str:
@@ -94,28 +151,23 @@ def write_manifest(staging: Path, manifest: Manifest) -> Manifest:
     return full
 
 
-def publish(root: Path, staging: Path, version_id: str, keep_versions: int) -> Path:
+def publish(
+    root: Path,
+    staging: Path,
+    version_id: str,
+    keep_versions: int,
+    pointers: Pointers | None = None,
+) -> Path:
     """Rename the staged version in, then point CURRENT at it; prune old versions."""
     final = root / VERSIONS / version_id
     os.rename(staging, final)
     _fsync_dir(root / VERSIONS)
-    _write_pointer(root, CURRENT, version_id)
-    prune(root, keep_versions)
+    _pointers(root, pointers).write(CURRENT, version_id)
+    prune(root, keep_versions, pointers)
     return final
 
 
-def _write_pointer(root: Path, name: str, version_id: str) -> None:
-    """Make ROOT/name (CURRENT or PINNED) hold `version_id`, by one atomic rename."""
-    pointer = root / f".{name}.{os.getpid()}.tmp"
-    with pointer.open("w") as f:
-        f.write(version_id + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, root / name)
-    _fsync_dir(root)
-
-
-def prune(root: Path, keep_versions: int) -> list[str]:
+def prune(root: Path, keep_versions: int, pointers: Pointers | None = None) -> list[str]:
     """Delete versions until at most `keep_versions` remain; returns the deleted ids.
 
     Never deletes CURRENT's or PINNED's version. The others keep their places in this order:
@@ -128,14 +180,16 @@ def prune(root: Path, keep_versions: int) -> list[str]:
     keep = max(keep_versions, 1)
     if len(entries) <= keep:
         return []
-    fixed = {read_current(root), read_pinned(root)} & {e.id for e in entries}
-    good = last_good(root)
+    pointers = _pointers(root, pointers)
+    fixed = {pointers.read(CURRENT), pointers.read(PINNED)} & {e.id for e in entries}
+    good = last_good(root, pointers)
     ranked = [good] if good is not None and good not in fixed else []
     ranked += [e.id for e in entries if e.id not in fixed | {good} and _is_valid(root, e)]
     kept = fixed | set(ranked[: max(keep - len(fixed), 0)])
     doomed = [e.id for e in reversed(entries) if e.id not in kept]
     for version in doomed:
         shutil.rmtree(root / VERSIONS / version, ignore_errors=True)
+        pointers.drop(version)
     return doomed
 
 
@@ -146,34 +200,28 @@ def list_versions(root: Path) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def read_current(root: Path) -> str | None:
+def read_current(root: Path, pointers: Pointers | None = None) -> str | None:
     """The published version id, or None when nothing is published yet."""
-    return _read_pointer(root, CURRENT)
+    return _pointers(root, pointers).read(CURRENT)
 
 
-def read_pinned(root: Path) -> str | None:
-    """The version ROOT/PINNED makes every server serve, or None when nothing is pinned."""
-    return _read_pointer(root, PINNED)
+def read_pinned(root: Path, pointers: Pointers | None = None) -> str | None:
+    """The version PINNED makes every server serve, or None when nothing is pinned."""
+    return _pointers(root, pointers).read(PINNED)
 
 
-def _read_pointer(root: Path, name: str) -> str | None:
-    try:
-        return (Path(root) / name).read_text().strip() or None
-    except FileNotFoundError:
-        return None
-
-
-def pin(root: Path, version_id: str) -> Manifest:
-    """Verify the version, then make every server of ROOT serve it (ROOT/PINNED)."""
+def pin(root: Path, version_id: str, pointers: Pointers | None = None) -> Manifest:
+    """Verify the version, then make every server of ROOT serve it (PINNED)."""
     manifest = verify_version(version_dir(root, version_id))
-    _write_pointer(root, PINNED, version_id)
+    _pointers(root, pointers).write(PINNED, version_id)
     return manifest
 
 
-def clear_pin(root: Path) -> str | None:
-    """Remove ROOT/PINNED (servers follow CURRENT again); returns the version it pinned."""
-    pinned = read_pinned(root)
-    (Path(root) / PINNED).unlink(missing_ok=True)
+def clear_pin(root: Path, pointers: Pointers | None = None) -> str | None:
+    """Remove PINNED (servers follow CURRENT again); returns the version it pinned."""
+    pointers = _pointers(root, pointers)
+    pinned = pointers.read(PINNED)
+    pointers.clear(PINNED)
     return pinned
 
 
@@ -202,10 +250,10 @@ def version_entries(root: Path) -> list[VersionEntry]:
     return sorted(entries, key=lambda e: (e.created or epoch, e.id), reverse=True)
 
 
-def last_good(root: Path) -> str | None:
+def last_good(root: Path, pointers: Pointers | None = None) -> str | None:
     """The newest valid version created before CURRENT's (any other, when CURRENT's manifest
     is unreadable): what `rollback` goes back to and `prune` keeps."""
-    current = read_current(root)
+    current = read_current(root, pointers)
     entries = version_entries(root)
     mine = next((e.created for e in entries if e.id == current), None)
     older = [e for e in entries if e.id != current and (mine is None or _before(e, mine))]
@@ -219,11 +267,12 @@ class Rollback:
     pinned: str | None  # a pin overrides CURRENT on every server
 
 
-def rollback(root: Path, to: str | None = None) -> Rollback:
+def rollback(root: Path, to: str | None = None, pointers: Pointers | None = None) -> Rollback:
     """Point CURRENT at `to` (verified first) or at the last-good version, atomically."""
-    previous = read_current(root)
+    pointers = _pointers(root, pointers)
+    previous = pointers.read(CURRENT)
     if to is None:
-        to = last_good(root)
+        to = last_good(root, pointers)
         if to is None:
             older = f" older than CURRENT's ({previous})" if previous else ""
             raise NotFoundError(f"no valid version in {root}{older} to roll back to")
@@ -231,8 +280,8 @@ def rollback(root: Path, to: str | None = None) -> Rollback:
         verify_version(version_dir(root, to))
     if to == previous:
         raise InvalidInputError(f"CURRENT already names {to}")
-    _write_pointer(root, CURRENT, to)
-    return Rollback(previous, to, read_pinned(root))
+    pointers.write(CURRENT, to)
+    return Rollback(previous, to, pointers.read(PINNED))
 
 
 def _before(entry: VersionEntry, when: datetime) -> bool:
@@ -249,11 +298,13 @@ def _is_valid(root: Path, entry: VersionEntry) -> bool:
     return True
 
 
-def version_dir(root: Path, version_id: str | None = None) -> Path:
+def version_dir(
+    root: Path, version_id: str | None = None, pointers: Pointers | None = None
+) -> Path:
     """The directory of `version_id` (default: CURRENT's)."""
-    version_id = version_id or read_current(root)
+    version_id = version_id or read_current(root, pointers)
     if version_id is None:
-        raise NotFoundError(f"no published index in {root} (no CURRENT file)")
+        raise NotFoundError(f"no published index in {root} (no CURRENT)")
     if Path(version_id).name != version_id or version_id.startswith("."):
         raise NotFoundError(f"{version_id!r} is not a version id")
     path = Path(root) / VERSIONS / version_id
@@ -274,9 +325,10 @@ def read_manifest(path: Path) -> Manifest:
         raise IndexVerificationError(f"{path.name}: {e}") from e
 
 
-def verify_version(path: Path) -> Manifest:
+def verify_version(path: Path, skip: Collection[str] = ()) -> Manifest:
     """Check the version against its format: the manifest is well formed, lists every file the
-    format requires, and every listed file is a regular file inside `path` matching its sha256."""
+    format requires, and every listed file is a regular file inside `path` matching its sha256
+    (but those named in `skip`: a reader that does not open them need not read them)."""
     if path.is_symlink() or not path.is_dir():
         raise IndexVerificationError(f"{path.name}: not a version directory (or a symlink)")
     manifest = read_manifest(path)
@@ -286,6 +338,8 @@ def verify_version(path: Path) -> Manifest:
             f"{path.name}: manifest does not list {', '.join(unlisted)}, which the format requires"
         )
     for name, expected in manifest.files.items():
+        if name in skip:
+            continue
         file = _regular_file(path, name)
         if file.stat().st_size != expected.bytes or sha256_file(file) != expected.sha256:
             raise IndexVerificationError(f"{path.name}: {name} does not match its sha256")

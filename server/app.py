@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from indexer.config import Backend, BackendConfig
 from indexer.engine import EngineOptions, QueryEngine
 from indexer.errors import InvalidInputError
+from indexer.publish import open_pointers
 from influence.v1 import influence_pb2
 from server.auth import BearerTokenInterceptor, SecurityConfig, TlsFiles, server_credentials
 from server.batching import BatcherConfig, MicroBatcher
@@ -25,6 +28,9 @@ from server.reflection import enable_reflection
 from server.reload import EngineHolder, EngineOpener, Reloader, ReloadPolicy
 from server.rpc import service_handler
 from server.servicer import InfluenceServicer, Served, ServiceLimits
+
+if TYPE_CHECKING:
+    from indexer.milvus import MilvusBackend
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +128,9 @@ class ServerConfig:
     engine: EngineOptions = field(
         default_factory=EngineOptions, metadata={"group": "exact re-ranking"}
     )
+    backend: BackendConfig = field(
+        default_factory=BackendConfig, metadata={"group": "vector engine"}
+    )
 
 
 def open_engine(
@@ -132,8 +141,10 @@ def open_engine(
     device: str,
     model_dir: Path | None,
     options: EngineOptions,
+    milvus: MilvusBackend | None = None,
 ) -> QueryEngine:
-    """The default EngineOpener: QueryEngine.open, reusing the served model when it matches."""
+    """The default EngineOpener: QueryEngine.open, reusing the served model when it matches;
+    with `milvus`, searching the version's collection."""
     return QueryEngine.open(
         root,
         version=version,
@@ -141,6 +152,7 @@ def open_engine(
         model_dir=model_dir,
         reuse_model_from=current,
         options=options,
+        milvus=milvus,
     )
 
 
@@ -150,9 +162,7 @@ class InfluenceServer:
     def __init__(self, config: ServerConfig, *, opener: EngineOpener | None = None) -> None:
         self.config = config
         self.metrics = ServerMetrics()
-        self._opener = opener or partial(
-            open_engine, device=config.device, model_dir=config.model_dir, options=config.engine
-        )
+        self._opener = opener  # None: `open_engine`, once start() has connected to the backend
         self._holder = EngineHolder()
         self._health = health.HealthServicer(experimental_non_blocking=True)
         self._serving = threading.Event()
@@ -165,6 +175,7 @@ class InfluenceServer:
         self._port: int | None = None
         self._health_port: int | None = None
         self._metrics_port: int | None = None
+        self._milvus: MilvusBackend | None = None
 
     @property
     def port(self) -> int:
@@ -187,6 +198,16 @@ class InfluenceServer:
         token = config.security.token()
         if not config.index_root.is_dir():
             raise InvalidInputError(f"index root {config.index_root} is not a directory")
+        pointers = open_pointers(config.index_root, config.backend)
+        milvus = pointers if config.backend.backend == Backend.MILVUS else None
+        self._milvus = milvus
+        opener = self._opener or partial(
+            open_engine,
+            device=config.device,
+            model_dir=config.model_dir,
+            options=config.engine,
+            milvus=milvus,
+        )
         batcher: MicroBatcher[WorkItem, Served] = MicroBatcher(
             Dispatcher(self._holder, self.metrics),
             config.batching,
@@ -195,10 +216,11 @@ class InfluenceServer:
         reloader = Reloader(
             config.index_root,
             self._holder,
-            self._opener,
+            opener,
             config.reload,
             on_swap=self._on_swap,
             on_failure=self.metrics.reload_failed,
+            pointers=pointers,
         )
         server = self._grpc_server(token, batcher, reloader)
         health_server = self._health_only_server() if config.health_port is not None else None
@@ -265,6 +287,8 @@ class InfluenceServer:
         if self._batcher is not None:
             self._batcher.close(timeout_s=grace)
         self._holder.swap(None)
+        if self._milvus is not None:
+            self._milvus.close()
         self.metrics.stop_http()
         log.info("stopped")
 

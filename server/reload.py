@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.errors import InfluenceIndexError
-from indexer.publish import CURRENT, PINNED, VERSIONS, read_current, read_pinned, version_entries
+from indexer.publish import (
+    CURRENT,
+    PINNED,
+    VERSIONS,
+    Pointers,
+    read_current,
+    read_pinned,
+    version_entries,
+)
 
 if TYPE_CHECKING:
     from indexer.engine import QueryEngine
@@ -152,9 +160,12 @@ class Reloader:
         *,
         on_swap: Callable[[str, float], None] | None = None,
         on_failure: Callable[[], None] | None = None,
+        pointers: Pointers | None = None,
     ) -> None:
-        """`on_swap(version, load_seconds)` follows each swap; `on_failure()` each failure."""
+        """`on_swap(version, load_seconds)` follows each swap; `on_failure()` each failure.
+        `pointers`: where CURRENT and PINNED are read (default: ROOT's files; Milvus aliases)."""
         self._root = root
+        self._pointers = pointers
         self._holder = holder
         self._opener = opener
         self._policy = policy
@@ -243,10 +254,10 @@ class Reloader:
         """The version to serve and what names it: --pin-version, PINNED or CURRENT."""
         if self._policy.pin_version is not None:
             return self._policy.pin_version, "--pin-version"
-        pinned = read_pinned(self._root)
+        pinned = read_pinned(self._root, self._pointers)
         if pinned is not None:
             return pinned, PINNED
-        return read_current(self._root), CURRENT
+        return read_current(self._root, self._pointers), CURRENT
 
     def _try(
         self,

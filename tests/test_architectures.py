@@ -6,7 +6,6 @@ scorer's."""
 from __future__ import annotations
 
 import logging
-from argparse import Namespace
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from indexer.evaluate import matching_corpus
 from indexer.exact import ExactConfig, ExactScorer
 from indexer.manifest import FULL_CURVATURE_FILE
 from indexer.query import Query
+from server.cli import build_parser
 from server.cli.index import run_info
 from tests.conftest import write_jsonl
 from tests.tiny import ARCHITECTURES, MOE_ARCHITECTURES, tiny_causal_lm
@@ -80,7 +80,7 @@ def test_builds_serves_and_reranks_exactly(architecture, tmp_path, tiny_model_di
     config = build_config(model, corpus, tmp_path / "index")
     summary = build_index(config)
     assert summary.coverage.share >= 0.95, summary.coverage
-    _, info = run_info(Namespace(index=config.out, version=None, verify=False))
+    _, info = run_info(build_parser().parse_args(["info", "--index", str(config.out)]))
     assert f"tracked   {summary.coverage.share:.1%} of the blocks' parameters" in info
     options = EngineOptions(rerank_early_stop=False)
     engine = QueryEngine.open(config.out, options=options)

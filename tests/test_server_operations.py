@@ -253,7 +253,7 @@ def test_unreadable_root_is_reported_once_without_a_traceback(
 ) -> None:
     with running_server(root, FakeOpener()) as (server, client):
 
-        def unreadable(_root: Path) -> str:
+        def unreadable(*_args: object) -> str:
             raise PermissionError(13, "Permission denied")
 
         monkeypatch.setattr(reload, "read_pinned", unreadable)

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from indexer.config import BuildConfig
+from indexer.config import Backend, BackendConfig, BuildConfig
 from server.cli.options import add_options, from_args
 from server.metrics import export_build_metrics
 
@@ -48,6 +48,8 @@ def run_build(args: argparse.Namespace) -> tuple[object, str] | None:
         f"re-rank factors {s.full_curvature_bytes / 2**20:.1f} MiB, "
         f"{s.tokens_per_second:.0f} tokens/s\ntracked {s.coverage}\n"
     )
+    if s.collection:
+        text += f"milvus collection {s.collection}\n"
     if s.built_from is None:
         return s.to_dict(), text + f"full build: {s.full_reason}"
     return s.to_dict(), text + (
@@ -56,11 +58,23 @@ def run_build(args: argparse.Namespace) -> tuple[object, str] | None:
     )
 
 
+def _pointers(args: argparse.Namespace):
+    """CURRENT and PINNED of --index under the backend the options name."""
+    from indexer.publish import open_pointers
+
+    return open_pointers(args.index, from_args(BackendConfig, args))
+
+
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=Path, required=True, help="index ROOT")
     parser.add_argument("--version", help="a version id (default: CURRENT)")
-    parser.add_argument("--verify", action="store_true", help="check every file's sha256")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every file's sha256 (Milvus: and read the collection back)",
+    )
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    add_options(parser, BackendConfig)
 
 
 def run_info(args: argparse.Namespace) -> tuple[object, str]:
@@ -69,9 +83,14 @@ def run_info(args: argparse.Namespace) -> tuple[object, str]:
     from indexer.publish import list_versions, read_current, read_manifest, verify_version
     from indexer.publish import version_dir as find_version
 
-    path = find_version(args.index, args.version)
+    pointers = _pointers(args)
+    path = find_version(args.index, args.version, pointers)
     m = verify_version(path) if args.verify else read_manifest(path)
-    current, versions = read_current(args.index), list_versions(args.index)
+    milvus = args.backend == Backend.MILVUS
+    if milvus and args.verify:
+        pointers.check(m, path.name)
+        pointers.verify(m.collection, path)
+    current, versions = read_current(args.index, pointers), list_versions(args.index)
     index_bytes = m.files[INDEX_FILE].bytes
     lines = [
         f"index {args.index}: CURRENT = {current}; versions: {len(versions)}",
@@ -86,6 +105,8 @@ def run_info(args: argparse.Namespace) -> tuple[object, str]:
         f"exact     factors {'stored' if m.exact_rerank else 'not stored'}; early stop: "
         f"{m.rerank_bound or 'off (no calibrated bound)'}",
     ]
+    if m.collection is not None:
+        lines.append(f"milvus    collection {m.collection.name}, {m.collection.rows} rows")
     if args.verify:
         lines.append(f"checksums ok ({len(m.files)} files)")
     info = {"current": current, "versions": versions, "version": path.name}
@@ -101,17 +122,19 @@ def add_pin_arguments(parser: argparse.ArgumentParser) -> None:
         "--clear", action="store_true", help="remove the pin: servers follow CURRENT again"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_options(parser, BackendConfig)
 
 
 def run_pin(args: argparse.Namespace) -> tuple[object, str]:
     """Write (after verifying the version) or remove ROOT/PINNED."""
     from indexer.publish import clear_pin, pin
 
+    pointers = _pointers(args)
     if args.clear:
-        previous = clear_pin(args.index)
+        previous = clear_pin(args.index, pointers)
         line = f"unpinned {args.index} (was {previous}): servers follow CURRENT"
         return {"pinned": None, "previous_pin": previous}, line
-    pin(args.index, args.version)
+    pin(args.index, args.version, pointers)
     line = f"pinned {args.index} to {args.version}: every server serves it until --clear"
     return {"pinned": args.version}, line
 
@@ -121,13 +144,14 @@ def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
     text = "the version to serve (default: the newest valid one built before CURRENT's)"
     parser.add_argument("--to", metavar="VERSION", help=text)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_options(parser, BackendConfig)
 
 
 def run_rollback(args: argparse.Namespace) -> tuple[object, str]:
     """Point CURRENT at a verified earlier version, atomically."""
     from indexer.publish import rollback
 
-    done = rollback(args.index, args.to)
+    done = rollback(args.index, args.to, _pointers(args))
     line = f"CURRENT of {args.index}: {done.previous} -> {done.current}"
     if done.pinned:
         line += f"; note: ROOT/PINNED pins {done.pinned}, which servers serve instead"

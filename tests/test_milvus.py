@@ -1,0 +1,309 @@
+"""The Milvus backend against Milvus Lite (embedded, a local file; no mocks): build, publish
+and the alias; a server that searches the collection and follows the alias; incremental
+builds; rollback and pin; failed builds; bad URIs and dimensions; and, on the demo with a
+flat index, the same top-10 as FAISS for every demo query."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from indexer.build import build_index
+from indexer.config import Backend, BackendConfig, BuildConfig
+from indexer.engine import QueryEngine
+from indexer.errors import IndexVerificationError, InvalidInputError
+from indexer.manifest import INDEX_FILE, MANIFEST_FILE, METADATA_FILE
+from indexer.milvus import MilvusBackend
+from indexer.publish import (
+    CURRENT,
+    PINNED,
+    VERSIONS,
+    new_version_id,
+    open_pointers,
+    read_current,
+    read_manifest,
+    rollback,
+    version_dir,
+)
+from indexer.query import Query
+from server.app import InfluenceServer, ServerConfig
+from server.cli import main
+from server.client import InfluenceClient
+from server.reload import ReloadPolicy
+from tests.conftest import write_jsonl
+from tests.test_build import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WAIT_S = 120.0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def assert_same_hits(found: list, expected: list, engine: QueryEngine) -> None:
+    """The same hits with the same scores, rank by rank; two examples with the same tokens
+    (duplicate texts: the same stored vector) may trade places, a tie either engine breaks
+    its own way."""
+    assert [h.score for h in found] == pytest.approx([h.score for h in expected], rel=1e-4)
+    records = engine.metadata.lookup([h.example_id for h in [*found, *expected]])
+    tokens = [
+        (records[a.example_id].token_ids, records[b.example_id].token_ids)
+        for a, b in zip(found, expected, strict=True)
+    ]
+    assert all(mine == theirs for mine, theirs in tokens)
+
+
+def lite(path: Path, prefix: str = "influence") -> BackendConfig:
+    return BackendConfig(Backend.MILVUS, str(path), prefix)
+
+
+def milvus_config(
+    model: Path, corpus: Path, root: Path, backend: BackendConfig, **store
+) -> BuildConfig:
+    return replace(tiny_config(model, corpus, root, **store), backend=backend)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_model_dir, small_corpus) -> dict:
+    """A Milvus Lite file, an index ROOT built into it, and the corpus it was built from."""
+    work = tmp_path_factory.mktemp("milvus")
+    corpus = write_jsonl(work / "corpus.jsonl", small_corpus)
+    backend = lite(work / "milvus.db")
+    root = work / "index"
+    summary = build_index(milvus_config(tiny_model_dir, corpus, root, backend))
+    return {"root": root, "backend": backend, "corpus": corpus, "first": summary}
+
+
+@pytest.fixture(scope="module")
+def milvus(tiny) -> MilvusBackend:
+    return open_pointers(tiny["root"], tiny["backend"])
+
+
+@pytest.fixture
+def serve(tiny) -> Iterator[Callable[..., InfluenceClient]]:
+    servers: list[tuple[InfluenceServer, InfluenceClient]] = []
+
+    def start(**reload: object) -> InfluenceClient:
+        config = ServerConfig(
+            index_root=tiny["root"],
+            port=0,
+            reload=ReloadPolicy(poll_seconds=0.1, **reload),
+            backend=tiny["backend"],
+        )
+        server = InfluenceServer(config)
+        server.start()
+        client = InfluenceClient(f"127.0.0.1:{server.port}", timeout_s=60)
+        servers.append((server, client))
+        return client
+
+    yield start
+    for server, client in servers:
+        client.close()
+        server.stop(grace_s=1)
+
+
+def test_a_build_publishes_a_verified_collection_and_moves_the_alias(tiny, milvus) -> None:
+    root, summary = tiny["root"], tiny["first"]
+    manifest = read_manifest(version_dir(root, summary.version, milvus))
+    assert summary.collection == milvus.collection(summary.version) == manifest.collection.name
+    assert manifest.collection.rows == summary.n_examples == milvus.count(summary.collection)
+    assert read_current(root, milvus) == summary.version
+    assert not (root / CURRENT).exists()  # the alias is CURRENT, not a file of ROOT
+    milvus.verify(manifest.collection, version_dir(root, summary.version))
+
+
+def test_info_reads_the_alias_and_verifies_the_collection(tiny, capsys) -> None:
+    root, version = tiny["root"], tiny["first"].version
+    assert main(["info", "--index", str(root), *_flags(tiny), "--verify", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["current"] == info["version"] == version
+    assert info["manifest"]["collection"]["rows"] == tiny["first"].n_examples
+
+
+def test_the_server_searches_milvus_and_answers_as_faiss_does(tiny, serve) -> None:
+    """The same version answered through Milvus and through its FAISS index (which the
+    build keeps for incremental builds): the same hits and scores."""
+    root, version = tiny["root"], tiny["first"].version
+    client = serve()
+    wait_for(lambda: client.info().serving)
+    faiss = QueryEngine.open(root, version=version)
+    try:
+        for prompt, completion in [("The market", " was busy"), ("A river", " flows")]:
+            for depth in (0, 50):
+                answer = client.query(prompt, completion, top_k=5, rerank_depth=depth)
+                (expected,) = faiss.query([Query(prompt, completion, top_k=5, rerank_depth=depth)])
+                assert answer.index_version == version
+                assert_same_hits(list(answer.influences), expected.hits, faiss)
+    finally:
+        faiss.close()
+
+
+def test_the_server_reads_neither_the_faiss_index_nor_the_metadata(tiny, milvus) -> None:
+    """Stateless: model, factors and Milvus. A version whose FAISS index and metadata files
+    are gone opens and answers through Milvus (and FAISS refuses it)."""
+    root, version = tiny["root"], tiny["first"].version
+    path = version_dir(root, version)
+    moved = {name: path / f".{name}.aside" for name in (INDEX_FILE, METADATA_FILE)}
+    for name, aside in moved.items():
+        (path / name).rename(aside)
+    try:
+        with pytest.raises(IndexVerificationError):
+            QueryEngine.open(root, version=version)
+        engine = QueryEngine.open(root, version=version, milvus=milvus)
+        (result,) = engine.query([Query("The market", " was busy", top_k=3, include_text=True)])
+        assert len(result.hits) == 3 and result.hits[0].text
+        engine.close()
+    finally:
+        for name, aside in moved.items():
+            aside.rename(path / name)
+
+
+def test_incremental_build_writes_a_new_collection_and_the_server_follows_the_alias(
+    tiny, small_corpus, tiny_model_dir, milvus, serve, tmp_path: Path
+) -> None:
+    root, first = tiny["root"], tiny["first"].version
+    client = serve()
+    wait_for(lambda: client.info().version == first)
+    documents = [dict(d) for d in small_corpus[1:]]  # one deleted
+    documents[0]["text"] += " And then it rained."  # one changed
+    documents.append({"id": "new-doc", "text": "A new document about the harbour."})
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
+    summary = build_index(milvus_config(tiny_model_dir, corpus, root, tiny["backend"]))
+    assert summary.mode == "incremental" and summary.built_from == first
+    assert (summary.new, summary.changed, summary.deleted) == (1, 1, 1)
+    assert read_current(root, milvus) == summary.version
+    assert milvus.count(summary.collection) == summary.n_examples
+    assert milvus.client.has_collection(milvus.collection(first))  # kept for rollback
+    wait_for(lambda: client.info().version == summary.version)
+    hits = client.query("A new document", " about the harbour.", top_k=3).influences
+    assert "new-doc" in {h.doc_id for h in hits}
+
+    # rollback moves the alias back, and the server follows
+    assert main(["rollback", "--index", str(root), *_flags(tiny), "--json"]) == 0
+    assert read_current(root, milvus) == first
+    wait_for(lambda: client.info().version == first)
+    rollback(root, summary.version, milvus)
+    wait_for(lambda: client.info().version == summary.version)
+
+    # a pin moves the pinned alias, which every server serves until it is cleared
+    assert main(["pin", "--index", str(root), *_flags(tiny), first]) == 0
+    assert milvus.read(PINNED) == first
+    wait_for(lambda: client.info().version == first)
+    assert main(["pin", "--index", str(root), *_flags(tiny), "--clear"]) == 0
+    assert milvus.read(PINNED) is None
+    wait_for(lambda: client.info().version == summary.version)
+
+
+def _flags(tiny: dict) -> list[str]:
+    backend = tiny["backend"]
+    return ["--backend", "milvus", "--milvus-uri", backend.milvus_uri]
+
+
+def test_a_failed_build_leaves_the_alias_and_drops_its_collection(
+    tiny, tiny_model_dir, milvus, monkeypatch
+) -> None:
+    root = tiny["root"]
+    before, collections = read_current(root, milvus), set(milvus.client.list_collections())
+
+    def fail(*_args: object) -> None:
+        raise IndexVerificationError("the collection did not read back")
+
+    monkeypatch.setattr(MilvusBackend, "verify", fail)
+    config = milvus_config(tiny_model_dir, tiny["corpus"], root, tiny["backend"])
+    with pytest.raises(IndexVerificationError):
+        build_index(replace(config, incremental=replace(config.incremental, mode="off")))
+    assert read_current(root, milvus) == before
+    assert set(milvus.client.list_collections()) == collections
+
+
+def test_a_killed_builds_collection_is_dropped_by_the_next_build(
+    tiny, tiny_model_dir, milvus
+) -> None:
+    """A build killed while writing its collection never moved the alias; the next build
+    drops the collection it left."""
+    root = tiny["root"]
+    current = read_current(root, milvus)
+    orphan = new_version_id()
+    milvus.write_collection(orphan, version_dir(root, current), 64, unit=True)
+    assert read_current(root, milvus) == current
+    assert milvus.drop_orphans() == [milvus.collection(orphan)]
+    assert not milvus.client.has_collection(milvus.collection(orphan))
+
+
+def test_bad_uri_and_dimension_are_one_line_errors(
+    tiny_model_dir, small_corpus_path, tmp_path: Path, capsys
+) -> None:
+    base = ["build", "-q", "--model", str(tiny_model_dir), "--data", str(small_corpus_path)]
+    base += ["--out", str(tmp_path / "index"), "--max-length", "64", "--rank-in", "8"]
+    for uri, expected in [
+        ("", "--backend milvus needs --milvus-uri"),
+        (str(tmp_path / "index.txt"), "neither a Milvus Lite file"),
+        (str(tmp_path / "missing" / "m.db"), "does not exist"),
+    ]:
+        assert main([*base, "--backend", "milvus", "--milvus-uri", uri]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err and err.count("\n") == 1
+    argv = ["--backend", "milvus", "--milvus-uri", str(tmp_path / "m.db")]
+    assert main([*base, *argv, "--milvus-max-dimension", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "over Milvus's limit of 100 (proxy.maxDimension)" in err and err.count("\n") == 1
+    backend = lite(tmp_path / "m.db")
+    assert read_current(tmp_path / "index", open_pointers(tmp_path / "index", backend)) is None
+    with pytest.raises(InvalidInputError, match="--milvus-prefix"):
+        MilvusBackend.connect(lite(tmp_path / "m.db", prefix="bad-prefix"), tmp_path)
+
+
+def test_demo_top_10_equals_faiss_for_every_demo_query(
+    tmp_path: Path, demo_index_root: Path, demo_queries
+) -> None:
+    """On the demo with its flat index (`IDMap,SQ8`, searched exhaustively), published to
+    Milvus: Milvus holds the vectors the FAISS index scores (decoded from it), so both return
+    the same top-10, sketch alone and exactly re-ranked (duplicate texts aside, which may trade
+    places)."""
+    source = version_dir(demo_index_root)
+    assert read_manifest(source).index_factory == "IDMap,SQ8"
+    root = tmp_path / "index"
+    version = root / VERSIONS / source.name
+    shutil.copytree(source, version, copy_function=os.link)
+    milvus = MilvusBackend.connect(lite(tmp_path / "milvus.db"), root)
+    manifest = read_manifest(version)
+    record = milvus.write_collection(version.name, version, manifest.max_length, unit=True)
+    (version / MANIFEST_FILE).unlink()  # a hard link to the session's index: write our own
+    (version / MANIFEST_FILE).write_text(replace(manifest, collection=record).to_json())
+    engines = [
+        QueryEngine.open(root, version=version.name),
+        QueryEngine.open(root, version=version.name, milvus=milvus),
+    ]
+    queries = [Query(q["prompt"], q["completion"], top_k=10) for q in demo_queries]
+    try:
+        for depth in (0, None):
+            asked = [replace(q, rerank_depth=depth) for q in queries]
+            faiss, ours = (engine.query(asked) for engine in engines)
+            for expected, found in zip(faiss, ours, strict=True):
+                assert len(found.hits) == 10
+                assert_same_hits(found.hits, expected.hits, engines[0])
+    finally:
+        for engine in engines:
+            engine.close()
+
+
+def test_pruned_versions_drop_their_collections(tiny, tiny_model_dir, milvus) -> None:
+    """Last in this module: it prunes the versions the other tests use."""
+    root, backend = tiny["root"], tiny["backend"]
+    config = milvus_config(tiny_model_dir, tiny["corpus"], root, backend, keep_versions=1)
+    summary = build_index(config)
+    ours = [c for c in milvus.client.list_collections() if c.startswith("influence_")]
+    assert ours == [summary.collection]
+    assert [v.name for v in (root / VERSIONS).iterdir()] == [summary.version]
