@@ -693,7 +693,7 @@ def _plot_lds(report: EvalReport, path: Path) -> Path:
     errors = np.abs(
         np.array([[report.lds[m]["low"], report.lds[m]["high"]] for m in methods]).T - means
     )
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(methods) + 1.2))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(methods) + 1.2))
     ax.barh(methods, means, xerr=errors, capsize=3, color="tab:blue", alpha=0.8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
@@ -702,6 +702,7 @@ def _plot_lds(report: EvalReport, path: Path) -> Path:
         title=f"linear datamodeling score, {report.lds_settings['subsets']} subsets retrained, "
         f"{report.score_kind} index",
     )
+    ax.title.set_fontsize(10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
