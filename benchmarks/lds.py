@@ -11,9 +11,10 @@ killed run resumes where it stopped; a cache made for another corpus, recipe, su
 or model is refused in one line (exit 2). Seeds run one after another: every subset's seed 0
 before any seed 1.
 
-Scoring (unless `--retrain-only`): `influence-index eval --lds CACHE` on the demo index, for
-each score kind, with the exact scorer and the baselines: the LDS of every method, with its
-bootstrap interval over queries.
+Scoring: `influence-index eval --lds CACHE` on the demo index, for each score kind, with the
+exact scorer and the baselines: the LDS of every method, with its bootstrap interval over
+queries. `--phase retrain` only retrains, `--phase score` only scores what the cache holds (an
+unfinished cache: the subsets retrained so far, at least `indexer.lds.MIN_SUBSETS`).
 
     .venv/bin/python -m benchmarks.lds --cache .cache/lds/demo.json --subsets 50 --seeds 0 \
         --workers 2 --out benchmarks/results/lds-demo.json
@@ -71,6 +72,7 @@ log = logging.getLogger("lds")
 
 # Bump when a change to this file alters what a retraining computes.
 RETRAIN_VERSION = 1
+PHASES = ("retrain", "score", "both")
 # The targets: the served answer against the exact scorer, both against the baselines.
 PAIRED = (
     ("index+rerank", "exact"),
@@ -295,7 +297,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, default=1, help="retraining processes, 1 thread each"
     )
-    parser.add_argument("--retrain-only", action="store_true")
+    parser.add_argument("--phase", choices=PHASES, default="both", help="what to run")
     parser.add_argument("--check-recipe", action="store_true")
     parser.add_argument(
         "--kinds", type=comma_list(ScoreKind), default=KINDS, help="score kinds to evaluate"
@@ -320,10 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_recipe:
         result["recipe_check"] = check_recipe(shared, artifacts)
         log.info("recipe check: %s", result["recipe_check"])
-    retrain(cache, args.cache, shared, args.seeds, args.workers)
+    if args.phase != "score":
+        retrain(cache, args.cache, shared, args.seeds, args.workers)
     result["retraining"] = retraining_summary(cache)
     result["seed_agreement"] = seed_agreement(cache)
-    if not args.retrain_only:
+    if args.phase != "retrain":
         try:
             result["kinds"] = {
                 str(kind): score_kind(args.cache, kind, args.work, args.threads)

@@ -179,7 +179,7 @@ def test_benchmark_refuses_a_cache_made_for_other_subsets(tmp_path, capsys, demo
     cache = small_cache()
     write_cache(cache, path)
     before = path.read_bytes()
-    assert benchmark(["--cache", str(path), "--subsets", "2", "--retrain-only"]) == 2
+    assert benchmark(["--cache", str(path), "--subsets", "2", "--phase", "retrain"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1
     assert err[0].startswith(f"error: LDS cache {path} was made for another corpus, recipe")
