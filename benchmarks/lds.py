@@ -16,8 +16,9 @@ exact scorer and the baselines: the LDS of every method, with its bootstrap inte
 queries. `--phase retrain` only retrains, `--phase score` only scores what the cache holds (an
 unfinished cache: the subsets retrained so far, at least `indexer.lds.MIN_SUBSETS`).
 
-    .venv/bin/python -m benchmarks.lds --cache .cache/lds/demo.json --subsets 50 --seeds 0 \
-        --workers 2 --out benchmarks/results/lds-demo.json
+    .venv/bin/python -m benchmarks.lds --subsets 50 --seeds 0,1 --workers 3 --phase retrain
+    .venv/bin/python -m benchmarks.lds --phase score --kinds cosine \
+        --out benchmarks/results/lds-demo-cosine.json
 
 `--check-recipe` first retrains on the whole corpus with seed 0 and compares the weights with
 the demo model's: the retraining is the demo's recipe exactly.
@@ -43,7 +44,7 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from benchmarks.common import CACHE, comma_ints, comma_list, demo_artifacts, emit, start_run
 from benchmarks.rerank import KINDS, ensure_build, load_setting
-from indexer.config import CorpusConfig, ScoreKind, SketchConfig, StoreConfig
+from indexer.config import CorpusConfig, ScoreKind, SketchConfig, StoreConfig, default_of
 from indexer.corpus import document_batches
 from indexer.demo.train import (
     DemoArtifacts,
@@ -73,6 +74,7 @@ log = logging.getLogger("lds")
 # Bump when a change to this file alters what a retraining computes.
 RETRAIN_VERSION = 1
 PHASES = ("retrain", "score", "both")
+TOP_K = default_of(Query, "top_k")
 # The targets: the served answer against the exact scorer, both against the baselines.
 PAIRED = (
     ("index+rerank", "exact"),
@@ -244,6 +246,9 @@ def score_kind(cache_path: Path, kind: ScoreKind, work: Path, threads: int) -> d
         exact=True,
         baselines=BASELINES,
         lds=cache_path,
+        # A query's default top-k: the served answer as a client gets it by default.
+        ks=(TOP_K,),
+        fact_ks=(1, TOP_K),
     )
     started, cpu = time.perf_counter(), time.process_time()
     report = evaluate(config)
