@@ -234,7 +234,7 @@ def retraining_summary(cache: RetrainCache) -> dict:
     }
 
 
-def score_kind(cache_path: Path, kind: ScoreKind, work: Path, threads: int) -> dict:
+def score_kind(cache_path: Path, kind: ScoreKind, work: Path) -> dict:
     """`eval --lds` of the default demo index of `kind` (built under `work`, or reused) with the
     exact scorer and every baseline: LDS and fact tracing per method, per-query LDS, and the
     paired differences that the issue's targets compare."""
@@ -308,7 +308,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--kinds", type=comma_list(ScoreKind), default=KINDS, help="score kinds to evaluate"
     )
     parser.add_argument("--work", type=Path, default=CACHE / "lds", help="the demo indexes")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the scoring")
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
 
@@ -334,8 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.phase != "retrain":
         try:
             result["kinds"] = {
-                str(kind): score_kind(args.cache, kind, args.work, args.threads)
-                for kind in args.kinds
+                str(kind): score_kind(args.cache, kind, args.work) for kind in args.kinds
             }
         except InfluenceIndexError as e:
             sys.stderr.write(f"error: {e}\n")
