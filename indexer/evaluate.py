@@ -6,10 +6,16 @@ Methods compared on the same queries (each timed):
   `index+lexical+rerank` with BM25 candidates joining them (when the version stores what
   they need);
 - `exact`: full EK-FAC with no projection, same corpus, modules and curvature settings as the build;
-- `bm25`, `grad-cosine`: the baselines of `indexer.baselines`.
+- `bm25`, `grad-cosine`: the baselines of `indexer.baselines`; `no-curvature`: the stored
+  sketches with their EK-FAC preconditioning undone, in the index's kind (for cosine, TrackStar
+  without its curvature: unit-normalised projected gradients).
 
 Fidelity separates the two error sources: *sketch* error (stored sketches scored exhaustively vs
 exact) and *compression* error (FAISS vs exhaustive search over the stored sketches).
+
+With a retraining cache (`--lds`, see `indexer.lds` and `benchmarks/lds.py`), every method also
+gets its linear datamodeling score: truth against retraining rather than agreement with exact
+EK-FAC.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from indexer import metrics
+from indexer import lds, metrics
 from indexer.baselines import (
     BM25Scorer,
     GradientCosine,
@@ -38,18 +44,19 @@ from indexer.baselines import (
     flat_gradients,
     stream_scores,
 )
-from indexer.config import ScoreKind
-from indexer.corpus import Example, load_corpus
+from indexer.config import CorpusConfig, ScoreKind
+from indexer.corpus import Example, document_batches, load_corpus
 from indexer.curvature import Curvature
 from indexer.engine import EngineOptions, QueryEngine
 from indexer.errors import InvalidInputError
 from indexer.exact import DEFAULT_MEMORY_LIMIT, ExactConfig, ExactScorer
 from indexer.query import LabeledQuery, TokenizedQuery, query_vectors
+from indexer.scores import RerankBound
 from indexer.store import StoredVectors, VectorsAtNorms
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("bm25", "grad-cosine")
+BASELINES = ("bm25", "grad-cosine", "no-curvature")
 SCORE_CHUNK_ROWS = 8192
 T = TypeVar("T")
 
@@ -97,6 +104,14 @@ class EvalConfig:
     lexical_candidates: int = field(
         default=100, metadata={"help": "BM25 candidates of the index+lexical+rerank method"}
     )
+    lds: Path | None = field(
+        default=None,
+        metadata={
+            "help": "retraining cache (benchmarks/lds.py): report each method's linear "
+            "datamodeling score",
+            "flags": ("--lds",),
+        },
+    )
 
     @property
     def depth(self) -> int:
@@ -119,6 +134,7 @@ class QueryReport:
     has_gold: bool
     fidelity: dict[str, float] = field(default_factory=dict)
     first_gold_rank: dict[str, int | None] = field(default_factory=dict)
+    lds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,6 +156,9 @@ class EvalReport:
     fidelity_curves: dict[str, list[float]] = field(default_factory=dict)
     methods: dict[str, MethodReport] = field(default_factory=dict)
     queries: list[QueryReport] = field(default_factory=list)
+    # per method: mean LDS over queries and its bootstrap interval (`indexer.lds.Estimate`)
+    lds: dict[str, dict[str, float]] = field(default_factory=dict)
+    lds_settings: dict[str, object] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
@@ -199,10 +218,16 @@ def exact_influence_target(curvature: Curvature, queries: Tensor) -> ScoreTarget
     return ScoreTarget(partial(flat_gradients, names=list(folded)), flat)
 
 
+def build_corpus(engine: QueryEngine, data: str | None) -> CorpusConfig:
+    """The build's corpus settings, reading `data` instead of the recorded path if given."""
+    manifest = engine.manifest
+    return replace(manifest.corpus, data=data) if data else manifest.corpus
+
+
 def matching_corpus(engine: QueryEngine, data: str | None) -> list[Example]:
     """The build's corpus (from the manifest, or `data`), checked row by row against metadata."""
     manifest = engine.manifest
-    corpus_config = replace(manifest.corpus, data=data) if data else manifest.corpus
+    corpus_config = build_corpus(engine, data)
     examples = load_corpus(corpus_config, engine.loaded.tokenizer, manifest.max_length).examples
     if len(examples) != engine.info.n_examples:
         raise InvalidInputError(
@@ -223,19 +248,50 @@ def matching_corpus(engine: QueryEngine, data: str | None) -> list[Example]:
 
 @dataclass
 class _IndexRun:
-    """The service path's answers: per query, retrieved example rows and documents, best first."""
+    """The service path's answers: per query, retrieved example rows and documents, best first,
+    the hits' scores and whether each is exact."""
 
     rows: list[list[int]]
     docs: list[list[str]]
+    scores: list[list[float]]
+    exact: list[list[bool]]
+
+
+def sketch_estimates(
+    streamed: StreamedScores, query_norms: np.ndarray, kind: ScoreKind, bound: RerankBound | None
+) -> np.ndarray:
+    """The sketch's estimates `[Q, N]` of exact scores in `kind`: the version's calibrated line
+    (`RerankBound.estimate`, in cosine units, scaled back to `kind`), or without one the sketch
+    scores themselves."""
+    if bound is None:
+        return in_kind(streamed, query_norms, kind)
+    scale = 1.0 if kind == ScoreKind.COSINE else np.outer(query_norms, streamed.norms)
+    return bound.estimate(streamed.cosine(query_norms)) * scale
+
+
+def served_scores(estimates: np.ndarray, run: _IndexRun) -> np.ndarray:
+    """A served answer over the whole corpus `[Q, N]`: its exact hits' scores, and the sketch's
+    `estimates [Q, N]` for every other example."""
+    scores = estimates.copy()
+    for q, (rows, hit_scores, exact) in enumerate(
+        zip(run.rows, run.scores, run.exact, strict=True)
+    ):
+        kept = np.asarray(exact, dtype=bool)
+        scores[q, np.asarray(rows, dtype=np.int64)[kept]] = np.asarray(hit_scores)[kept]
+    return scores
 
 
 class _Session:
     """One evaluation: an open engine, the encoded queries, and the report being filled."""
 
-    def __init__(self, config: EvalConfig, engine: QueryEngine):
+    def __init__(
+        self, config: EvalConfig, engine: QueryEngine, retrained: lds.RetrainCache | None = None
+    ):
         self.config = config
         self.engine = engine
+        self.retrained = retrained
         self.queries = list(config.queries)
+        self.estimates: np.ndarray | None = None  # the sketch's estimates of exact scores
         self.tokenized = {
             method: [self._prepare(q, rerank, lexical) for q in self.queries]
             for method, (rerank, lexical) in self._index_methods().items()
@@ -277,6 +333,7 @@ class _Session:
             raise InvalidInputError(f"query {labeled.id!r}: {e}") from e
 
     def run(self) -> EvalReport:
+        losses = self._retrained_losses() if self.retrained is not None else None
         runs = {
             method: self._timed(method, partial(self._run_index, method))
             for method in self.tokenized
@@ -284,15 +341,40 @@ class _Session:
         for method, run in runs.items():
             self._trace_facts(method, run.docs)
         sketch = self._sketch_scores()
-        exact = None
-        if self.config.exact or self.config.baselines:
+        exact, examples = None, None
+        if self.config.exact or self.config.baselines or losses is not None:
             examples = matching_corpus(self.engine, self.config.data)
             if self.config.exact:
                 exact = self._full_method("exact", lambda: self._exact_scores(examples), examples)
             for name in self.config.baselines:
                 self._full_method(name, lambda n=name: self._baseline(n, examples), examples)
         self._fidelity(runs, sketch, exact)
+        if losses is not None:
+            self._linear_datamodeling(runs, examples, losses)
         return self.report
+
+    def _retrained_losses(self) -> np.ndarray:
+        """The retrained losses `[M, Q]` of this evaluation's queries (seeds averaged), once the
+        cache is checked against this version's model, corpus and queries (InvalidInputError
+        names what differs)."""
+        cache, path = self.retrained, self.config.lds
+        if cache.key.model != self.engine.info.model_sha256:
+            raise InvalidInputError(
+                f"LDS cache {path} was made for another model (sha256 {cache.key.model[:12]}, "
+                f"this index's is {self.engine.info.model_sha256[:12]})"
+            )
+        documents = document_batches(build_corpus(self.engine, self.config.data))
+        if lds.corpus_sha256(d for batch in documents for d in batch) != cache.key.corpus:
+            raise InvalidInputError(f"LDS cache {path} was made for another corpus")
+        position = {q["id"]: k for k, q in enumerate(cache.queries)}
+        for labeled in self.queries:
+            k = position.get(labeled.id)
+            asked = {"prompt": labeled.query.prompt, "completion": labeled.query.completion}
+            if k is None or any(cache.queries[k][f] != v for f, v in asked.items()):
+                raise InvalidInputError(
+                    f"LDS cache {path} has no retrained loss for query {labeled.id!r} as asked"
+                )
+        return cache.loss_matrix(*cache.usable())[:, [position[q.id] for q in self.queries]]
 
     def _timed(self, method: str, compute: Callable[[], T]) -> T:
         """Run `compute`, recording its wall time as the method's."""
@@ -311,14 +393,19 @@ class _Session:
         return _IndexRun(
             rows=[[row_of[h.example_id] for h in r.hits] for r in results],
             docs=[metrics.rank_documents(h.doc_id for h in r.hits) for r in results],
+            scores=[[h.score for h in r.hits] for r in results],
+            exact=[[h.exact for h in r.hits] for r in results],
         )
 
     def _sketch_scores(self) -> np.ndarray:
-        """The stored sketches' scores `[Q, N]` (what a flat index would return)."""
+        """The stored sketches' scores `[Q, N]` (what a flat index would return); keeps the
+        sketch's estimates of exact scores for the served answers' LDS."""
         q = self.engine.query_vectors(self.tokenized["index"])
         streamed = sketch_scores(self.engine.vectors, q)
-        scores = in_kind(streamed, np.linalg.norm(q, axis=1), self.report.score_kind)
+        norms, kind = np.linalg.norm(q, axis=1), self.report.score_kind
+        scores = in_kind(streamed, norms, kind)
         self.report.scores["index-sketch"] = scores
+        self.estimates = sketch_estimates(streamed, norms, kind, self.engine.manifest.rerank_bound)
         return scores
 
     def _exact_scores(self, examples: list[Example]) -> np.ndarray:
@@ -351,6 +438,8 @@ class _Session:
         if name == "bm25":
             bm25 = BM25Scorer([e.text for e in examples])
             return bm25.score([f"{q.query.prompt} {q.query.completion}" for q in self.queries])
+        if name == "no-curvature":
+            return self._unpreconditioned_scores()
         gradient_config = GradientCosineConfig(
             modules=self.engine.manifest.sketch.modules,
             batch_size=self.config.batch_size,
@@ -359,6 +448,53 @@ class _Session:
         )
         gradient_cosine = GradientCosine(self.engine.loaded, examples, gradient_config)
         return gradient_cosine.score(self.tokenized["index"])
+
+    def _unpreconditioned_scores(self) -> np.ndarray:
+        """Scores `[Q, N]` of the stored sketches with their preconditioning undone: each
+        module's columns times `sqrt(Λ + λ)` (the eigenbasis rotation keeps inner products), in
+        the index's kind: for cosine, TrackStar without its curvature."""
+        curvature = self.engine.curvature
+        scale = torch.cat(
+            [(m.eigvals + m.damping).sqrt().flatten() for m in curvature.modules.values()]
+        ).numpy()
+        q = self.engine.query_vectors(self.tokenized["index"])
+        streamed = sketch_scores(self.engine.vectors.preconditioned, q, scale)
+        return in_kind(streamed, np.linalg.norm(q * scale, axis=1), self.report.score_kind)
+
+    def _linear_datamodeling(
+        self, runs: dict[str, _IndexRun], examples: list[Example], losses: np.ndarray
+    ) -> None:
+        """Each method's LDS against the retrained `losses [M, Q]`: per query, and its mean
+        with a bootstrap interval over the queries. `index` is the stored sketches' scores of
+        every example; a re-ranked method is its served answer (exact hits) with the sketch's
+        estimates for every other example."""
+        cache = self.retrained
+        used, seeds = cache.usable()
+        in_subset = lds.membership(
+            [cache.subsets[m] for m in used], cache.doc_ids, [e.doc_id for e in examples]
+        )
+        scored = {"index": self.report.scores["index-sketch"]}
+        scored |= {
+            method: served_scores(self.estimates, run)
+            for method, run in runs.items()
+            if method != "index"
+        }
+        scored |= {m: s for m, s in self.report.scores.items() if m != "index-sketch"}
+        for method, scores in scored.items():
+            per_query = lds.lds_per_query(scores, in_subset, losses)
+            for query, value in zip(self.report.queries, per_query, strict=True):
+                query.lds[method] = float(value)
+            self.report.lds[method] = asdict(lds.bootstrap_mean(per_query))
+        self.report.lds_settings = {
+            "cache": str(self.config.lds),
+            "subsets": len(used),
+            "subsets_planned": len(cache.subsets),
+            "documents_per_subset": len(cache.subsets[0]),
+            "documents": len(cache.doc_ids),
+            "seeds": seeds,
+            "confidence": lds.CONFIDENCE,
+            "bootstrap_resamples": lds.BOOTSTRAP_RESAMPLES,
+        }
 
     def _full_method(
         self, name: str, compute: Callable[[], np.ndarray], examples: list[Example]
@@ -423,10 +559,12 @@ class _Session:
 
 
 def evaluate(config: EvalConfig) -> EvalReport:
-    """Run every requested method on the queries and measure fidelity and fact tracing."""
+    """Run every requested method on the queries and measure fidelity and fact tracing (and,
+    with a retraining cache, the LDS: the cache is read and checked before any scoring)."""
+    retrained = lds.read_cache(config.lds) if config.lds is not None else None
     engine = QueryEngine.open(config.index, device=config.device, version=config.version)
     try:
-        return _Session(config, engine).run()
+        return _Session(config, engine, retrained).run()
     finally:
         engine.close()
 
@@ -470,8 +608,34 @@ def render_table(report: EvalReport) -> str:
             *(f"  {name:<24}{_fmt(value)}" for name, value in report.fidelity.items()),
             "",
             *_table(["method", *fact_names, "seconds", "s/query"], method_rows),
+            *_lds_lines(report),
         ]
     )
+
+
+def _lds_lines(report: EvalReport) -> list[str]:
+    """The LDS section of the table (none without a retraining cache)."""
+    if not report.lds:
+        return []
+    settings = report.lds_settings
+    rows = [
+        [method, _fmt(e["mean"]), f"[{_fmt(e['low'])}, {_fmt(e['high'])}]", str(e["n"])]
+        for method, e in report.lds.items()
+    ]
+    return [
+        "",
+        f"linear datamodeling score: Spearman across {_subsets(settings)} subsets of "
+        f"{settings['documents_per_subset']} of {settings['documents']} documents, the model "
+        f"retrained on each (seeds {settings['seeds']}, losses averaged), mean over queries; "
+        f"{settings['confidence']:.0%} bootstrap interval over queries",
+        *_table(["method", "LDS", "interval", "queries"], rows),
+    ]
+
+
+def _subsets(settings: dict) -> str:
+    """`50`, or `40 (of 50 planned)` while the retraining is unfinished."""
+    used, planned = settings["subsets"], settings.get("subsets_planned", settings["subsets"])
+    return str(used) if used == planned else f"{used} (of {planned} planned)"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -515,7 +679,35 @@ def write_plots(report: EvalReport, directory: Path) -> list[Path]:
         paths.append(_plot_fidelity_recall(report, directory / "fidelity-recall.png"))
     if "exact" in report.scores and "index-sketch" in report.scores:
         paths += _plot_scatter(report, directory)
+    if report.lds:
+        paths.append(_plot_lds(report, directory / "lds.png"))
     return paths
+
+
+def _plot_lds(report: EvalReport, path: Path) -> Path:
+    """LDS per method, a bar each with its bootstrap interval."""
+    import matplotlib.pyplot as plt
+
+    methods = list(report.lds)
+    means = np.array([report.lds[m]["mean"] for m in methods], dtype=np.float64)
+    errors = np.abs(
+        np.array([[report.lds[m]["low"], report.lds[m]["high"]] for m in methods]).T - means
+    )
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(methods) + 1.2))
+    ax.barh(methods, means, xerr=errors, capsize=3, color="tab:blue", alpha=0.8)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set(
+        xlabel=f"LDS ({report.lds_settings['confidence']:.0%} interval over queries)",
+        title=f"linear datamodeling score, {report.lds_settings['subsets']} subsets retrained, "
+        f"{report.score_kind} index",
+    )
+    ax.title.set_fontsize(10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _plot_fact_recall(report: EvalReport, path: Path) -> Path:

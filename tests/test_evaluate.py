@@ -9,10 +9,15 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+from transformers import PreTrainedTokenizerFast
 
+from indexer.baselines import BM25Scorer
+from indexer.corpus import document_batches, load_corpus
 from indexer.errors import InvalidInputError
 from indexer.evaluate import EvalReport, MethodReport, QueryReport, render_json, render_table
-from indexer.query import read_queries
+from indexer.lds import membership, new_cache, random_subsets, subset_sums, write_cache
+from indexer.publish import read_manifest, version_dir
+from indexer.query import LabeledQuery, read_queries
 from server.cli import main
 
 N_QUERIES = 12
@@ -68,12 +73,46 @@ def test_report_renders_as_table_and_strict_json():
         n_with_gold=1,
         fidelity={"spearman": math.nan, "ann_recall@10": 1.0},
         methods={"index": MethodReport(0.5, 0.5, {"recall@1": 0.0, "recall@10": 1.0, "mrr": 0.25})},
-        queries=[QueryReport("q1", True, {"ann_recall@10": 1.0}, {"index": 4})],
+        queries=[QueryReport("q1", True, {"ann_recall@10": 1.0}, {"index": 4}, {"index": 0.5})],
+        lds={"index": {"mean": 0.5, "low": 0.25, "high": 0.75, "n": 1}},
+        lds_settings={
+            "subsets": 50,
+            "documents_per_subset": 2,
+            "documents": 3,
+            "seeds": [0],
+            "confidence": 0.95,
+        },
     )
     table = render_table(report)
     assert "q1" in table and "rank:index" in table
+    assert (
+        "Spearman across 50 subsets of 2 of 3 documents, the model retrained on each (seeds [0]"
+        in table
+    )
+    assert "[0.250, 0.750]" in table
     assert "0.250" in table  # MRR
     assert json.loads(render_json(report))["fidelity"]["spearman"] is None  # NaN -> null
+
+
+def bm25_cache(path: Path, root: Path, queries: list[LabeledQuery]) -> Path:
+    """A cache for the index at `root` whose "retrained" losses are minus the BM25 scores (of
+    the examples, as eval scores them) summed over each subset: an oracle for the bm25 method,
+    whose LDS must then be 1 (no retraining in a test)."""
+    manifest = read_manifest(version_dir(root))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(manifest.model.path)
+    documents = [d for batch in document_batches(manifest.corpus) for d in batch]
+    examples = load_corpus(manifest.corpus, tokenizer, manifest.max_length).examples
+    subsets = random_subsets(len(documents), 12, 0.5, seed=0)
+    cache = new_cache(
+        documents, queries, subsets, {"oracle": "bm25"}, manifest.model.weights_sha256
+    )
+    bm25 = BM25Scorer([e.text for e in examples])
+    scores = bm25.score([f"{q.query.prompt} {q.query.completion}" for q in queries])
+    in_subset = membership(subsets, cache.doc_ids, [e.doc_id for e in examples])
+    for m, losses in enumerate(-subset_sums(scores, in_subset).T):
+        cache.losses[(m, 0)] = losses.tolist()
+    write_cache(cache, path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +124,7 @@ def eval_run(demo_artifacts, demo_index_root, tmp_path_factory) -> tuple[int, di
     queries = work / "queries.jsonl"
     queries.write_text("\n".join(lines[:: max(1, len(lines) // N_QUERIES)][:N_QUERIES]) + "\n")
     plots = work / "plots"
+    cache = bm25_cache(work / "lds.json", demo_index_root, read_queries(queries))
     argv = [
         "-q",
         "eval",
@@ -94,9 +134,11 @@ def eval_run(demo_artifacts, demo_index_root, tmp_path_factory) -> tuple[int, di
         str(queries),
         "--exact",
         "--baselines",
-        "bm25,grad-cosine",
+        "bm25,grad-cosine,no-curvature",
         "--rerank-depth",
         "50",
+        "--lds",
+        str(cache),
         "--plot",
         str(plots),
         "--json",
@@ -126,6 +168,7 @@ def test_eval_end_to_end(eval_run):
         "exact": 0.7,
         "bm25": 0.8,
         "grad-cosine": 0.6,
+        "no-curvature": 0.2,
     }
     methods = report["methods"]
     assert set(methods) == set(floors)
@@ -133,4 +176,12 @@ def test_eval_end_to_end(eval_run):
         assert methods[name]["fact"]["recall@10"] > floor, name
         assert methods[name]["seconds"] > 0
     assert len(report["fidelity_curves"]["sketch"]) == report["depth"]
-    assert {p.name for p in plots.iterdir()} >= {"fact-recall.png", "scatter-1.png"}
+    assert {p.name for p in plots.iterdir()} >= {"fact-recall.png", "scatter-1.png", "lds.png"}
+    lds = report["lds"]
+    assert set(lds) == set(floors)
+    assert lds["bm25"]["mean"] == pytest.approx(1.0)  # the cache's losses are BM25's: an oracle
+    assert lds["bm25"]["n"] == N_QUERIES
+    for estimate in lds.values():
+        assert estimate["low"] <= estimate["mean"] <= estimate["high"]
+    assert all(set(q["lds"]) == set(floors) for q in report["queries"])
+    assert report["lds_settings"]["subsets"] == 12
