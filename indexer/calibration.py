@@ -4,6 +4,11 @@ Pseudo-queries are cut from corpus examples as a user's query looks: a prefix of
 as the prompt and its next 1-4 tokens as the completion. Each is answered as the engine would
 answer it, the sketch's top candidates from the version's own index then scored exactly, and
 the pairs (sketch cosine, exact score in cosine units) fit the bound stored in the manifest.
+
+The pseudo-queries' examples are chosen by a hash of their ids, so the build knows them before
+its main pass: where it pays (`main_pass_queries`), the main pass scores every example it
+sketches on them exactly, and the calibration reads those scores (`KnownScores`) instead of
+passing over the candidates again; the rest are scored by passes over their candidates.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ MAX_COMPLETION_TOKENS = 4
 # What the queries of one pass may hold of their full-space gradients (each is a model's worth
 # of floats, twice: preconditioned and folded). One pass scores the union of its queries'
 # candidates, so the fewer passes the cheaper: at 1 GiB a GPT-2-small build (85M tracked
-# parameters, 680 MB a query) scored its 32 queries' candidates one query at a time.
+# parameters, 680 MB a query) scored its 32 queries' candidates one query at a time. The
+# main pass holds its queries' targets within the same bytes, once each.
 _QUERY_TARGET_BYTES = 4 << 30
 # What scoring one example in the build's main pass costs, against passing over one candidate
 # apart (its forward/backward and contraction), by the index's kind: a cosine build rotates
