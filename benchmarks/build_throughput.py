@@ -11,7 +11,8 @@ model over `--documents` demo-generator documents) or `mid` / `large` (`benchmar
 models and corpora, framed as in training). Ratios (issue 13's targets):
 
 - main pass: bare seconds / the build's `sketch` phase (≥ 0.8); the exact norms a cosine
-  index stores are computed in the same pass and reported as their own phase;
+  index stores are computed in the same pass and reported as their own phase (with the
+  calibration's exact scores, when the main pass computes them from the same rotations);
 - whole build: build seconds / (bare + 2 × bare over the fit subsample) (≤ 2), and the same
   with the calibration's exact pass counted as a fit pass too (its bare cost taken as that of
   `min(N, queries × depth)` examples: the most it scores).
