@@ -11,11 +11,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import faiss
 import numpy as np
 
-from indexer.corpus import ExampleTable
+from indexer.corpus import ExampleTable, connect
 
 FLAT_FACTORY = "IDMap,SQ8"  # exhaustive search over 8-bit codes (a trained range per dimension)
 EXACT_INDEX_LIMIT = 50_000  # up to this many examples a flat (exact) index is cheap enough
@@ -365,7 +364,7 @@ class MetadataReader:
     safe to share across threads)."""
 
     def __init__(self, path: Path):
-        self._con = duckdb.connect(str(path), read_only=True)
+        self._con = connect(str(path), read_only=True)
         self._lock = threading.Lock()
 
     def lookup(self, ids: list[int]) -> dict[int, ExampleRecord]:
