@@ -45,6 +45,12 @@ def peak_rss_mib(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's waited-for descendants so far."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def comma_list(kind: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
     """An argparse type of comma-separated `kind` values: `"1,2"` -> `(1, 2)`, `""` -> `()`."""
     return lambda text: tuple(kind(v) for v in text.split(",") if v)

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import tempfile
 from pathlib import Path
 
 from benchmarks.build_throughput import build_with_cli
-from benchmarks.common import demo_artifacts, emit, synthetic_corpus
+from benchmarks.common import children_cpu_seconds, demo_artifacts, emit, synthetic_corpus
 
 # Pinned, so that the result does not move with the defaults: sketching is what is measured.
 BUILD_ARGS = ["--rank-in", "32", "--rank-out", "32", "--index-factory", "IDMap,SQ8",
@@ -35,12 +34,6 @@ def launcher(nproc: int) -> tuple[str, ...]:
     if nproc == 1:
         return ()
     return ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc))
-
-
-def children_cpu_seconds() -> float:
-    """User + system CPU seconds of this process's waited-for descendants so far."""
-    used = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return used.ru_utime + used.ru_stime
 
 
 def run_once(model_dir: Path, corpus: Path, root: Path, nproc: int, batch_size: int) -> dict:

@@ -14,12 +14,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from indexer import __version__
 from indexer.budget import ModuleRanks, describe, module_ranks, total_dim
-from indexer.calibration import Calibrator
+from indexer.calibration import (
+    Calibrator,
+    KnownScores,
+    cut_queries,
+    main_pass_queries,
+    query_batch,
+)
 from indexer.config import (
     RETRIEVAL_MIN_EXAMPLES,
+    Autocast,
     Backend,
     BuildConfig,
     CompactCode,
@@ -31,7 +39,7 @@ from indexer.corpus import ExampleTable, stage_corpus
 from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
 from indexer.distributed import Ranks, join
 from indexer.errors import IndexVerificationError, InvalidInputError, ResourceLimitError
-from indexer.exact import ExactReranker
+from indexer.exact import ExactReranker, QueryTargets
 from indexer.incremental import (
     Diff,
     MergedVectors,
@@ -107,10 +115,12 @@ _FACTORS_SHARE_OF_FREE_DISK = 0.5
 # Scratch files in the staging directory, one per rank, deleted before the manifest is
 # written (every name starting with a dot is one): the staged corpus (tokenized examples), the
 # sketched vectors waiting to be indexed (the index is the version's only copy of them) and
-# the sketched rows' norms (sketch and exact) and losses.
+# the sketched rows' norms (sketch and exact) and losses, and their exact scores on the
+# calibration's pseudo-queries.
 CORPUS_FILE = ".corpus.duckdb"
 SCRATCH_FILE = ".vectors.scratch"
 SKETCHED_FILE = ".sketched.csv"
+SCORES_FILE = ".calibration.scratch"
 
 
 def _scratch(staging: Path, name: str, rank: int) -> Path:
@@ -155,9 +165,10 @@ class BuildSummary:
 
 @contextmanager
 def _timed(seconds: dict[str, float], phase: str):
+    """Adds the block's wall seconds to `seconds[phase]` (a phase may run in parts)."""
     start = time.perf_counter()
     yield
-    seconds[phase] = round(time.perf_counter() - start, 3)
+    seconds[phase] = round(seconds.get(phase, 0.0) + time.perf_counter() - start, 3)
 
 
 def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
@@ -199,6 +210,16 @@ def _ranks(projections: dict[str, Projection]) -> dict[str, ModuleRanks]:
     return {n: ModuleRanks(p.P.shape[0], p.R.shape[0]) for n, p in projections.items()}
 
 
+@dataclass
+class _MainPassScores:
+    """The calibration's share of the main pass: its pseudo-queries' `targets` (rotated in a
+    cosine build, folded in an influence one) and where each sketched row's exact influence on
+    them `[Q]` goes, in the order of the rank's rows."""
+
+    targets: QueryTargets
+    scratch: ScratchVectors
+
+
 def _write_vectors(
     example_pass: ExamplePass,
     curvature: FittedCurvature,
@@ -207,18 +228,22 @@ def _write_vectors(
     rows: np.ndarray,
     *,
     cosine: bool,
+    calibration: _MainPassScores | None = None,
 ) -> float:
     """The main pass over `rows` (ascending): training-loss sketches, preconditioned, into
     `vectors [len(rows), D]` in the order of `rows` (unit vectors for a `cosine` index);
     each row's norm (before any scaling), exact preconditioned norm and loss go to the CSV
     file `sketched`. The exact norm, what an exact cosine divides by, costs about a per-example
     gradient: only a cosine index with unprojected factors pays for it (empty otherwise), once
-    here, so that re-ranking a candidate costs only its contraction with the query.
+    here, so that re-ranking a candidate costs only its contraction with the query. With
+    `calibration`, each row's exact influence on the pseudo-queries too: in a cosine index
+    from the same rotated sums as its exact norm, in an influence index from its gradient.
 
-    Returns the seconds the exact norms took: they share the pass's forward/backward, and the
-    build reports their cost apart from the sketches'."""
+    Returns the seconds this full-space work took: it shares the pass's forward/backward, and
+    the build reports its cost apart from the sketches'."""
     unprojected = curvature.unprojected if cosine else None
-    keep, norm_seconds = unprojected is not None, 0.0
+    norms_wanted = unprojected is not None
+    keep, full_seconds = norms_wanted or calibration is not None, 0.0
     with sketched.open("w") as stats:
         for batch, capture in example_pass.run(
             rows, "data", "sketch corpus", keep_unprojected=keep
@@ -226,10 +251,17 @@ def _write_vectors(
             block = curvature.sketch.vectors(capture).cpu()
             norms = block.double().norm(dim=1).tolist()
             start = time.perf_counter()
-            exact_norms = (
-                unprojected.norms(capture.unprojected).tolist() if keep else [None] * len(batch)
-            )
-            norm_seconds += time.perf_counter() - start
+            exact_norms, dots = [None] * len(batch), None
+            if norms_wanted:
+                weights = None if calibration is None else calibration.targets.per_module
+                found, dots = unprojected.norms(capture.unprojected, weights)
+                exact_norms = found.tolist()
+            elif calibration is not None:
+                folded = calibration.targets.per_module
+                dots = curvature.unprojected.example_scores(capture.unprojected, folded)
+            if dots is not None:
+                calibration.scratch.write(np.searchsorted(rows, batch), dots.T.cpu().numpy())
+            full_seconds += time.perf_counter() - start
             if cosine:
                 block = block / block.norm(dim=1, keepdim=True).clamp_min(1e-30)
             stored = block.numpy().astype(np.float16)
@@ -239,7 +271,7 @@ def _write_vectors(
             losses = capture.losses.double().tolist()
             lines = zip(batch, norms, exact_norms, losses, strict=True)
             stats.writelines(f"{r},{n!r},{_csv(e)},{loss!r}\n" for r, n, e, loss in lines)
-    return norm_seconds
+    return full_seconds
 
 
 def _csv(value: float | None) -> str:
@@ -616,16 +648,34 @@ def _write_version(
         curvature = _curvature(state, plan, staging)
     rows = plan.change.to_sketch
     mine = ranks.shard(rows)
-    scratch = _scratch(staging, SCRATCH_FILE, ranks.rank)
-    with ScratchVectors(scratch, len(mine), dim) as vectors, _timed(seconds, "sketch"):
-        cosine = config.store.score == ScoreKind.COSINE
+    cosine = config.store.score == ScoreKind.COSINE
+    calibrated = curvature.unprojected is not None and config.calibration.queries > 0
+    reranker = _reranker(state, curvature.unprojected) if calibrated else None
+    targets = None
+    if reranker is not None:
+        with _timed(seconds, "calibration"):
+            targets = _main_pass_targets(state, reranker, len(rows), cosine=cosine)
+    with ExitStack() as opened, _timed(seconds, "sketch"):
+        scratch = _scratch(staging, SCRATCH_FILE, ranks.rank)
+        vectors = opened.enter_context(ScratchVectors(scratch, len(mine), dim))
+        scores = None
+        if targets is not None:
+            scratch = _scratch(staging, SCORES_FILE, ranks.rank)
+            out = ScratchVectors(scratch, len(mine), len(targets.norms), dtype=np.float32)
+            scores = _MainPassScores(targets, opened.enter_context(out))
         stats = _scratch(staging, SKETCHED_FILE, ranks.rank)
-        norm_seconds = _write_vectors(
-            state.example_pass, curvature, vectors, stats, mine, cosine=cosine
+        full_seconds = _write_vectors(
+            state.example_pass, curvature, vectors, stats, mine, cosine=cosine, calibration=scores
         )
-    # Phases do not overlap: the exact norms' share of the main pass is a phase of its own.
-    seconds["exact_norms"] = round(norm_seconds, 3)
-    seconds["sketch"] = round(seconds["sketch"] - norm_seconds, 3)
+    query_norms = None if targets is None else targets.norms
+    targets = scores = None  # up to `_QUERY_TARGET_BYTES`, not needed past the main pass
+    # Phases do not overlap: the main pass's full-space work is a phase of its own: a cosine
+    # index's exact norms (with the calibration's scores from the same rotations), or an
+    # influence index's calibration scores (a part of the calibration).
+    seconds["sketch"] = round(seconds["sketch"] - full_seconds, 3)
+    seconds["exact_norms"] = round(full_seconds if cosine else 0.0, 3)
+    if not cosine and query_norms is not None:
+        seconds["calibration"] = round(seconds["calibration"] + full_seconds, 3)
     if not ranks.main:
         state.close()  # before rank 0 deletes the staged corpus and publishes
     ranks.barrier()  # every rank's shard is written
@@ -668,9 +718,11 @@ def _write_version(
         if config.store.lexical_index:
             write_lexical_index(corpus.texts(), ids, staging / LEXICAL_DIR)
     rerank_bound = None
-    if curvature.unprojected is not None and config.calibration.queries:
+    if reranker is not None:
         with _timed(seconds, "calibration"):
-            rerank_bound = _calibrate(state, curvature, staging, ids)
+            rerank_bound = _calibrate(
+                state, curvature.sketch, reranker, staging, ids, query_norms, plan.change
+            )
     state.close()  # the staged corpus is in the metadata now
     for scratch in staging.glob(".*"):
         scratch.unlink()
@@ -716,22 +768,87 @@ def _write_version(
     return summary
 
 
+def _reranker(state: _BuildState, unprojected: Curvature) -> ExactReranker:
+    """The exact scorer the calibration scores with (and its targets are made with)."""
+    pad_id = state.loaded.tokenizer.pad_token_id
+    return ExactReranker(state.loaded.model, unprojected, pad_id, state.config.batch_size)
+
+
+def _main_pass_targets(
+    state: _BuildState, reranker: ExactReranker, n_sketched: int, *, cosine: bool
+) -> QueryTargets | None:
+    """The targets of the pseudo-queries the main pass scores exactly (rotated for a `cosine`
+    index, which rotates every example for its exact norm; folded otherwise), cut from the
+    staged corpus as the calibration cuts them from the metadata; None when the main pass
+    scores none (`indexer.calibration.main_pass_queries`)."""
+    config, corpus = state.config, state.corpus
+    if config.autocast != Autocast.OFF:
+        return None  # the exact stage scores in float32: so must the calibration
+    calibration = config.calibration
+    ids = corpus.column("id").astype(np.int64)
+
+    def tokens_of(chosen: list[int]) -> dict[int, list[int]]:
+        rows = np.flatnonzero(np.isin(ids, chosen))
+        return {e.example_id: e.token_ids for e in corpus.fetch(rows.tolist())}
+
+    pseudo = cut_queries(ids, calibration.queries, config.sketch.seed, tokens_of)
+    count = main_pass_queries(
+        len(pseudo),
+        reranker.curvature.dim,
+        n_sketched,
+        len(corpus),
+        calibration.depth,
+        ScoreKind(config.store.score),
+    )
+    if not count:
+        return None
+    batch = query_batch(pseudo[:count], state.loaded.tokenizer.pad_token_id)
+    capture = reranker.sketcher.run(batch, "data")
+    with torch.no_grad():
+        return reranker.targets(capture, rotated=cosine)
+
+
 def _calibrate(
-    state: _BuildState, curvature: FittedCurvature, staging: Path, ids: np.ndarray
+    state: _BuildState,
+    sketch: Curvature,
+    reranker: ExactReranker,
+    staging: Path,
+    ids: np.ndarray,
+    query_norms: np.ndarray | None,
+    change: Diff,
 ) -> RerankBound:
-    """The exact stage's bound, measured on the staged version's own index and metadata."""
+    """The exact stage's bound, measured on the staged version's own index and metadata, with
+    the exact scores the main pass wrote for the first `len(query_norms)` pseudo-queries (None:
+    none) and the examples it sketched (`change`: those to sketch, on every rank)."""
     config = state.config
     index = open_index(staging / INDEX_FILE)
     set_nprobe(index, config.store.nprobe)
     metadata = MetadataReader(staging / METADATA_FILE)
     pad_id = state.loaded.tokenizer.pad_token_id
-    try:
+    with ExitStack() as opened:
+        opened.callback(metadata.close)
+        known = None
+        if query_norms is not None:
+            size, rows = state.ranks.size, change.to_sketch
+            shards = [
+                opened.enter_context(
+                    ScratchVectors(
+                        _scratch(staging, SCORES_FILE, k),
+                        len(rows[k::size]),
+                        len(query_norms),
+                        create=False,
+                        dtype=np.float32,
+                    )
+                )
+                for k in range(size)
+            ]
+            slot = np.full(len(change.previous_row), -1, dtype=np.int64)
+            slot[rows] = np.arange(len(rows))
+            known = KnownScores(ScratchShards(shards).__getitem__, slot, query_norms)
         calibrator = Calibrator(
             sketcher=state.example_pass.sketcher,
-            sketch=curvature.sketch,
-            reranker=ExactReranker(
-                state.loaded.model, curvature.unprojected, pad_id, config.batch_size
-            ),
+            sketch=sketch,
+            reranker=reranker,
             index=index,
             metadata=metadata,
             kind=ScoreKind(config.store.score),
@@ -744,9 +861,8 @@ def _calibrate(
             calibration.depth,
             calibration.quantile_for(config.store.score),
             config.sketch.seed,
+            known,
         )
-    finally:
-        metadata.close()
 
 
 def _size(path: Path) -> int:

@@ -4,11 +4,17 @@ Pseudo-queries are cut from corpus examples as a user's query looks: a prefix of
 as the prompt and its next 1-4 tokens as the completion. Each is answered as the engine would
 answer it, the sketch's top candidates from the version's own index then scored exactly, and
 the pairs (sketch cosine, exact score in cosine units) fit the bound stored in the manifest.
+
+The pseudo-queries' examples are chosen by a hash of their ids, so the build knows them before
+its main pass: where it pays (`main_pass_queries`), the main pass scores every example it
+sketches on them exactly, and the calibration reads those scores (`KnownScores`) instead of
+passing over the candidates again; the rest are scored by passes over their candidates.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -17,18 +23,25 @@ import torch
 
 from indexer.config import ScoreKind
 from indexer.curvature import Curvature
-from indexer.exact import ExactReranker
+from indexer.exact import ExactReranker, exact_scores
 from indexer.hashing import int63
 from indexer.scores import RerankBound, ScoreSpace, fit_rerank_bound
-from indexer.sketch import GradientSketcher, make_batch
+from indexer.sketch import GradientSketcher, TokenBatch, make_batch
 from indexer.store import MetadataReader
 
 MAX_COMPLETION_TOKENS = 4
 # What the queries of one pass may hold of their full-space gradients (each is a model's worth
 # of floats, twice: preconditioned and folded). One pass scores the union of its queries'
 # candidates, so the fewer passes the cheaper: at 1 GiB a GPT-2-small build (85M tracked
-# parameters, 680 MB a query) scored its 32 queries' candidates one query at a time.
+# parameters, 680 MB a query) scored its 32 queries' candidates one query at a time. The
+# main pass holds its queries' targets within the same bytes, once each.
 _QUERY_TARGET_BYTES = 4 << 30
+# What scoring one example in the build's main pass costs, against passing over one candidate
+# apart (its forward/backward and contraction), by the index's kind: a cosine build rotates
+# every example for its exact norm already and adds one product; an influence build adds the
+# example's gradient and its contraction. Measured on the mid setting (RESULTS.md, "Build cost
+# (issue 13)").
+_MAIN_PASS_COST = {ScoreKind.COSINE: 0.5, ScoreKind.INFLUENCE: 0.6}
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,64 @@ def choose_examples(example_ids: np.ndarray, count: int, seed: int) -> list[int]
     )
 
 
+def cut_queries(
+    example_ids: np.ndarray,
+    count: int,
+    seed: int,
+    tokens_of: Callable[[list[int]], dict[int, list[int]]],
+) -> list[PseudoQuery]:
+    """The pseudo-queries cut from `count` of the examples (chosen by `seed`), in a fixed
+    order; `tokens_of(ids)` gives those examples' token ids (staged corpus or metadata alike)."""
+    chosen = choose_examples(example_ids, count, seed)
+    tokens = tokens_of(chosen)
+    pseudo = [pseudo_query(tokens[i], int63("cut", seed, i)) for i in chosen]
+    return [p for p in pseudo if p is not None]
+
+
+def query_batch(queries: list[PseudoQuery], pad_id: int) -> TokenBatch:
+    """The pseudo-queries as one batch, the loss on their completions."""
+    return make_batch(
+        [q.token_ids for q in queries], [q.loss_start for q in queries], pad_id, [0] * len(queries)
+    )
+
+
+def main_pass_queries(
+    n_queries: int, dim: int, n_sketched: int, n_examples: int, depth: int, kind: ScoreKind
+) -> int:
+    """How many of `n_queries` pseudo-queries the build's main pass scores exactly, every one
+    of its `n_sketched` examples, rather than the calibration's own pass, their candidates
+    only (`depth` of `n_examples` each, at most): as many as their targets fit in
+    `_QUERY_TARGET_BYTES` (4 bytes a coordinate of the full space's `dim`), when scoring all
+    the sketched examples costs less than passing over the candidates again; otherwise none."""
+    fits = min(n_queries, _QUERY_TARGET_BYTES // (4 * dim))
+    candidates = min(n_examples, n_queries * depth)
+    if fits == 0 or n_sketched * _MAIN_PASS_COST[ScoreKind(kind)] > candidates:
+        return 0
+    return fits
+
+
+@dataclass
+class KnownScores:
+    """Exact influence of the first `len(norms)` pseudo-queries on the examples the main pass
+    sketched: `read(slots) [n, Q]` by the example's place among the sketched rows, `slot [N]`
+    by corpus row (-1: not sketched in this build, a reused example), and the queries' exact
+    preconditioned norms `norms [Q]`."""
+
+    read: Callable[[np.ndarray], np.ndarray]
+    slot: np.ndarray
+    norms: np.ndarray
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.norms)
+
+    def select(self, start: int, stop: int) -> KnownScores:
+        """Those of queries `start:stop` only."""
+        return KnownScores(
+            lambda slots: self.read(slots)[:, start:stop], self.slot, self.norms[start:stop]
+        )
+
+
 @dataclass
 class Calibrator:
     """What a version answers with: the build's sketcher and factors, its index and metadata."""
@@ -72,63 +143,82 @@ class Calibrator:
     pad_id: int
 
     def calibrate(
-        self, example_ids: np.ndarray, queries: int, depth: int, quantile: float, seed: int
+        self,
+        example_ids: np.ndarray,
+        queries: int,
+        depth: int,
+        quantile: float,
+        seed: int,
+        known: KnownScores | None = None,
     ) -> RerankBound:
         """Fit the bound on `queries` pseudo-queries and their top `depth` candidates."""
-        cosines, exact = self.pairs(example_ids, queries, depth, seed)
+        cosines, exact = self.pairs(example_ids, queries, depth, seed, known)
         return fit_rerank_bound(cosines, exact, quantile)
 
     def pairs(
-        self, example_ids: np.ndarray, queries: int, depth: int, seed: int
+        self,
+        example_ids: np.ndarray,
+        queries: int,
+        depth: int,
+        seed: int,
+        known: KnownScores | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per pseudo-query cut from `queries` of the examples (chosen by `seed`): its top
-        `depth` candidates' sketch cosines and exact scores in cosine units, in sketch order."""
-        chosen = choose_examples(example_ids, queries, seed)
-        records = self.metadata.lookup(chosen)
-        pseudo = [pseudo_query(records[i].token_ids, int63("cut", seed, i)) for i in chosen]
-        pseudo = [p for p in pseudo if p is not None]
+        `depth` candidates' sketch cosines and exact scores in cosine units, in sketch order.
+        `known`: the main pass's exact scores of the first queries (the rest, and the
+        candidates it did not sketch, are scored by passes over the candidates)."""
+        pseudo = cut_queries(example_ids, queries, seed, self._tokens)
+        main = 0 if known is None else known.n_queries
         per_pass = max(1, _QUERY_TARGET_BYTES // (8 * self.reranker.curvature.dim))
         cosines, exact = [], []
-        for start in range(0, len(pseudo), per_pass):
-            x, y = self._pairs(pseudo[start : start + per_pass], depth)
-            cosines += x
-            exact += y
+        for first, last, scored in ((0, main, known), (main, len(pseudo), None)):
+            for start in range(first, last, per_pass):
+                stop = min(start + per_pass, last)
+                part = None if scored is None else scored.select(start, stop)
+                x, y = self._pairs(pseudo[start:stop], depth, part)
+                cosines += x
+                exact += y
         return cosines, exact
 
+    def _tokens(self, ids: list[int]) -> dict[int, list[int]]:
+        return {i: r.token_ids for i, r in self.metadata.lookup(ids).items()}
+
     def _pairs(
-        self, queries: list[PseudoQuery], depth: int
+        self, queries: list[PseudoQuery], depth: int, known: KnownScores | None
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per query: its candidates' sketch cosines and exact scores in cosine units, both
-        `[depth]`, in sketch order."""
-        batch = make_batch(
-            [q.token_ids for q in queries],
-            [q.loss_start for q in queries],
-            self.pad_id,
-            [0] * len(queries),
-        )
+        `[depth]`, in sketch order; `known`: the queries' exact scores of the examples the
+        main pass sketched (the other candidates are passed over here)."""
+        batch = query_batch(queries, self.pad_id)
         capture = self.sketcher.run(batch, "data", keep_unprojected=True)
         with torch.no_grad():
             q = self.sketch.vectors(capture).cpu().numpy().astype(np.float32)
-            targets = self.reranker.targets(capture.unprojected)
         spaces = [ScoreSpace.of(self.kind, vector) for vector in q]
         search = np.stack([space.search for space in spaces])
         scores, ids = self.index.search(search, min(depth, self.index.ntotal))
         candidates = [[int(i) for i in row if i >= 0] for row in ids]
         records = self.metadata.lookup(sorted({i for row in candidates for i in row}))
-        exact = self.reranker.score(
-            targets,
-            candidates,
-            {i: r.token_ids for i, r in records.items()},
-            {i: r.exact_norm for i, r in records.items()},
-            self.kind,
-        )
+        dots, query_norms = {}, None
+        if known is not None:
+            scored = [i for i, r in records.items() if known.slot[r.row] >= 0]
+            slots = np.array([known.slot[records[i].row] for i in scored], dtype=np.int64)
+            dots = dict(zip(scored, known.read(slots).astype(np.float64), strict=True))
+            query_norms = known.norms
+        unknown = {i: r.token_ids for i, r in records.items() if i not in dots}
+        if unknown:
+            with torch.no_grad():
+                targets = self.reranker.targets(capture.unprojected)
+            dots.update(self.reranker.dots(targets, unknown))
+            query_norms = targets.norms
+        exact_norms = {i: r.exact_norm for i, r in records.items()}
+        found = exact_scores(dots, candidates, query_norms, exact_norms, self.kind)
         cosines, exact_units = [], []
-        for space, found, row_scores, row_ids in zip(
-            spaces, exact, scores, candidates, strict=True
+        for space, exact, row_scores, row_ids in zip(
+            spaces, found, scores, candidates, strict=True
         ):
             norms = np.array([records[i].norm for i in row_ids], dtype=np.float64)
             scale = space.cosine_scale(norms)
-            exact_scores = found.influence if found.cosine is None else found.cosine
             cosines.append(row_scores[: len(row_ids)] / scale)
-            exact_units.append(exact_scores / scale)
+            in_kind = exact.influence if exact.cosine is None else exact.cosine
+            exact_units.append(in_kind / scale)
         return cosines, exact_units

@@ -141,11 +141,19 @@ def _check_ids(
         )
 
 
+def connect(path: str = ":memory:", *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection without its progress bar: DuckDB prints it to stdout, where `--json`
+    output goes, for any query past 2 seconds (a loaded machine's lookup in a staged corpus)."""
+    con = duckdb.connect(path, read_only=read_only)
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
 def document_batches(config: CorpusConfig) -> Iterator[list[Document]]:
     """All rows of all matching files, in file then row order, `DOCUMENT_BATCH` at a time:
     never the whole corpus in memory. Ids must be present and unique."""
     files = _matching_files(config.data)
-    con = duckdb.connect()
+    con = connect()
     relations = _relations(con, files, config)
     _check_ids(con, relations, config.id_column)
     empty = True
@@ -300,7 +308,7 @@ def stage_corpus(
                 }  # fmt: skip
                 f.write(json.dumps(record) + "\n")
                 row += 1
-    con = duckdb.connect(str(path))
+    con = connect(str(path))
     columns = "{" + ", ".join(f"'{k}': '{v}'" for k, v in STAGED_COLUMNS.items()) + "}"
     con.execute(
         "CREATE TABLE examples AS SELECT * FROM "

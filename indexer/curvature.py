@@ -70,12 +70,24 @@ class ModuleCurvature:
         rotated = rotated_sums(gradients, activations, self.eigvecs_a, self.eigvecs_b)
         return (rotated * self.inverse_sqrt).flatten(1)
 
-    def squared_norms(self, gradients: Tensor, activations: Tensor) -> Tensor:
+    def squared_norms(
+        self, gradients: Tensor, activations: Tensor, weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """`‖precondition(Σ_t g_t a_tᵀ)‖²` `[batch]` from the tokens (as `precondition_tokens`):
         the squared rotated sums weighted by `1/(Λ+λ)` in one matrix-vector product, with no
-        scaled float64 copy of them (which took about a quarter of the exact norms' time)."""
-        rotated = rotated_sums(gradients, activations, self.eigvecs_a, self.eigvecs_b)
-        return rotated.square().flatten(1) @ (self.eigvals + self.damping).reciprocal().flatten()
+        scaled float64 copy of them (which took about a quarter of the exact norms' time).
+
+        With query `weights [Q, r_out * r_in]` (`rotated_targets`), also the queries' scores
+        `⟨q, precondition(Σ_t g_t a_tᵀ)⟩` `[Q, batch]` from the same rotated sums: one more
+        product, where a separate pass would redo the forward/backward."""
+        rotated = rotated_sums(gradients, activations, self.eigvecs_a, self.eigvecs_b).flatten(1)
+        squared = rotated.square() @ (self.eigvals + self.damping).reciprocal().flatten()
+        return squared, None if weights is None else weights @ rotated.T
+
+    def rotated_targets(self, vectors: Tensor) -> Tensor:
+        """`q / sqrt(Λ+λ)` `[Q, r_out * r_in]` of preconditioned vectors `q [Q, r_out * r_in]`:
+        its product with a sketch's rotated sums `U_Bᵀ S U_A` is `⟨q, precondition(S)⟩`."""
+        return vectors * self.inverse_sqrt.flatten()
 
     def fold(self, vectors: Tensor) -> Tensor:
         """`M = U_B (q / sqrt(Λ+λ)) U_Aᵀ` `[Q, r_out, r_in]` of preconditioned vectors `q [Q, r_out
@@ -147,18 +159,25 @@ class Curvature:
         `⟨M_l, ·⟩` (batch·tokens·r_out·r_in + Q·batch·r_out·r_in multiply-adds, against
         Q·batch·tokens·r_out·r_in token by token)."""
         return sum(
-            torch.einsum("boi,qoi->qb", capture.sketches_of(name), folded[name])
+            # A plain matrix product: torch.einsum's own took 7x as long (one thread).
+            folded[name].flatten(1) @ capture.sketches_of(name).flatten(1).T
             for name in self.modules
         )
 
-    def norms(self, capture: Capture) -> Tensor:
+    def norms(
+        self, capture: Capture, weights: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """`‖v_n‖` `[batch]` (float64) of a batch's preconditioned vectors, module by module:
-        never every module's part of `v_n` at once."""
-        squared = sum(
-            m.squared_norms(capture.gradients[name], capture.activations[name]).double()
-            for name, m in self.modules.items()
-        )
-        return squared.sqrt()
+        never every module's part of `v_n` at once; with query `weights` (per module, see
+        `ModuleCurvature.rotated_targets`) also their influence `⟨q, v_n⟩` `[Q, batch]`, from
+        the same rotations (None without)."""
+        squared, scores = 0, None
+        for name, m in self.modules.items():
+            weight = None if weights is None else weights[name]
+            part, dots = m.squared_norms(capture.gradients[name], capture.activations[name], weight)
+            squared = squared + part.double()
+            scores = dots if scores is None else scores + dots
+        return squared.sqrt(), scores
 
     def save(self, path: Path) -> None:
         tensors: dict[str, Tensor] = {}

@@ -149,16 +149,18 @@ class ExactReranker:
         self.pad_id = pad_id
         self.batch_size = batch_size
 
-    def targets(self, queries: Capture) -> QueryTargets:
+    def targets(self, queries: Capture, *, rotated: bool = False) -> QueryTargets:
         """What the queries' candidates are scored against, from the unprojected capture of the
-        queries' pass (`Capture.unprojected`): computed once, however many rounds score."""
-        folded, squared = {}, 0
+        queries' pass (`Capture.unprojected`): computed once, however many rounds score.
+        `rotated`: in the form `Curvature.norms` scores with (the build's main pass), not the
+        folded one `score` contracts."""
+        per_module, squared = {}, 0
         for name, module in self.curvature.modules.items():
             # One module's preconditioned gradients `[Q, d_out * d_in]` at a time.
             vectors = module.precondition_tokens(queries.gradients[name], queries.activations[name])
             squared = squared + vectors.double().square().sum(dim=1)
-            folded[name] = module.fold(vectors)
-        return QueryTargets(folded=folded, norms=squared.sqrt().cpu().numpy())
+            per_module[name] = module.rotated_targets(vectors) if rotated else module.fold(vectors)
+        return QueryTargets(per_module, squared.sqrt().cpu().numpy(), rotated)
 
     def score(
         self,
@@ -171,16 +173,14 @@ class ExactReranker:
         """`wanted[q]`: ids of the candidates of `targets`' query q; `tokens`: the token ids of
         every candidate to pass over (at least those wanted); `norms`: every candidate's exact
         preconditioned norm (a cosine index's metadata holds them; unused for influence)."""
+        return exact_scores(self.dots(targets, tokens), wanted, targets.norms, norms, kind)
+
+    def dots(self, targets: QueryTargets, tokens: dict[int, list[int]]) -> dict[int, np.ndarray]:
+        """Exact influence `[Q]` of each example of `tokens` (id: token ids) on each query."""
         dots = {}
         for chunk, capture in self._passes(list(tokens), tokens):
             dots.update(zip(chunk, self._influence_batch(capture, targets).T, strict=True))
-        influence = [np.array([dots[i][q] for i in ids]) for q, ids in enumerate(wanted)]
-        if kind != ScoreKind.COSINE:
-            return [ExactScores(d) for d in influence]
-        return [
-            ExactScores(d, d / np.maximum(targets.norms[q] * _norms_of(ids, norms), 1e-30))
-            for q, (d, ids) in enumerate(zip(influence, wanted, strict=True))
-        ]
+        return dots
 
     def _passes(self, ids: list[int], tokens: dict[int, list[int]]):
         """`(ids of the batch, capture)` for `ids` in length order, `batch_size` at a time."""
@@ -193,8 +193,27 @@ class ExactReranker:
 
     def _influence_batch(self, capture: Capture, targets: QueryTargets) -> np.ndarray:
         """Exact influence `[Q, batch]`: each token contracted with each query's `M_l`."""
-        scores = self.curvature.example_scores(capture, targets.folded)
+        scores = self.curvature.example_scores(capture, targets.per_module)
         return scores.double().cpu().numpy()
+
+
+def exact_scores(
+    dots: dict[int, np.ndarray],
+    wanted: list[list[int]],
+    query_norms: np.ndarray,
+    norms: dict[int, float | None],
+    kind: ScoreKind,
+) -> list[ExactScores]:
+    """Per query q, the exact scores of its candidates `wanted[q]` from their influence on
+    every query `dots[id] [Q]`: divided, for cosine, by the queries' exact preconditioned norms
+    `query_norms [Q]` and the candidates' `norms`."""
+    influence = [np.array([dots[i][q] for i in ids]) for q, ids in enumerate(wanted)]
+    if kind != ScoreKind.COSINE:
+        return [ExactScores(d) for d in influence]
+    return [
+        ExactScores(d, d / np.maximum(query_norms[q] * _norms_of(ids, norms), 1e-30))
+        for q, (d, ids) in enumerate(zip(influence, wanted, strict=True))
+    ]
 
 
 def _norms_of(ids: list[int], norms: dict[int, float | None]) -> np.ndarray:
@@ -203,15 +222,18 @@ def _norms_of(ids: list[int], norms: dict[int, float | None]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class QueryTargets:
-    """What candidates are scored against: per module `M_l [Q, d_out, d_in]`, and the
+    """What candidates are scored against: per module `M_l [Q, d_out, d_in]` (`rotated`: `q_l
+    / sqrt(Λ+λ)` `[Q, d_out * d_in]`, see `ModuleCurvature.rotated_targets`), and the
     preconditioned query vectors' norms `[Q]`."""
 
-    folded: dict[str, Tensor]
+    per_module: dict[str, Tensor]
     norms: np.ndarray
+    rotated: bool = False
 
     def select(self, rows: list[int]) -> QueryTargets:
         """The targets of queries `rows` only, in that order."""
-        return QueryTargets({n: m[rows] for n, m in self.folded.items()}, self.norms[rows])
+        chosen = {n: m[rows] for n, m in self.per_module.items()}
+        return QueryTargets(chosen, self.norms[rows], self.rotated)
 
 
 def exact_top_hits(

@@ -9,11 +9,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import faiss
 import numpy as np
 
-from indexer.corpus import ExampleTable
+from indexer.corpus import ExampleTable, connect
 
 # Exhaustive search over 8-bit codes (a trained range per dimension), at any size: gradient
 # vectors do not cluster (an IVF at 100k found 0.55 of the flat top-10); large corpora add a
@@ -66,17 +65,27 @@ def new_index(dim: int, factory: str) -> faiss.Index:
 
 
 class ScratchVectors:
-    """A `[n_rows, dim]` float16 matrix in a file, for vectors waiting to be indexed.
+    """A `[n_rows, dim]` float16 matrix in a file, for vectors waiting to be indexed (or of
+    another `dtype`: the calibration's exact scores are float32).
 
     Read and written with pread/pwrite, not mapped: the build's resident memory does not grow
     with the corpus, and its blocks are allocated up front, so a full disk is an OSError
     (ENOSPC) here rather than a SIGBUS when a page of a sparse mapping is first written.
     """
 
-    def __init__(self, path: Path, n_rows: int, dim: int, *, create: bool = True):
+    def __init__(
+        self,
+        path: Path,
+        n_rows: int,
+        dim: int,
+        *,
+        create: bool = True,
+        dtype: type[np.floating] = np.float16,
+    ):
         """A new matrix at `path`, or (`create` False) one another process wrote, to read."""
         self.shape = (n_rows, dim)
-        self._row_bytes = dim * np.dtype(np.float16).itemsize
+        self.dtype = np.dtype(dtype)
+        self._row_bytes = dim * self.dtype.itemsize
         if not create:
             self._fd = os.open(path, os.O_RDONLY)
             return
@@ -90,19 +99,19 @@ class ScratchVectors:
 
     def write(self, rows: np.ndarray, block: np.ndarray) -> None:
         """Store `block [len(rows), dim]` at `rows`."""
-        data = np.ascontiguousarray(block, dtype=np.float16)
+        data = np.ascontiguousarray(block, dtype=self.dtype)
         for row, values in zip(rows.tolist(), data, strict=True):
             os.pwrite(self._fd, values.tobytes(), row * self._row_bytes)
 
     def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        """The float16 rows `[len(rows), dim]`, read a contiguous run at a time."""
-        out = np.empty((len(rows), self.shape[1]), dtype=np.float16)
+        """The rows `[len(rows), dim]`, read a contiguous run at a time."""
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
         if not len(rows):
             return out
         starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)
         for begin, end in zip(starts, [*starts[1:], len(rows)], strict=True):
             raw = os.pread(self._fd, (end - begin) * self._row_bytes, rows[begin] * self._row_bytes)
-            out[begin:end] = np.frombuffer(raw, dtype=np.float16).reshape(end - begin, -1)
+            out[begin:end] = np.frombuffer(raw, dtype=self.dtype).reshape(end - begin, -1)
         return out
 
     def __enter__(self) -> ScratchVectors:
@@ -120,9 +129,9 @@ class ScratchShards:
         self.shards = shards
 
     def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        """The float16 rows `[len(rows), dim]`, each from the shard that holds it."""
+        """The rows `[len(rows), dim]`, each from the shard that holds it."""
         size = len(self.shards)
-        out = np.empty((len(rows), self.shards[0].shape[1]), dtype=np.float16)
+        out = np.empty((len(rows), self.shards[0].shape[1]), dtype=self.shards[0].dtype)
         for rank, shard in enumerate(self.shards):
             mine = rows % size == rank
             out[mine] = shard[rows[mine] // size]
@@ -340,7 +349,7 @@ class MetadataReader:
     safe to share across threads)."""
 
     def __init__(self, path: Path):
-        self._con = duckdb.connect(str(path), read_only=True)
+        self._con = connect(str(path), read_only=True)
         self._lock = threading.Lock()
 
     def lookup(self, ids: list[int]) -> dict[int, ExampleRecord]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,3 +107,25 @@ def test_framing_tokens_surround_every_document(tmp_path, tokenizer, small_corpu
     assert len(last_chunks) == 2 and all(e.token_ids[-1] == eos for e in last_chunks)
     with pytest.raises(InvalidInputError, match="not in the tokenizer's vocabulary"):
         load_corpus(replace(config, prefix_tokens=("<no such token>",)), tokenizer, 32)
+
+
+def test_a_staged_corpus_prints_no_progress_bar(tmp_path, tiny_model_dir, small_corpus):
+    """DuckDB prints a progress bar to stdout for any query past 2 s (a loaded machine's lookup
+    in the staged corpus): into a build's `--json` output, which then did not parse. Checked in
+    a process of its own: under pytest DuckDB starts without the bar."""
+    write_jsonl(tmp_path / "a.jsonl", small_corpus[:5])
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from transformers import AutoTokenizer\n"
+        "from indexer.config import CorpusConfig\n"
+        "from indexer.corpus import stage_corpus\n"
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])\n"
+        "staged = stage_corpus(CorpusConfig(sys.argv[1]), tokenizer, 64, Path(sys.argv[3]))\n"
+        "print(staged.con.execute(\"SELECT current_setting('enable_progress_bar')\").fetchone()[0])"
+    )
+    arguments = [str(tmp_path / "a.jsonl"), str(tiny_model_dir), str(tmp_path / "staged")]
+    found = subprocess.run(
+        [sys.executable, "-c", code, *arguments], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "False"

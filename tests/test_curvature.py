@@ -156,8 +156,8 @@ def random_capture(shapes: dict, batch: int, tokens: int, generator: torch.Gener
 
 def test_token_contraction_and_exact_norms_match_dense_solve():
     """Token t of example n contributes `Σ_l vec(G_q,l)ᵀ (H_l + λ)⁻¹ vec(g_t a_tᵀ)`, its tokens
-    sum to `⟨q, v_n⟩` (as `example_scores` gives it), and `norms` is
-    `sqrt(Σ_l vec(G_n,l)ᵀ (H_l + λ)⁻¹ vec(G_n,l))`."""
+    sum to `⟨q, v_n⟩` (as `example_scores` gives it, and `norms` with rotated targets), and
+    `norms` is `sqrt(Σ_l vec(G_n,l)ᵀ (H_l + λ)⁻¹ vec(G_n,l))`."""
     generator = torch.Generator().manual_seed(0)
     shapes = {"first": (3, 5), "second": (4, 2)}
     curvature = Curvature({n: random_module(*shape, generator) for n, shape in shapes.items()})
@@ -180,4 +180,11 @@ def test_token_contraction_and_exact_norms_match_dense_solve():
     torch.testing.assert_close(per_token.sum(dim=2).double(), inner, rtol=1e-4, atol=1e-4)
     per_example = curvature.example_scores(examples, curvature.fold(q))
     torch.testing.assert_close(per_example.double(), inner, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(curvature.norms(examples), squared_norms.sqrt(), rtol=1e-5, atol=0)
+    norms, none = curvature.norms(examples)
+    torch.testing.assert_close(norms, squared_norms.sqrt(), rtol=1e-5, atol=0)
+    assert none is None
+    slices = curvature.layer_slices()
+    weights = {n: m.rotated_targets(q[:, slices[n]]) for n, m in curvature.modules.items()}
+    same_norms, rotated = curvature.norms(examples, weights)
+    torch.testing.assert_close(same_norms, norms, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rotated.double(), inner, rtol=1e-4, atol=1e-4)

@@ -19,6 +19,7 @@ from indexer.build import build_index
 from indexer.engine import QueryEngine
 from indexer.publish import VERSIONS, read_current, verify_version, version_dir
 from tests.test_build import code_step, tiny_config
+from tests.test_calibration import assert_bound_of_separate_passes
 
 METADATA = (
     'SELECT id, "row", doc_id, chunk, text, token_ids, content_hash, source, norm, loss '
@@ -64,6 +65,7 @@ def test_two_ranks_publish_what_one_process_does(
     assert np.allclose(found, expected, rtol=2e-3, atol=step + 2e-3 * np.abs(expected).max())
     assert two.manifest.counts == one.manifest.counts
     assert two.manifest.exact_rerank and two.reranker is not None
+    assert_bound_of_separate_passes(tmp_path)  # from both ranks' exact scores
     assert not list(version_dir(tmp_path).glob(".*"))  # no scratch file of either rank
 
 

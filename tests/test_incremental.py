@@ -24,6 +24,7 @@ from indexer.store import FLAT_FACTORY
 from server.cli import main
 from tests.conftest import write_jsonl
 from tests.test_build import code_step, tiny_config
+from tests.test_calibration import assert_bound_of_separate_passes
 
 
 @dataclass
@@ -133,6 +134,12 @@ def test_incremental_answers_equal_a_full_build_with_the_same_curvature(builds):
     for a, b in zip(incremental.query(queries), full.query(queries), strict=True):
         assert [h.example_id for h in a.hits] == [h.example_id for h in b.hits]
         assert [h.score for h in a.hits] == pytest.approx([h.score for h in b.hits], rel=1e-3)
+
+
+def test_an_incremental_calibration_passes_over_the_reused_candidates(builds):
+    """The main pass scored the new and changed examples exactly for the calibration; the
+    reused candidates are scored apart: the bound is the one passes over them all fit."""
+    assert_bound_of_separate_passes(builds.root)
 
 
 def test_a_refit_is_a_full_build_saying_why(builds, tiny_model_dir, tmp_path):
