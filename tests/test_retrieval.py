@@ -84,7 +84,12 @@ def test_a_version_with_a_compact_code_answers_as_its_flat_index(
 ):
     root = tmp_path / "index"
     config = tiny_config(
-        tiny_model_dir, small_corpus_path, root, retrieval_code=True, retrieval_dims=24
+        tiny_model_dir,
+        small_corpus_path,
+        root,
+        retrieval_code=True,
+        retrieval_dims=24,
+        retrieval_quantizer="SQ8",
     )
     summary = build_index(config)
     assert summary.retrieval_code == "PCA24,SQ8" and "retrieval" in summary.seconds
@@ -116,6 +121,6 @@ def test_auto_stores_no_compact_code_for_a_small_corpus(
     )
     big = RETRIEVAL_MIN_EXAMPLES
     config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path)
-    assert compact_code(config, big, FLAT_FACTORY, 32_768) == CompactCode(1024, "SQ8")
+    assert compact_code(config, big, FLAT_FACTORY, 32_768) == CompactCode(1024, "PQ512x4fs")
     assert compact_code(config, big, "IVF100,SQ8", 32_768) is None
     assert compact_code(config, big, FLAT_FACTORY, 1024) is None
