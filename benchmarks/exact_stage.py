@@ -127,10 +127,7 @@ def quantile_sweep(
     the build's own calibration pairs (the same pseudo-queries, seed and depth; the
     default quantile gives back the stored bound), and every query answered with it."""
     engine = QueryEngine.open(root)
-    calibrator = Calibrator(
-        engine.sketcher, engine.curvature, engine.reranker, engine.index, engine.metadata,
-        engine.info.score_kind, engine.pad_id,
-    )  # fmt: skip
+    calibrator = Calibrator.of(engine)
     ids = engine.metadata.ids_and_norms(np.arange(engine.info.n_examples))[0]
     calibration = CalibrationConfig()
     seed = engine.manifest.sketch.seed

@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -28,6 +29,9 @@ from indexer.hashing import int63
 from indexer.scores import RerankBound, ScoreSpace, fit_rerank_bound
 from indexer.sketch import GradientSketcher, TokenBatch, make_batch
 from indexer.store import MetadataReader
+
+if TYPE_CHECKING:
+    from indexer.engine import QueryEngine
 
 MAX_COMPLETION_TOKENS = 4
 # What the queries of one pass may hold of their full-space gradients (each is a model's worth
@@ -141,6 +145,17 @@ class Calibrator:
     metadata: MetadataReader
     kind: ScoreKind
     pad_id: int
+
+    @classmethod
+    def of(cls, engine: QueryEngine) -> Calibrator:
+        """The calibrator of a published version, as its engine serves it (with re-rank
+        factors)."""
+        if engine.reranker is None:
+            raise ValueError(f"version {engine.version} stores no re-rank factors")
+        return cls(
+            engine.sketcher, engine.curvature, engine.reranker, engine.index, engine.metadata,
+            engine.info.score_kind, engine.pad_id,
+        )  # fmt: skip
 
     def calibrate(
         self,

@@ -55,10 +55,7 @@ def recorded_build(config, patch: pytest.MonkeyPatch) -> Recorded:
 def separate_pass_pairs(engine: QueryEngine) -> Pairs:
     """The published version's calibration pairs, every candidate scored by passes over the
     candidates (`ExactReranker.score`), as builds calibrated before the main pass did."""
-    calibrator = Calibrator(
-        engine.sketcher, engine.curvature, engine.reranker, engine.index, engine.metadata,
-        engine.info.score_kind, engine.pad_id,
-    )  # fmt: skip
+    calibrator = Calibrator.of(engine)
     ids = engine.metadata.ids_and_norms(np.arange(engine.info.n_examples))[0]
     calibration = CalibrationConfig()
     return calibrator.pairs(
