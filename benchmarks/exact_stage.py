@@ -4,9 +4,10 @@ For one setting (`demo` or `large`, see `benchmarks.rerank`) and each score kind
 index is built (re-rank factors and the calibrated bound included) and every query answered
 alone, warm, three ways in turn (so that they share the machine's load):
 
-- `sketch`: no re-rank (`rerank_depth` 0);
+- `sketch`: no re-rank (`rerank_depth` 0), searched as `adaptive` searches;
 - `fixed`: the previous default, every one of K′ = 200 candidates re-ranked
-  (`EngineOptions(rerank_early_stop=False)`);
+  (`EngineOptions(rerank_early_stop=False)`), from a scan of every stored code (no compact
+  code first: `retrieval_candidates=0`, as before issue 14);
 - `adaptive`: the default now, K′ = 200 an upper bound, stopping once the top-10 is settled
   within the version's calibrated bound. Its first (sketch) answer's time is taken when the
   engine hands it over (`on_sketch`), as QueryStream sends it.
@@ -76,12 +77,13 @@ def agreement(engine: QueryEngine, exact: np.ndarray, result: QueryResult) -> fl
 
 
 def measure_kind(setting: Setting, root: Path, reference: Reference) -> dict:
-    fixed = QueryEngine.open(root, options=EngineOptions(rerank_early_stop=False))
+    previous = EngineOptions(rerank_early_stop=False, retrieval_candidates=0)
+    fixed = QueryEngine.open(root, options=previous)
     adaptive = QueryEngine.open(root, reuse_model_from=fixed)
     kind = str(fixed.info.score_kind)
     exact = reference.scores[kind]
     modes = {
-        "sketch": (fixed, 0),
+        "sketch": (adaptive, 0),
         "fixed": (fixed, DEPTH),
         "adaptive": (adaptive, DEPTH),
     }

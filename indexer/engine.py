@@ -93,7 +93,7 @@ class EngineOptions:
         default=RETRIEVAL_CANDIDATES,
         metadata={
             "help": "K″: candidates of the compact retrieval code (when the version has one) "
-            "re-scored on the stored codes per search"
+            "re-scored on the stored codes per search (0: scan every stored code instead)"
         },
     )
     rerank_batch_size: int = 32  # candidates per forward/backward of the re-rank pass
@@ -198,6 +198,7 @@ class IndexInfo:
         cls, version: str, manifest: Manifest, options: EngineOptions | None = None
     ) -> IndexInfo:
         rank_out, rank_in = manifest.shared_ranks()
+        tiered = manifest.retrieval is not None and bool(options and options.retrieval_candidates)
         return cls(
             version=version,
             model_path=manifest.model.path,
@@ -225,10 +226,8 @@ class IndexInfo:
             / max(manifest.counts.examples, 1),
             tracked_parameter_share=manifest.coverage.share,
             skipped_parameters=manifest.coverage.skipped,
-            retrieval_code=manifest.retrieval.name if manifest.retrieval else "",
-            retrieval_candidates=(
-                options.retrieval_candidates if options and manifest.retrieval else 0
-            ),
+            retrieval_code=manifest.retrieval.name if manifest.retrieval and tiered else "",
+            retrieval_candidates=options.retrieval_candidates if options and tiered else 0,
         )
 
 
@@ -743,7 +742,7 @@ def _searcher(
     """The stored codes scanned on a CUDA device; else the version's compact code, scanned
     first, when it has one; else the FAISS index itself."""
     searcher = device_searcher(index, device)
-    if searcher is not index or manifest.retrieval is None:
+    if searcher is not index or manifest.retrieval is None or not options.retrieval_candidates:
         return searcher
     return TieredSearcher(open_index(path / RETRIEVAL_FILE), index, options.retrieval_candidates)
 

@@ -103,8 +103,13 @@ def test_a_version_with_a_compact_code_answers_as_its_flat_index(
     )
     queries = [Query("The capital of", " the", top_k=5, rerank_depth=0)]
     tiered = engine.query(queries)[0]
-    engine.searcher = engine.index  # the flat scan alone
-    flat = engine.query(queries)[0]
+    flat_engine = QueryEngine.open(
+        root, options=EngineOptions(retrieval_candidates=0), reuse_model_from=engine
+    )
+    assert flat_engine.searcher is flat_engine.index  # 0: every stored code scanned
+    assert (flat_engine.info.retrieval_code, flat_engine.info.retrieval_candidates) == ("", 0)
+    flat = flat_engine.query(queries)[0]
+    flat_engine.close()
     engine.close()
     assert [h.example_id for h in tiered.hits] == [h.example_id for h in flat.hits]
     assert [h.score for h in tiered.hits] == pytest.approx([h.score for h in flat.hits])
