@@ -197,7 +197,7 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
             "--retrieval-code",
             "on",
         ],
-        "--retrieval-dims must be in [1, ": ["--retrieval-code", "on", "--retrieval-dims", "9999"],
+        "--retrieval-dims must be in [1, ": ["--retrieval-code", "on", "--retrieval-dims", "10240"],
         "--max-length 4096": ["--max-length", "4096"],
     }
 
