@@ -16,7 +16,6 @@ then the code's index) whose rows are the stored index's rows.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +24,7 @@ import numpy as np
 import torch
 
 from indexer.config import CompactCode
-from indexer.store import ADD_CHUNK_ROWS, decode_rows, open_index
-
-log = logging.getLogger(__name__)
+from indexer.store import ADD_CHUNK_ROWS, decode_rows, new_index, open_index
 
 SAMPLE_ROWS = 4096  # stored rows the projection is fitted on (at least 4x its dimensions)
 # K″, the compact code's candidates re-scored per search: at 21k examples 1,000 kept 0.996 of the
@@ -81,10 +78,7 @@ def build_compact_index(stored: faiss.Index, code: CompactCode, seed: int = 0) -
         raise ValueError(f"a compact code of {code.dims} dimensions is not smaller than {stored.d}")
     sample = decode_rows(stored, _sample_rows(stored.ntotal, seed), None)
     directions = principal_directions(sample, min(code.dims, len(sample)))
-    try:
-        inner = faiss.index_factory(directions.shape[1], code.quantizer, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"invalid FAISS factory string {code.quantizer!r}: {e}") from e
+    inner = new_index(directions.shape[1], code.quantizer)
     compact = faiss.IndexPreTransform(_transform(directions), inner)
     compact.train(sample)
     for block in _blocks(stored):
