@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from indexer import __version__
+from indexer.backend import open_pointers
 from indexer.budget import ModuleRanks, describe, module_ranks, total_dim
 from indexer.calibration import (
     Calibrator,
@@ -80,7 +81,6 @@ from indexer.publish import (
     build_lock,
     ensure_writable,
     new_version_id,
-    open_pointers,
     publish,
     read_current,
     staging_dir,

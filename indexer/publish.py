@@ -23,7 +23,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from indexer.config import Backend, BackendConfig
 from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
 from indexer.hashing import sha256_file
 from indexer.manifest import MANIFEST_FILE, FileRecord, Manifest
@@ -74,15 +73,6 @@ class FilePointers:
 
     def drop(self, version_id: str) -> None:
         """A FAISS version is all in its directory."""
-
-
-def open_pointers(root: Path, backend: BackendConfig | None = None) -> Pointers:
-    """The pointers of ROOT under `backend` (default: FAISS's files); connects to Milvus."""
-    if backend is None or backend.backend == Backend.FAISS:
-        return FilePointers(root)
-    from indexer.milvus import MilvusBackend  # pymilvus only for the Milvus backend
-
-    return MilvusBackend.connect(backend, root)
 
 
 def _pointers(root: Path, pointers: Pointers | None) -> Pointers:

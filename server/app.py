@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from indexer.backend import open_pointers
 from indexer.config import Backend, BackendConfig
 from indexer.engine import EngineOptions, QueryEngine
 from indexer.errors import InvalidInputError
-from indexer.publish import open_pointers
 from influence.v1 import influence_pb2
 from server.auth import BearerTokenInterceptor, SecurityConfig, TlsFiles, server_credentials
 from server.batching import BatcherConfig, MicroBatcher

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from indexer.backend import open_pointers
 from indexer.build import build_index
 from indexer.config import Backend, BackendConfig, BuildConfig
 from indexer.engine import QueryEngine
@@ -26,7 +27,6 @@ from indexer.publish import (
     PINNED,
     VERSIONS,
     new_version_id,
-    open_pointers,
     read_current,
     read_manifest,
     rollback,

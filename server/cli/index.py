@@ -60,7 +60,7 @@ def run_build(args: argparse.Namespace) -> tuple[object, str] | None:
 
 def _pointers(args: argparse.Namespace):
     """CURRENT and PINNED of --index under the backend the options name."""
-    from indexer.publish import open_pointers
+    from indexer.backend import open_pointers
 
     return open_pointers(args.index, from_args(BackendConfig, args))
 
