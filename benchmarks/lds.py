@@ -13,7 +13,9 @@ before any seed 1.
 
 Scoring: `influence-index eval --lds CACHE` on the demo index, for each score kind, with the
 exact scorer and the baselines: the LDS of every method, with its bootstrap interval over
-queries. `--phase retrain` only retrains, `--phase score` only scores what the cache holds (an
+queries. `--dims 8192,131072` scores indexes of those budgets instead of the default one (how
+the sketch's bytes move LDS), `--top-k 10,100,200` served answers of more exact hits.
+`--phase retrain` only retrains, `--phase score` only scores what the cache holds (an
 unfinished cache: the subsets retrained so far, at least `indexer.lds.MIN_SUBSETS`).
 
     .venv/bin/python -m benchmarks.lds --subsets 50 --seeds 0,1 --workers 3 --phase retrain
@@ -234,20 +236,25 @@ def retraining_summary(cache: RetrainCache) -> dict:
     }
 
 
-def score_kind(cache_path: Path, kind: ScoreKind, work: Path) -> dict:
-    """`eval --lds` of the default demo index of `kind` (built under `work`, or reused) with the
-    exact scorer and every baseline: LDS and fact tracing per method, per-query LDS, and the
-    paired differences that the issue's targets compare."""
+def score_kind(
+    cache_path: Path, kind: ScoreKind, work: Path, dims: int | None = None, top_k: int = TOP_K
+) -> dict:
+    """`eval --lds` of the demo index of `kind` (built under `work`, or reused; `dims`: its
+    stored dimensions, default the build's budget) with the exact scorer and every baseline:
+    LDS and fact tracing per method, per-query LDS, and the paired differences that the issue's
+    targets compare. The served answers ask for `top_k` hits (exact, as the exact stage's depth
+    allows), the sketch's estimates standing for every other example."""
     setting = load_setting("demo", None)
-    build = ensure_build(setting, work / f"index-{kind}", StoreConfig(score=kind), SketchConfig())
+    root = work / (f"index-{kind}" if dims is None else f"index-{kind}-dims{dims}")
+    build = ensure_build(setting, root, StoreConfig(score=kind), SketchConfig(dims=dims))
     config = EvalConfig(
-        index=work / f"index-{kind}",
+        index=root,
         queries=tuple(setting.queries),
         exact=True,
         baselines=BASELINES,
         lds=cache_path,
         # A query's default top-k: the served answer as a client gets it by default.
-        ks=(TOP_K,),
+        ks=(top_k,),
         fact_ks=(1, TOP_K),
     )
     started, cpu = time.perf_counter(), time.process_time()
@@ -260,6 +267,7 @@ def score_kind(cache_path: Path, kind: ScoreKind, work: Path) -> dict:
     }
     return {
         "version": report.version,
+        "dim": report.dim,
         "reused_build": bool(build.get("reused")),
         "lds": report.lds,
         "paired_differences": differences,
@@ -269,6 +277,14 @@ def score_kind(cache_path: Path, kind: ScoreKind, work: Path) -> dict:
         "per_query_lds": {q.id: q.lds for q in report.queries},
         "eval_seconds": {"wall": time.perf_counter() - started, "cpu": time.process_time() - cpu},
     }
+
+
+def _label(kind: ScoreKind, dims: int | None, top_k: int) -> str:
+    """`cosine` at the defaults, else e.g. `cosine dims=8192 top_k=100`."""
+    settings = ([f"dims={dims}"] if dims is not None else []) + (
+        [f"top_k={top_k}"] if top_k != TOP_K else []
+    )
+    return " ".join([str(kind), *settings])
 
 
 def seed_agreement(cache: RetrainCache) -> dict:
@@ -308,6 +324,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--kinds", type=comma_list(ScoreKind), default=KINDS, help="score kinds to evaluate"
     )
     parser.add_argument("--work", type=Path, default=CACHE / "lds", help="the demo indexes")
+    parser.add_argument(
+        "--dims",
+        type=comma_list(int),
+        default=(None,),
+        help="stored dimensions per example of the indexes scored (default: the build's)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=comma_ints,
+        default=(TOP_K,),
+        help="hits the served answers ask for (exact ones up to the exact stage's depth)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the scoring")
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
@@ -334,7 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.phase != "retrain":
         try:
             result["kinds"] = {
-                str(kind): score_kind(args.cache, kind, args.work) for kind in args.kinds
+                _label(kind, dims, top_k): score_kind(args.cache, kind, args.work, dims, top_k)
+                for dims in args.dims
+                for top_k in args.top_k
+                for kind in args.kinds
             }
         except InfluenceIndexError as e:
             sys.stderr.write(f"error: {e}\n")

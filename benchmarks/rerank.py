@@ -61,8 +61,9 @@ from indexer.engine import EngineOptions, QueryEngine, QueryResult, ScoreSpace
 from indexer.errors import IndexVerificationError
 from indexer.evaluate import json_safe, matching_corpus
 from indexer.exact import ExactConfig, ExactScorer
+from indexer.hashing import sha256_file
 from indexer.incremental import built_with
-from indexer.manifest import FULL_CURVATURE_FILE
+from indexer.manifest import CURVATURE_FILE, FULL_CURVATURE_FILE
 from indexer.model import LoadedModel, load_model
 from indexer.publish import read_current, verify_version, version_dir
 from indexer.query import LabeledQuery, TokenizedQuery, query_vectors
@@ -155,27 +156,37 @@ def exact_reference(
     """Exact influence and cosine of every query on every example, from the version's own full
     factors (one streaming pass: preconditioned full gradients, their norms for cosine; as
     tests/test_rerank.py's `exact_scores`); `limits`: the scorer's batch size and memory limit
-    (default: `ExactConfig`'s).
-    Cached in `cache` (npz), keyed by the factors' sha256 and the queries' tokens."""
-    sha = engine.manifest.files[FULL_CURVATURE_FILE].sha256
-    key = hashlib.sha256(repr([sha, [t.token_ids for t in tokenized]]).encode()).hexdigest()
+    (default: `ExactConfig`'s). A version built without them (`--exact-rerank off`) gets full
+    factors fitted here as `eval --exact` fits them (the build's sample, seed and damping),
+    saved beside the cache.
+    Cached in `cache` (npz), keyed by the factors (or the sketch factors they are fitted
+    beside) and the queries' tokens."""
+    stored = FULL_CURVATURE_FILE in engine.manifest.files
+    sha = engine.manifest.files[FULL_CURVATURE_FILE if stored else CURVATURE_FILE].sha256
+    tokens = [t.token_ids for t in tokenized]
+    keyed = [sha, tokens] if stored else [sha, "full factors fitted apart", tokens]
+    key = hashlib.sha256(repr(keyed).encode()).hexdigest()
     path = cache / f"exact-{key[:16]}.npz"
+    fitted = cache / f"curvature-full-{key[:16]}.safetensors"
     examples = matching_corpus(engine, None)
     doc_ids = [e.doc_id for e in examples]
     if path.exists():
-        stored = np.load(path)
-        scores = {str(k): stored[str(k)] for k in KINDS}
-        return Reference(scores, sha, float(stored["seconds"]), doc_ids)
+        stored_scores = np.load(path)
+        scores = {str(k): stored_scores[str(k)] for k in KINDS}
+        full_sha = sha if stored else sha256_file(fitted)
+        return Reference(scores, full_sha, float(stored_scores["seconds"]), doc_ids)
     start = time.perf_counter()
-    full = Curvature.load(engine.path / FULL_CURVATURE_FILE)
     config = replace(
         limits or ExactConfig(),
         curvature=engine.manifest.curvature,
         modules=engine.manifest.sketch.modules,
     )
+    full = Curvature.load(engine.path / FULL_CURVATURE_FILE) if stored else None
     scorer = ExactScorer(engine.loaded, examples, config, curvature=full)
-    q = query_vectors(scorer.sketcher, full, tokenized, engine.pad_id)
-    target = ScoreTarget(full.vectors, q)
+    if not stored:
+        scorer.curvature.save(fitted)
+    q = query_vectors(scorer.sketcher, scorer.curvature, tokenized, engine.pad_id)
+    target = ScoreTarget(scorer.curvature.vectors, q)
     streamed = stream_scores(scorer.pass_, {"exact": target}, "exact")
     streamed = streamed["exact"]
     scores = {
@@ -184,7 +195,7 @@ def exact_reference(
     }
     seconds = time.perf_counter() - start
     np.savez(path, seconds=seconds, **scores)
-    return Reference(scores, sha, seconds, doc_ids)
+    return Reference(scores, sha if stored else sha256_file(fitted), seconds, doc_ids)
 
 
 def candidate_recall(reference: np.ndarray, predicted: Sequence[int], depth: int) -> float:
