@@ -63,7 +63,7 @@ def parse_code(text: str) -> CompactCode:
     return CompactCode(int(dims), quantizer)
 
 
-def _recall(found: np.ndarray, wanted: np.ndarray) -> float:
+def recall(found: np.ndarray, wanted: np.ndarray) -> float:
     """Mean share of each row of `wanted [Q, k]` within the same row of `found [Q, ≥k]`."""
     return float(
         np.mean([len(set(f) & set(w)) / len(w) for f, w in zip(found, wanted, strict=True)])
@@ -113,7 +113,7 @@ def _throughput(
     return rates
 
 
-def _exact_tops(engine: QueryEngine, queries: list[Query], work: Path) -> list[set[int]]:
+def exact_tops(engine: QueryEngine, queries: list[Query], work: Path) -> list[set[int]]:
     """Per query, the ids of its exact cosine top-10 with their ties: every example whose exact
     score reaches the 10th's (repeated texts score alike and would be cut arbitrarily)."""
     tokenized = [engine.prepare(replace(q, rerank_depth=0)) for q in queries]
@@ -126,17 +126,19 @@ def _exact_tops(engine: QueryEngine, queries: list[Query], work: Path) -> list[s
     return tops
 
 
-def _recall_exact(found: np.ndarray, tops: list[set[int]]) -> float:
-    """Mean share of each query's exact top-10 (`_exact_tops`) within its row of `found [Q, k]`
+def recall_exact(found: np.ndarray, tops: list[set[int]]) -> float:
+    """Mean share of each query's exact top-10 (`exact_tops`) within its row of `found [Q, k]`
     (ids); a tie found counts as its member."""
     return float(
         np.mean([min(len(set(f) & t), TOP) / TOP for f, t in zip(found, tops, strict=True)])
     )
 
 
-def _queries(args: argparse.Namespace, root: Path) -> tuple[np.ndarray, list[set[int]] | None]:
+def setting_queries(
+    args: argparse.Namespace, root: Path
+) -> tuple[np.ndarray, list[set[int]] | None]:
     """The setting's unit query vectors `[Q, D]` (its version built first, unless CURRENT holds
-    it), and with `--exact` each query's exact top-10 (`_exact_tops`)."""
+    it), and with `--exact` each query's exact top-10 (`exact_tops`)."""
     if args.setting == "large":
         setting = load_setting("large", None)
         ensure_build(setting, root, StoreConfig(score=ScoreKind.COSINE), SketchConfig())
@@ -146,7 +148,7 @@ def _queries(args: argparse.Namespace, root: Path) -> tuple[np.ndarray, list[set
         queries = fact_queries(args.queries)
     engine = QueryEngine.open(root)
     vectors = unit_query_vectors(engine, queries)
-    exact = _exact_tops(engine, queries, args.work) if args.exact else None
+    exact = exact_tops(engine, queries, args.work) if args.exact else None
     engine.close()
     return vectors, exact
 
@@ -177,14 +179,14 @@ def measure_code(
         depth_ids = tiered.search(queries, DEPTH)[1]
         point = {
             "candidates": candidates,
-            "recall_flat_top10": _recall(top_ids, flat_ids[:, :TOP]),
+            "recall_flat_top10": recall(top_ids, flat_ids[:, :TOP]),
             "recall_flat_top10_ties": _recall_with_ties(top_scores, flat_scores[:, TOP - 1]),
             "p50_ms": {t: _timed_p50(tiered, queries[: args.timed], DEPTH, t) for t in (1, 2)},
             "compact_scan_p50_ms": _timed_p50(compact, queries[: args.timed], candidates, 1),
             "load_average": os.getloadavg(),
         }
         if exact is not None:
-            point["recall_exact_top10_within_depth"] = _recall_exact(depth_ids, exact)
+            point["recall_exact_top10_within_depth"] = recall_exact(depth_ids, exact)
         log.info("%s K''=%d: %s", code.name, candidates, point)
         row["candidates"].append(point)
     best = TieredSearcher(compact, stored, args.throughput_candidates)
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         emit({"benchmark": "tiers", "setting": "1m", "scans": scans}, args.out)
         return 0
     root = args.work / ("root" if args.setting == "100k" else "default-cosine")
-    queries, exact = _queries(args, root)
+    queries, exact = setting_queries(args, root)
     engine = QueryEngine.open(root)
     stored = engine.index
     flat_scores, flat_ids = stored.search(queries, DEPTH)  # the reference ranking
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     if exact is not None:
-        result["flat"]["recall_exact_top10_within_depth"] = _recall_exact(flat_ids, exact)
+        result["flat"]["recall_exact_top10_within_depth"] = recall_exact(flat_ids, exact)
     engine.close()
     emit(result, args.out)
     return 0

@@ -51,7 +51,7 @@ def _top_eigenvectors(symmetric: torch.Tensor, count: int) -> torch.Tensor:
     return eigvecs[:, torch.argsort(eigvals, descending=True)[:count]]
 
 
-def _transform(directions: np.ndarray) -> faiss.LinearTransform:
+def linear_transform(directions: np.ndarray) -> faiss.LinearTransform:
     """A FAISS linear map `x -> Vᵀ x` for `directions V [D, d]`."""
     dim, dims = directions.shape
     transform = faiss.LinearTransform(dim, dims, False)
@@ -79,7 +79,7 @@ def build_compact_index(stored: faiss.Index, code: CompactCode, seed: int = 0) -
     sample = decode_rows(stored, _sample_rows(stored.ntotal, seed), None)
     directions = principal_directions(sample, min(code.dims, len(sample)))
     inner = new_index(directions.shape[1], code.quantizer)
-    compact = faiss.IndexPreTransform(_transform(directions), inner)
+    compact = faiss.IndexPreTransform(linear_transform(directions), inner)
     compact.train(sample)
     for block in _blocks(stored):
         compact.add(block)

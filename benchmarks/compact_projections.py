@@ -1,0 +1,124 @@
+"""Which projection makes the compact retrieval code (issue 14): principal directions or random.
+
+    .venv/bin/python -m benchmarks.compact_projections --setting 100k --work .cache/issue14/100k \
+        --out benchmarks/results/compact-projections-100k.json
+
+For a setting already built by `benchmarks.tiers` (its version and exact reference, cached
+under `--work`), each projection in `--projections` makes a compact code as
+`indexer.retrieval.build_compact_index` does (the projection, then `--quantizer` trained on the
+same 4,096-row sample, every stored row added) and is searched through `TieredSearcher`:
+recall of the flat top-10 within the tier's top-10 and of the exact top-10 within its top-200
+(the exact stage's depth), at each K″ in `--candidates`.
+
+Projections `[D, dims]`: `pca` (the build's: the top principal directions of the sample),
+`random` (orthonormal columns of a seeded Gaussian matrix: inner products kept in every
+direction, Johnson-Lindenstrauss), `hybrid:M` (M principal directions, the rest random over
+their orthogonal complement, scaled by √((D − M) / (dims − M)) so that the residual's inner
+products keep their weight beside the principal part's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from benchmarks.common import comma_ints, comma_list, emit, start_run
+from benchmarks.tiers import DEPTH, TOP, recall, recall_exact, setting_queries
+from indexer.engine import QueryEngine
+from indexer.retrieval import (
+    SAMPLE_ROWS,
+    TieredSearcher,
+    linear_transform,
+    principal_directions,
+)
+from indexer.store import ADD_CHUNK_ROWS, decode_rows, new_index
+
+
+def projection(kind: str, sample: np.ndarray, dims: int, seed: int) -> np.ndarray:
+    """The projection `[D, dims]` (float32) named `kind` (see the module's docstring)."""
+    if kind == "pca":
+        return principal_directions(sample, dims)
+    rng = np.random.default_rng(seed)
+    principal = 0 if kind == "random" else int(kind.removeprefix("hybrid:"))
+    kept = principal_directions(sample, principal) if principal else None
+    gaussian = rng.standard_normal((sample.shape[1], dims - principal)).astype(np.float32)
+    if kept is None:
+        return np.linalg.qr(gaussian)[0].astype(np.float32)
+    gaussian -= kept @ (kept.T @ gaussian)
+    scale = np.sqrt((sample.shape[1] - principal) / (dims - principal))
+    return np.concatenate([kept, np.linalg.qr(gaussian)[0] * scale], axis=1).astype(np.float32)
+
+
+def compact_index(stored: faiss.Index, directions: np.ndarray, sample: np.ndarray, quantizer: str):
+    """The compact codes of every stored row under `directions`, `quantizer` trained on
+    `sample`'s projections (as `indexer.retrieval.build_compact_index`)."""
+    compact = faiss.IndexPreTransform(
+        linear_transform(directions), new_index(directions.shape[1], quantizer)
+    )
+    compact.train(sample)
+    for start in range(0, stored.ntotal, ADD_CHUNK_ROWS):
+        rows = np.arange(start, min(start + ADD_CHUNK_ROWS, stored.ntotal), dtype=np.int64)
+        compact.add(decode_rows(stored, rows, None))
+    return compact
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=("100k", "large"), default="100k")
+    parser.add_argument("--work", type=Path, required=True, help="benchmarks.tiers' --work")
+    parser.add_argument("--queries", type=int, default=64, help="fact queries (100k setting)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--projections", type=comma_list(str), default=("pca", "random", "hybrid:256")
+    )
+    parser.add_argument("--dims", type=int, default=1024)
+    parser.add_argument("--quantizer", default="PQ512x4fs")
+    parser.add_argument("--candidates", type=comma_ints, default=(1000, 2000))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    args.exact = True  # what setting_queries reads: the exact top-10, from the cached reference
+    start_run(args.threads)
+    root = args.work / ("root" if args.setting == "100k" else "default-cosine")
+    queries, tops = setting_queries(args, root)
+    engine = QueryEngine.open(root)
+    stored = engine.index
+    _, flat_ids = stored.search(queries, DEPTH)
+    rows = np.random.default_rng(0).choice(stored.ntotal, min(stored.ntotal, SAMPLE_ROWS), False)
+    sample = decode_rows(stored, np.sort(rows), None)
+    result = {
+        "benchmark": "compact_projections",
+        "setting": args.setting,
+        "n_examples": stored.ntotal,
+        "dims": args.dims,
+        "quantizer": args.quantizer,
+        "flat_recall_exact_top10_within_depth": recall_exact(flat_ids, tops),
+        "projections": [],
+    }
+    for kind in args.projections:
+        start = time.perf_counter()
+        directions = projection(kind, sample, args.dims, seed=0)
+        compact = compact_index(stored, directions, sample, args.quantizer)
+        row = {"projection": kind, "build_seconds": time.perf_counter() - start, "candidates": []}
+        for candidates in args.candidates:
+            tiered = TieredSearcher(compact, stored, candidates)
+            row["candidates"].append(
+                {
+                    "candidates": candidates,
+                    "recall_flat_top10": recall(tiered.search(queries, TOP)[1], flat_ids[:, :TOP]),
+                    "recall_exact_top10_within_depth": recall_exact(
+                        tiered.search(queries, DEPTH)[1], tops
+                    ),
+                }
+            )
+        result["projections"].append(row)
+    engine.close()
+    emit(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
