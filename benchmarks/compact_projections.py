@@ -10,11 +10,12 @@ same 4,096-row sample, every stored row added) and is searched through `TieredSe
 recall of the flat top-10 within the tier's top-10 and of the exact top-10 within its top-200
 (the exact stage's depth), at each K″ in `--candidates`.
 
-Projections `[D, dims]`: `pca` (the build's: the top principal directions of the sample),
-`random` (orthonormal columns of a seeded Gaussian matrix: inner products kept in every
-direction, Johnson-Lindenstrauss), `hybrid:M` (M principal directions, the rest random over
-their orthogonal complement, scaled by √((D − M) / (dims − M)) so that the residual's inner
-products keep their weight beside the principal part's).
+Projections `[D, dims]`: `pca` (the top principal directions of the sample: the builds'
+until this comparison), `random` (`indexer.retrieval.random_directions`, what builds make
+now: inner products kept in every direction, Johnson-Lindenstrauss), `hybrid:M` (M principal
+directions, the rest random over their orthogonal complement, scaled by
+√((D − M) / (dims − M)) so that the residual's inner products keep their weight beside the
+principal part's).
 """
 
 from __future__ import annotations
@@ -25,29 +26,36 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from benchmarks.common import comma_ints, comma_list, emit, start_run
 from benchmarks.tiers import DEPTH, TOP, recall, recall_exact, setting_queries
 from indexer.engine import QueryEngine
-from indexer.retrieval import (
-    SAMPLE_ROWS,
-    TieredSearcher,
-    linear_transform,
-    principal_directions,
-)
+from indexer.retrieval import SAMPLE_ROWS, TieredSearcher, linear_transform, random_directions
 from indexer.store import ADD_CHUNK_ROWS, decode_rows, new_index
+
+
+def principal_directions(sample: np.ndarray, dims: int) -> np.ndarray:
+    """The top `dims` right singular vectors `[D, dims]` (float32) of `sample [n, D]`, uncentered
+    (the compact code's projection before random ones replaced it): from the eigenvectors of
+    the Gram matrix `[n, n]` (n < D here), `V = xᵀ U S⁻¹`."""
+    x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
+    eigvals, eigvecs = torch.linalg.eigh((x @ x.T).double())
+    top = eigvecs[:, torch.argsort(eigvals, descending=True)[:dims]]
+    directions = x.T.double() @ top
+    return (directions / directions.norm(dim=0).clamp_min(1e-30)).float().numpy()
 
 
 def projection(kind: str, sample: np.ndarray, dims: int, seed: int) -> np.ndarray:
     """The projection `[D, dims]` (float32) named `kind` (see the module's docstring)."""
     if kind == "pca":
         return principal_directions(sample, dims)
+    if kind == "random":
+        return random_directions(sample.shape[1], dims, seed)
+    principal = int(kind.removeprefix("hybrid:"))
+    kept = principal_directions(sample, principal)
     rng = np.random.default_rng(seed)
-    principal = 0 if kind == "random" else int(kind.removeprefix("hybrid:"))
-    kept = principal_directions(sample, principal) if principal else None
     gaussian = rng.standard_normal((sample.shape[1], dims - principal)).astype(np.float32)
-    if kept is None:
-        return np.linalg.qr(gaussian)[0].astype(np.float32)
     gaussian -= kept @ (kept.T @ gaussian)
     scale = np.sqrt((sample.shape[1] - principal) / (dims - principal))
     return np.concatenate([kept, np.linalg.qr(gaussian)[0] * scale], axis=1).astype(np.float32)

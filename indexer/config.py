@@ -208,8 +208,8 @@ class StoreConfig:
             f"(auto: from {RETRIEVAL_MIN_EXAMPLES:,} examples, with a flat index)"
         },
     )
-    # At 21k examples the top 1,024 principal directions found 0.97 / 0.99 of the flat top-10
-    # within K″ = 100 / 200, 512 only 0.90 / 0.95 (float codes; benchmarks/RESULTS.md, issue 14).
+    # At 21k examples 1,024 dimensions found 0.97 / 0.99 of the flat top-10 within K″ = 100 /
+    # 200, 512 only 0.90 / 0.95 (principal directions, float codes; RESULTS.md, issue 14).
     retrieval_dims: int = field(
         default=1024, metadata={"help": "dimensions of the compact retrieval code"}
     )
@@ -224,18 +224,31 @@ class StoreConfig:
         return CompactCode(self.retrieval_dims, self.retrieval_quantizer)
 
 
+class Projection(str, Enum):
+    """How a compact code projects the stored vectors: a seeded random orthonormal map (what
+    builds make), or principal directions (format-8 versions built before the change)."""
+
+    RANDOM = "random"
+    PCA = "pca"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class CompactCode:
-    """A compact retrieval code (`indexer.retrieval`): each stored vector projected on `dims`
-    principal directions, the projections indexed by FAISS factory `quantizer`."""
+    """A compact retrieval code (`indexer.retrieval`): each stored vector projected to `dims`
+    dimensions by `projection`, the projections indexed by FAISS factory `quantizer`."""
 
     dims: int
     quantizer: str
+    projection: Projection = Projection.RANDOM
 
     @property
     def name(self) -> str:
-        """As FAISS would spell the pipeline: e.g. `PCA1024,SQ8`."""
-        return f"PCA{self.dims},{self.quantizer}"
+        """As FAISS would spell the pipeline: e.g. `RR1024,SQ8` (random rotation)."""
+        prefix = "RR" if self.projection == Projection.RANDOM else "PCA"
+        return f"{prefix}{self.dims},{self.quantizer}"
 
 
 class Backend(str, Enum):

@@ -15,6 +15,7 @@ from indexer.config import (
     CompactCode,
     CorpusConfig,
     CurvatureConfig,
+    Projection,
     ScoreKind,
     SketchConfig,
 )
@@ -27,7 +28,8 @@ from indexer.scores import RerankBound
 # each module's sketch ranks in its layout (a budget per example, allocated across modules).
 # 7: the share of the blocks' parameters tracked (experts and routers tracked too).
 # 8: a compact retrieval code (RETRIEVAL_FILE) scanned before the stored codes; with Milvus,
-# the collection that holds the vectors.
+# the collection that holds the vectors; the code's projection recorded since random projections
+# replaced principal directions (a record without one is PCA's).
 FORMAT_VERSION = 8
 
 MANIFEST_FILE = "manifest.json"
@@ -227,7 +229,7 @@ class Manifest:
                 rerank_bound=(
                     RerankBound(**data["rerank_bound"]) if data["rerank_bound"] else None
                 ),
-                retrieval=CompactCode(**data["retrieval"]) if data["retrieval"] else None,
+                retrieval=_compact_code(data["retrieval"]),
                 build_seconds=dict(data["build_seconds"]),
                 collection=(
                     CollectionRecord(**data["collection"]) if data.get("collection") else None
@@ -238,3 +240,12 @@ class Manifest:
             raise IndexVerificationError(f"manifest lacks {e.args[0]}") from e
         except (TypeError, ValueError, AttributeError) as e:
             raise IndexVerificationError(f"malformed manifest ({e})") from e
+
+
+def _compact_code(record: dict | None) -> CompactCode | None:
+    """The manifest's compact code; one recorded before projections were named is PCA's."""
+    if not record:
+        return None
+    return CompactCode(
+        record["dims"], record["quantizer"], Projection(record.get("projection", "pca"))
+    )

@@ -2,13 +2,15 @@
 
 A flat scan reads every stored byte (D bytes an example: 3.3 GB at 100k examples), and the
 gradient vectors do not cluster, so an inverted file must scan most lists to find the flat
-top-10. The stored vectors' energy does concentrate in a few directions: the top 1,024
-principal directions of the uncentered second moment held three quarters of it at 21k
-examples. The compact code is the stored vector projected onto them, `c = Vᵀ x` (`V [D, d]`),
-quantised (4-bit fast-scan PQ by default: d/4 bytes an example); a search scans the compact
-codes for the top K″ and re-scores those on the stored 8-bit codes, read by row from the
-memory-mapped index, so the scores it returns are the flat index's own. `⟨Vᵀq, Vᵀx⟩ = ⟨q, x⟩`
-minus the part of both outside the top directions.
+top-10. The compact code is the stored vector under a seeded random orthonormal map,
+`c = Vᵀ x` (`V [D, d]`, `VᵀV = I`), quantised (4-bit fast-scan PQ by default: d/4 bytes an
+example); a search scans the compact codes for the top K″ and re-scores those on the stored
+8-bit codes, read by row from the memory-mapped index, so the scores it returns are the flat
+index's own. A random map keeps every direction's inner products alike (Johnson-Lindenstrauss:
+`(D/d)·⟨Vᵀq, Vᵀx⟩ ≈ ⟨q, x⟩`, error ≈ ‖q‖‖x‖/√d); principal directions keep the corpus's
+common directions and drop its rare ones, which are what single out an example for a
+specific query: at 100k examples they kept 0.44 of exact EK-FAC's top-10 within the exact
+stage's candidates, the random map 0.57, both 0.996 at 21k (RESULTS.md, issue 14).
 
 The code lives in the version as `retrieval.faiss`, a FAISS `IndexPreTransform` (the projection,
 then the code's index) whose rows are the stored index's rows.
@@ -21,34 +23,21 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 
-from indexer.config import CompactCode
+from indexer.config import CompactCode, Projection
 from indexer.store import ADD_CHUNK_ROWS, decode_rows, new_index, open_index
 
-SAMPLE_ROWS = 4096  # stored rows the projection is fitted on (at least 4x its dimensions)
+SAMPLE_ROWS = 4096  # stored rows the code's quantizer is trained on
 # K″, the compact code's candidates re-scored per search: at 21k examples 1,000 kept 0.996 of the
 # exact top-10 within the exact stage's 200 candidates, 200 only 0.971 (RESULTS.md, issue 14).
 RETRIEVAL_CANDIDATES = 1000
 
 
-def principal_directions(sample: np.ndarray, dims: int) -> np.ndarray:
-    """The top `dims` right singular vectors `[D, dims]` (float32) of `sample [n, D]`,
-    uncentered (a centred projection would shift each example's score by its mean's share, which
-    changes rankings): exact and deterministic, from the eigenvectors of the smaller of the
-    second-moment matrix `[D, D]` and the Gram matrix `[n, n]`."""
-    x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
-    if x.shape[1] <= x.shape[0]:
-        return _top_eigenvectors((x.T @ x).double(), dims).float().numpy()
-    eigvecs = _top_eigenvectors((x @ x.T).double(), dims)  # x = U S Vᵀ: V = xᵀ U S⁻¹
-    directions = x.T.double() @ eigvecs
-    return (directions / directions.norm(dim=0).clamp_min(1e-30)).float().numpy()
-
-
-def _top_eigenvectors(symmetric: torch.Tensor, count: int) -> torch.Tensor:
-    """The eigenvectors `[m, count]` of the `count` largest eigenvalues of `symmetric [m, m]`."""
-    eigvals, eigvecs = torch.linalg.eigh(symmetric)
-    return eigvecs[:, torch.argsort(eigvals, descending=True)[:count]]
+def random_directions(dim: int, dims: int, seed: int) -> np.ndarray:
+    """`dims` orthonormal columns `[dim, dims]` (float32) spanning a random subspace: the Q of a
+    seeded Gaussian matrix's QR decomposition (the same for the same seed)."""
+    gaussian = np.random.default_rng(seed).standard_normal((dim, dims))
+    return np.linalg.qr(gaussian)[0].astype(np.float32)
 
 
 def linear_transform(directions: np.ndarray) -> faiss.LinearTransform:
@@ -72,12 +61,14 @@ def _blocks(stored: faiss.Index) -> Iterator[np.ndarray]:
 
 
 def build_compact_index(stored: faiss.Index, code: CompactCode, seed: int = 0) -> faiss.Index:
-    """The compact codes of every row of a flat `stored` index (`IDMap,…`): the projection fitted
-    on a sample of its decoded rows, the code trained on their projections."""
+    """The compact codes of every row of a flat `stored` index (`IDMap,…`): the random
+    projection, then the code trained on a sample of the decoded rows' projections."""
     if code.dims >= stored.d:
         raise ValueError(f"a compact code of {code.dims} dimensions is not smaller than {stored.d}")
+    if code.projection != Projection.RANDOM:
+        raise ValueError(f"a build makes random projections, not {code.projection}")
     sample = decode_rows(stored, _sample_rows(stored.ntotal, seed), None)
-    directions = principal_directions(sample, min(code.dims, len(sample)))
+    directions = random_directions(stored.d, code.dims, seed)
     inner = new_index(directions.shape[1], code.quantizer)
     compact = faiss.IndexPreTransform(linear_transform(directions), inner)
     compact.train(sample)

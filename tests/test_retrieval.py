@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from indexer.build import build_index, compact_code
-from indexer.config import RETRIEVAL_MIN_EXAMPLES, CompactCode
+from indexer.config import RETRIEVAL_MIN_EXAMPLES, CompactCode, Projection
 from indexer.engine import EngineOptions, QueryEngine
 from indexer.manifest import RETRIEVAL_FILE
 from indexer.publish import verify_version, version_dir
 from indexer.query import Query
-from indexer.retrieval import TieredSearcher, build_compact_index, principal_directions
+from indexer.retrieval import TieredSearcher, build_compact_index, random_directions
 from indexer.store import FLAT_FACTORY, new_index
 from tests.test_build import tiny_config
 
@@ -35,14 +35,22 @@ def _flat(vectors: np.ndarray) -> faiss.IndexIDMap:
     return index
 
 
-def test_principal_directions_span_the_top_singular_vectors():
-    x = _low_rank_vectors(300, 64, 8, seed=0)
-    directions = principal_directions(x, 8)
-    reference = np.linalg.svd(x, full_matrices=False)[2][:8].T
-    assert directions.shape == (64, 8)
-    np.testing.assert_allclose(directions.T @ directions, np.eye(8), atol=1e-4)
-    # The same subspace: projecting one basis onto the other loses nothing.
-    np.testing.assert_allclose(np.linalg.svd(directions.T @ reference)[1], 1.0, atol=1e-4)
+def test_random_directions_are_orthonormal_and_fixed_by_their_seed():
+    directions = random_directions(64, 8, seed=0)
+    assert directions.shape == (64, 8) and directions.dtype == np.float32
+    np.testing.assert_allclose(directions.T @ directions, np.eye(8), atol=1e-5)
+    np.testing.assert_array_equal(directions, random_directions(64, 8, seed=0))
+    assert not np.allclose(directions, random_directions(64, 8, seed=1))
+
+
+def test_a_code_recorded_without_its_projection_is_read_as_principal_directions():
+    from indexer.manifest import _compact_code
+
+    assert _compact_code({"dims": 8, "quantizer": "SQ8"}).name == "PCA8,SQ8"
+    assert _compact_code({"dims": 8, "quantizer": "SQ8", "projection": "random"}) == CompactCode(
+        8, "SQ8", Projection.RANDOM
+    )
+    assert _compact_code(None) is None
 
 
 def test_all_candidates_give_the_flat_index_answer():
@@ -58,10 +66,15 @@ def test_all_candidates_give_the_flat_index_answer():
 
 
 def test_few_candidates_find_the_flat_top_ten_and_score_them_as_the_flat_index():
-    x = _low_rank_vectors(4000, 256, 24, seed=3)
+    # Vectors that do not cluster (as gradients), each query the sum of ten of them: its flat
+    # top-10. A random code of half the dimensions finds them among 5 % of the rows.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4000, 256)).astype(np.float32)
+    faiss.normalize_L2(x)
     flat = _flat(x)
-    queries = _low_rank_vectors(20, 256, 24, seed=3)[:20] + 0.3 * x[:20]
-    tiered = TieredSearcher(build_compact_index(flat, CompactCode(32, "SQ8")), flat, 100)
+    planted = [rng.choice(len(x), 10, replace=False) for _ in range(20)]
+    queries = np.stack([x[p].sum(axis=0) for p in planted])
+    tiered = TieredSearcher(build_compact_index(flat, CompactCode(128, "SQ8")), flat, 200)
     scores, ids = tiered.search(queries, 10)
     flat_scores, flat_ids = flat.search(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, flat_ids, strict=True)])
@@ -92,13 +105,13 @@ def test_a_version_with_a_compact_code_answers_as_its_flat_index(
         retrieval_quantizer="SQ8",
     )
     summary = build_index(config)
-    assert summary.retrieval_code == "PCA24,SQ8" and "retrieval" in summary.seconds
+    assert summary.retrieval_code == "RR24,SQ8" and "retrieval" in summary.seconds
     manifest = verify_version(version_dir(root))
     assert manifest.retrieval == CompactCode(24, "SQ8") and RETRIEVAL_FILE in manifest.files
     engine = QueryEngine.open(root, options=EngineOptions(retrieval_candidates=summary.n_examples))
     assert isinstance(engine.searcher, TieredSearcher)
     assert (engine.info.retrieval_code, engine.info.retrieval_candidates) == (
-        "PCA24,SQ8",
+        "RR24,SQ8",
         summary.n_examples,
     )
     queries = [Query("The capital of", " the", top_k=5, rerank_depth=0)]
