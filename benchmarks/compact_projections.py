@@ -24,15 +24,18 @@ import argparse
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 
 from benchmarks.common import comma_ints, comma_list, emit, start_run
 from benchmarks.tiers import DEPTH, TOP, recall, recall_exact, setting_queries
 from indexer.engine import QueryEngine
-from indexer.retrieval import SAMPLE_ROWS, TieredSearcher, linear_transform, random_directions
-from indexer.store import ADD_CHUNK_ROWS, decode_rows, new_index
+from indexer.retrieval import (
+    TieredSearcher,
+    project_and_quantize,
+    random_directions,
+    training_sample,
+)
 
 
 def principal_directions(sample: np.ndarray, dims: int) -> np.ndarray:
@@ -61,19 +64,6 @@ def projection(kind: str, sample: np.ndarray, dims: int, seed: int) -> np.ndarra
     return np.concatenate([kept, np.linalg.qr(gaussian)[0] * scale], axis=1).astype(np.float32)
 
 
-def compact_index(stored: faiss.Index, directions: np.ndarray, sample: np.ndarray, quantizer: str):
-    """The compact codes of every stored row under `directions`, `quantizer` trained on
-    `sample`'s projections (as `indexer.retrieval.build_compact_index`)."""
-    compact = faiss.IndexPreTransform(
-        linear_transform(directions), new_index(directions.shape[1], quantizer)
-    )
-    compact.train(sample)
-    for start in range(0, stored.ntotal, ADD_CHUNK_ROWS):
-        rows = np.arange(start, min(start + ADD_CHUNK_ROWS, stored.ntotal), dtype=np.int64)
-        compact.add(decode_rows(stored, rows, None))
-    return compact
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=("100k", "large"), default="100k")
@@ -88,15 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=comma_ints, default=(1000, 2000))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    args.exact = True  # what setting_queries reads: the exact top-10, from the cached reference
     start_run(args.threads)
     root = args.work / ("root" if args.setting == "100k" else "default-cosine")
-    queries, tops = setting_queries(args, root)
+    queries, tops = setting_queries(args, root, exact=True)
     engine = QueryEngine.open(root)
     stored = engine.index
     _, flat_ids = stored.search(queries, DEPTH)
-    rows = np.random.default_rng(0).choice(stored.ntotal, min(stored.ntotal, SAMPLE_ROWS), False)
-    sample = decode_rows(stored, np.sort(rows), None)
+    sample = training_sample(stored, seed=0)
     result = {
         "benchmark": "compact_projections",
         "setting": args.setting,
@@ -109,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.projections:
         start = time.perf_counter()
         directions = projection(kind, sample, args.dims, seed=0)
-        compact = compact_index(stored, directions, sample, args.quantizer)
+        compact = project_and_quantize(stored, directions, args.quantizer, sample)
         row = {"projection": kind, "build_seconds": time.perf_counter() - start, "candidates": []}
         for candidates in args.candidates:
             tiered = TieredSearcher(compact, stored, candidates)

@@ -135,10 +135,10 @@ def recall_exact(found: np.ndarray, tops: list[set[int]]) -> float:
 
 
 def setting_queries(
-    args: argparse.Namespace, root: Path
+    args: argparse.Namespace, root: Path, *, exact: bool
 ) -> tuple[np.ndarray, list[set[int]] | None]:
     """The setting's unit query vectors `[Q, D]` (its version built first, unless CURRENT holds
-    it), and with `--exact` each query's exact top-10 (`exact_tops`)."""
+    it), and with `exact` each query's exact top-10 (`exact_tops`)."""
     if args.setting == "large":
         setting = load_setting("large", None)
         ensure_build(setting, root, StoreConfig(score=ScoreKind.COSINE), SketchConfig())
@@ -148,9 +148,9 @@ def setting_queries(
         queries = fact_queries(args.queries)
     engine = QueryEngine.open(root)
     vectors = unit_query_vectors(engine, queries)
-    exact = exact_tops(engine, queries, args.work) if args.exact else None
+    tops = exact_tops(engine, queries, args.work) if exact else None
     engine.close()
-    return vectors, exact
+    return vectors, tops
 
 
 def measure_code(
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         emit({"benchmark": "tiers", "setting": "1m", "scans": scans}, args.out)
         return 0
     root = args.work / ("root" if args.setting == "100k" else "default-cosine")
-    queries, exact = setting_queries(args, root)
+    queries, exact = setting_queries(args, root, exact=args.exact)
     engine = QueryEngine.open(root)
     stored = engine.index
     flat_scores, flat_ids = stored.search(queries, DEPTH)  # the reference ranking

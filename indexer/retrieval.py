@@ -18,7 +18,6 @@ then the code's index) whose rows are the stored index's rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -49,15 +48,27 @@ def linear_transform(directions: np.ndarray) -> faiss.LinearTransform:
     return transform
 
 
-def _sample_rows(n: int, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(n, size=min(n, SAMPLE_ROWS), replace=False))
+def training_sample(stored: faiss.Index, seed: int) -> np.ndarray:
+    """`SAMPLE_ROWS` decoded stored rows `[≤ SAMPLE_ROWS, D]` (float32), chosen by `seed`: what
+    a compact code's quantizer is trained on."""
+    n = stored.ntotal
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, SAMPLE_ROWS), replace=False))
+    return decode_rows(stored, rows, None)
 
 
-def _blocks(stored: faiss.Index) -> Iterator[np.ndarray]:
-    """The stored vectors `[≤ ADD_CHUNK_ROWS, D]` (float32), in row order."""
+def project_and_quantize(
+    stored: faiss.Index, directions: np.ndarray, quantizer: str, sample: np.ndarray
+) -> faiss.Index:
+    """The compact codes of every row of `stored` under `directions [D, d]`: an
+    `IndexPreTransform` whose `quantizer` index is trained on `sample`'s projections."""
+    compact = faiss.IndexPreTransform(
+        linear_transform(directions), new_index(directions.shape[1], quantizer)
+    )
+    compact.train(sample)
     for start in range(0, stored.ntotal, ADD_CHUNK_ROWS):
         rows = np.arange(start, min(start + ADD_CHUNK_ROWS, stored.ntotal), dtype=np.int64)
-        yield decode_rows(stored, rows, None)
+        compact.add(decode_rows(stored, rows, None))
+    return compact
 
 
 def build_compact_index(stored: faiss.Index, code: CompactCode, seed: int = 0) -> faiss.Index:
@@ -67,14 +78,8 @@ def build_compact_index(stored: faiss.Index, code: CompactCode, seed: int = 0) -
         raise ValueError(f"a compact code of {code.dims} dimensions is not smaller than {stored.d}")
     if code.projection != Projection.RANDOM:
         raise ValueError(f"a build makes random projections, not {code.projection}")
-    sample = decode_rows(stored, _sample_rows(stored.ntotal, seed), None)
     directions = random_directions(stored.d, code.dims, seed)
-    inner = new_index(directions.shape[1], code.quantizer)
-    compact = faiss.IndexPreTransform(linear_transform(directions), inner)
-    compact.train(sample)
-    for block in _blocks(stored):
-        compact.add(block)
-    return compact
+    return project_and_quantize(stored, directions, code.quantizer, training_sample(stored, seed))
 
 
 def write_compact_index(stored_path: Path, path: Path, code: CompactCode, seed: int = 0) -> None:
