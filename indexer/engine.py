@@ -57,7 +57,7 @@ from indexer.rerank import (
     run_exact_stage,
 )
 from indexer.retrieval import RETRIEVAL_CANDIDATES, TieredSearcher
-from indexer.scan import Searcher, device_searcher
+from indexer.scan import CodeScan, Searcher, device_searcher
 from indexer.scores import ScoreSpace
 from indexer.sketch import GradientSketcher, make_batch
 from indexer.store import (
@@ -740,9 +740,10 @@ def _searcher(
     path: Path, manifest: Manifest, index: faiss.Index, device: str, options: EngineOptions
 ) -> Searcher:
     """The stored codes scanned on a CUDA device; else the version's compact code, scanned
-    first, when it has one; else the FAISS index itself."""
+    first, when it has one; else the stored codes scanned on the CPU (`device_searcher`)."""
     searcher = device_searcher(index, device)
-    if searcher is not index or manifest.retrieval is None or not options.retrieval_candidates:
+    on_cuda = isinstance(searcher, CodeScan) and searcher.device.type == "cuda"
+    if on_cuda or manifest.retrieval is None or not options.retrieval_candidates:
         return searcher
     return TieredSearcher(open_index(path / RETRIEVAL_FILE), index, options.retrieval_candidates)
 

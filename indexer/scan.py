@@ -1,15 +1,19 @@
 """Exhaustive inner-product search over a version's 8-bit codes with torch, on the device that
-runs the query model.
+runs the query model, every query of a batch sharing one pass over the codes.
 
-CUDA hosts carry faiss-cpu (faiss-gpu wheels do not exist for every CUDA and Python), whose
-search runs on the CPU; there `CodeScan` answers the search on the GPU with the scores FAISS
-gives. A flat `IDMap,SQ8` index keeps a byte `c` per dimension and a trained range
+FAISS's flat 8-bit search decodes every code once per query, so concurrent queries each pay a
+whole pass. `CodeScan` answers the same search with the scores FAISS gives through one integer
+matrix product per chunk of codes for all the batch's queries: on the CPU over the codes where
+they lie (memory-mapped, turned into int8 a chunk at a time), on a CUDA device over a copy held
+there (CUDA hosts carry faiss-cpu: faiss-gpu wheels do not exist for every CUDA and Python).
+
+A flat `IDMap,SQ8` index keeps a byte `c` per dimension and a trained range
 (`vmin`, `vdiff`) per dimension, and decodes `x̂ = vmin + (c + 0.5) / 255 · vdiff` (faiss's
 `Codec8bit` in the non-uniform `QuantizerTemplate`), so for a query `q`
 
     ⟨q, x̂⟩ = Σ_j q_j vmin_j + Σ_j w_j (c_j + 0.5),   w_j = q_j vdiff_j / 255.
 
-The codes live on the device as int8 (`c - 128`) and each search reads them once, through an
+The product reads the codes as int8 (`c - 128`), once per search, as an
 integer matrix product (`torch._int_mm`, int32 sums): the weights `w` are split into `DIGITS`
 int8 digits (`w ≈ s Σ_i d_i / BASE^i`), which keeps more precision than float32 while every
 code is read as one byte (a float decode would read and write several bytes per code).
@@ -18,7 +22,7 @@ code is read as one byte (a float decode would read and write several bytes per 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import faiss
@@ -35,6 +39,7 @@ MAX_DIM = (2**31 - 1) // (128 * 127) // 8 * 8
 ROW_ALIGN = 32  # CUDA's int8 matrix product needs over 16 rows (and columns a multiple of 8)
 COL_ALIGN = 8
 CHUNK_BYTES = 256 << 20  # a chunk's int32 sums and float64 scores stay under this
+MAPPED_CHUNK_BYTES = 64 << 20  # on the CPU: a chunk's int8 copy and sums, near the caches
 LOAD_ROWS = 16_384  # codes copied to the device at a time
 FREE_MEMORY_SHARE = 0.5  # of the device's free memory the codes may take; the rest is the model's
 NO_SCORE = -np.finfo(np.float32).max  # what FAISS returns, with id -1, past the last result
@@ -46,16 +51,50 @@ class Searcher(Protocol):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-class CodeScan:
-    """`search` as a flat inner-product 8-bit FAISS index answers it, over its codes held on a
-    torch device (int8 `[N, D]` padded to `ROW_ALIGN` x `COL_ALIGN`: N·D bytes)."""
+class ResidentCodes:
+    """Codes held on a device as int8 `c - 128`, `[≥N, ≥D]` padded to `ROW_ALIGN` x
+    `COL_ALIGN` (CUDA's int8 product needs it; padding is never scored): N·D bytes there."""
 
-    def __init__(self, codes: Tensor, n: int, vmin: Tensor, vdiff: Tensor, ids: Tensor):
-        """`codes [≥N, ≥D]` int8 (`c - 128`; padding is never scored), `vmin`, `vdiff` `[D]`
-        float64, `ids [N]` int64, all on one device: see `from_blocks`."""
+    def __init__(self, codes: Tensor):
+        self.codes = codes
+        self.columns = codes.shape[1]
+
+    def chunks(self, n: int, rows: int) -> Iterator[tuple[int, Tensor]]:
+        """The first row and int8 codes `[≤rows, columns]` of each chunk of the first `n` rows."""
+        for start in range(0, n, rows):
+            yield start, self.codes[start : start + rows]
+
+
+class MappedCodes:
+    """Codes read where they lie, uint8 `[N, D]` (an index's memory-mapped codes: no copy),
+    turned into int8 `c - 128` a chunk at a time in a buffer of each search's own."""
+
+    def __init__(self, codes: np.ndarray, owner: object):
+        """`owner`: what keeps `codes`' memory alive (the FAISS index they belong to)."""
+        self.codes, self._owner = codes, owner
+        self.columns = codes.shape[1]
+
+    def chunks(self, n: int, rows: int) -> Iterator[tuple[int, Tensor]]:
+        """As `ResidentCodes.chunks`, on the CPU; each chunk is overwritten by the next."""
+        buffer = np.empty((min(rows, n), self.columns), dtype=np.uint8)
+        for start in range(0, n, rows):
+            block = buffer[: min(rows, n - start)]
+            np.bitwise_xor(self.codes[start : start + rows], 128, out=block)
+            yield start, torch.from_numpy(block).view(torch.int8)
+
+
+class CodeScan:
+    """`search` as a flat inner-product 8-bit FAISS index answers it, over its codes on a torch
+    device (`ResidentCodes`) or where they lie in the CPU's memory (`MappedCodes`)."""
+
+    def __init__(
+        self, codes: ResidentCodes | MappedCodes, n: int, vmin: Tensor, vdiff: Tensor, ids: Tensor
+    ):
+        """`codes` of N rows, `vmin`, `vdiff` `[D]` float64, `ids [N]` int64, all on one device:
+        see `from_blocks` and `from_index`."""
         self.codes, self.n = codes, n
         self.vmin, self.vdiff, self.ids = vmin, vdiff, ids
-        self.device = codes.device
+        self.device = vmin.device
 
     @classmethod
     def from_blocks(
@@ -79,41 +118,53 @@ class CodeScan:
             start += len(block)
         if start != n:
             raise ValueError(f"{start} rows of codes for {n} ids")
-        return cls(
-            codes,
-            n,
-            torch.as_tensor(vmin, dtype=torch.float64, device=device),
-            torch.as_tensor(vdiff, dtype=torch.float64, device=device),
-            torch.as_tensor(ids, dtype=torch.int64, device=device),
-        )
+        return cls._on(ResidentCodes(codes), vmin, vdiff, ids, device)
 
     @classmethod
     def from_index(cls, index: faiss.Index, device: str | torch.device) -> CodeScan:
         """The scan of a flat 8-bit inner-product index (`IDMap,SQ8` or a bare `SQ8`: ids are
-        then rows); ValueError says why another cannot be scanned (`unsupported`)."""
+        then rows): on the CPU over its codes where they lie, on another device over a copy;
+        ValueError says why another index cannot be scanned (`unsupported`)."""
         reason = unsupported(index)
         if reason:
             raise ValueError(f"cannot scan this index on {device}: {reason}")
         inner, ids = _flat(index)
         vmin, vdiff = faiss.vector_to_array(inner.sq.trained).reshape(2, -1)
         n, size = inner.ntotal, inner.code_size
-        # A view of the codes (memory-mapped when the index is), copied a block at a time.
         codes = faiss.rev_swig_ptr(inner.codes.data(), n * size).reshape(n, size) if n else []
+        if torch.device(device).type == "cpu":
+            mapped = MappedCodes(np.asarray(codes, dtype=np.uint8).reshape(n, size), index)
+            return cls._on(mapped, vmin, vdiff, ids, device)
         blocks = (codes[start : start + LOAD_ROWS] for start in range(0, n, LOAD_ROWS))
         return cls.from_blocks(blocks, vmin, vdiff, ids, device)
+
+    @classmethod
+    def _on(
+        cls,
+        codes: ResidentCodes | MappedCodes,
+        vmin: np.ndarray,
+        vdiff: np.ndarray,
+        ids: np.ndarray,
+        device: str | torch.device,
+    ) -> CodeScan:
+        def tensor(values: np.ndarray, dtype: torch.dtype) -> Tensor:
+            return torch.as_tensor(values, dtype=dtype, device=device)
+
+        vectors = tensor(vmin, torch.float64), tensor(vdiff, torch.float64)
+        return cls(codes, len(ids), *vectors, tensor(ids, torch.int64))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores `[Q, k]` (float32, best first) and ids `[Q, k]` (int64) of the `k` best inner
         products of each query `[Q, D]`, as `faiss.Index.search` gives them (-FLT_MAX and -1
-        past the last row). Scanned a chunk of rows at a time, the top k merged."""
+        past the last row). Scanned a chunk of rows at a time for all queries, the top k merged."""
         q = torch.as_tensor(np.asarray(queries), device=self.device).double()
         weights = q * self.vdiff / 255
         bias = q @ self.vmin + 128.5 * weights.sum(dim=1)  # codes are c - 128; decoded c + 0.5
-        digits, scales = _digits(weights, self.codes.shape[1])
-        rows_per_chunk = _chunk_rows(len(q), digits.shape[1])
+        digits, scales = _digits(weights, self.codes.columns)
+        rows_per_chunk = _chunk_rows(len(q), digits.shape[1], self.codes)
         top = (q.new_empty((len(q), 0)), q.new_empty((len(q), 0), dtype=torch.int64))
-        for start in range(0, self.n, rows_per_chunk):
-            sums = torch._int_mm(self.codes[start : start + rows_per_chunk], digits)
+        for start, chunk in self.codes.chunks(self.n, rows_per_chunk):
+            sums = torch._int_mm(chunk, digits)
             valid = sums[: self.n - start, : len(q) * DIGITS].double().unflatten(1, (len(q), -1))
             scores = torch.einsum("rqi,qi->qr", valid, scales) + bias[:, None]
             top = _merge(top, scores, start, k)
@@ -144,12 +195,14 @@ def unsupported(index: faiss.Index) -> str:
 
 
 def device_searcher(index: faiss.Index, device: str | torch.device) -> Searcher:
-    """What searches `index` for an engine on `device`: on a CUDA device, a `CodeScan` of it
-    when the scan supports it, its codes take at most `FREE_MEMORY_SHARE` of the device's free
-    memory and it answers two random queries as FAISS does (torch's int8 product has had
-    wrong results on some CUDA versions); the FAISS index itself (searching on the CPU)
-    otherwise, saying why."""
+    """What searches `index` for an engine on `device`: a `CodeScan` of it when the scan
+    supports it, on the CPU over the codes where they lie; on a CUDA device when its codes take
+    at most `FREE_MEMORY_SHARE` of the device's free memory and it answers two random queries
+    as FAISS does (torch's int8 product has had wrong results on some CUDA versions). The FAISS
+    index itself otherwise (an IVF index; searching on the CPU), saying why on CUDA."""
     device = torch.device(device)
+    if device.type == "cpu" and not unsupported(index):
+        return CodeScan.from_index(index, device)
     if device.type != "cuda":
         return index
     reason = unsupported(index) or _too_large(index, device)
@@ -213,11 +266,15 @@ def _digits(weights: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     return digits.T, unit[:, None] * powers
 
 
-def _chunk_rows(n_queries: int, columns: int) -> int:
+def _chunk_rows(n_queries: int, columns: int, codes: ResidentCodes | MappedCodes) -> int:
     """Rows scanned at a time: their int32 sums `[rows, columns]`, float64 digit sums and scores
-    within CHUNK_BYTES; a multiple of ROW_ALIGN."""
+    (and mapped codes' int8 copy) within `CHUNK_BYTES` (`MAPPED_CHUNK_BYTES`); a multiple of
+    ROW_ALIGN."""
     per_row = 4 * columns + 8 * n_queries * (DIGITS + 1)
-    return max(ROW_ALIGN, CHUNK_BYTES // per_row // ROW_ALIGN * ROW_ALIGN)
+    budget = CHUNK_BYTES
+    if isinstance(codes, MappedCodes):
+        per_row, budget = per_row + codes.columns, MAPPED_CHUNK_BYTES
+    return max(ROW_ALIGN, budget // per_row // ROW_ALIGN * ROW_ALIGN)
 
 
 def _merge(top: tuple[Tensor, Tensor], scores: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]:

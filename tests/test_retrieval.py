@@ -14,6 +14,7 @@ from indexer.manifest import RETRIEVAL_FILE
 from indexer.publish import verify_version, version_dir
 from indexer.query import Query
 from indexer.retrieval import TieredSearcher, build_compact_index, random_directions
+from indexer.scan import CodeScan
 from indexer.store import FLAT_FACTORY, new_index
 from tests.test_build import tiny_config
 
@@ -119,7 +120,7 @@ def test_a_version_with_a_compact_code_answers_as_its_flat_index(
     flat_engine = QueryEngine.open(
         root, options=EngineOptions(retrieval_candidates=0), reuse_model_from=engine
     )
-    assert flat_engine.searcher is flat_engine.index  # 0: every stored code scanned
+    assert isinstance(flat_engine.searcher, CodeScan)  # 0: every stored code scanned
     assert (flat_engine.info.retrieval_code, flat_engine.info.retrieval_candidates) == ("", 0)
     flat = flat_engine.query(queries)[0]
     flat_engine.close()

@@ -19,7 +19,8 @@ from indexer.config import (
 )
 from indexer.engine import QueryEngine
 from indexer.query import Query
-from indexer.scan import CodeScan, _disagreement, device_searcher, unsupported
+from indexer.scan import CodeScan, MappedCodes, _disagreement, device_searcher, unsupported
+from indexer.store import open_index
 
 
 def sq8_index(n: int, dim: int, seed: int = 0) -> tuple[faiss.Index, np.ndarray]:
@@ -79,9 +80,18 @@ def test_other_indexes_keep_faiss(factory):
     assert unsupported(faiss.index_factory(8, "IDMap,SQ8", faiss.METRIC_L2))
 
 
-def test_cpu_engines_search_with_faiss():
-    index, _ = sq8_index(10, 8)
-    assert device_searcher(index, "cpu") is index
+def test_cpu_engines_scan_the_mapped_codes(tmp_path):
+    """On the CPU the scan reads a memory-mapped index's codes in place (no copy), and an index
+    it cannot scan is searched by FAISS."""
+    index, queries = sq8_index(300, 24)
+    faiss.write_index(index, str(tmp_path / "index.faiss"))
+    mapped = open_index(tmp_path / "index.faiss")
+    scan = device_searcher(mapped, "cpu")
+    assert isinstance(scan, CodeScan) and isinstance(scan.codes, MappedCodes)
+    assert not scan.codes.codes.flags.owndata
+    assert_same_search(index.search(queries, 10), scan.search(queries, 10))
+    ivf = faiss.index_factory(8, "IVF1,Flat", faiss.METRIC_INNER_PRODUCT)
+    assert device_searcher(ivf, "cpu") is ivf
 
 
 def sketch_only_index(root: Path, model_dir: Path, corpus: Path) -> Path:
@@ -120,9 +130,10 @@ def test_scan_of_a_built_index_matches_faiss(engine):
 def test_engine_answers_alike_with_the_scan(engine, monkeypatch):
     """The same hits: FAISS's deeper answer holds any example tied with the scan's last hit."""
     query = Query("The capital of", " the city", top_k=8, rerank_depth=0)
-    expected = engine.query([replace(query, top_k=30)])[0].hits
-    monkeypatch.setattr(engine, "searcher", CodeScan.from_index(engine.index, "cpu"))
+    assert isinstance(engine.searcher, CodeScan)
     found = engine.query([query])[0].hits
+    monkeypatch.setattr(engine, "searcher", engine.index)
+    expected = engine.query([replace(query, top_k=30)])[0].hits
     assert_same_search(as_search(expected), as_search(found))
 
 
