@@ -9,7 +9,7 @@ concurrent clients in `--clients` (1, 8 and 32 by default; `--index ROOT` serves
 already built, e.g. `benchmarks.tiers`'s 100k version with its compact code). In the same run
 it measures the floor a server cannot beat: the bare forward/backward
 of the same queries (batch of one, same model, parameter gradients as in training) plus the
-FAISS search of their vectors in the same index.
+search of their vectors, one at a time, by the engine's searcher (the flat scan or the tier).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def free_port() -> int:
 
 
 def bare_floor_ms(root: Path, queries: list[LabeledQuery]) -> dict:
-    """Per query: forward/backward with parameter gradients, and the FAISS search alone."""
+    """Per query: forward/backward with parameter gradients, and the engine's search alone."""
     engine = QueryEngine.open(root)
     model = engine.loaded.model
     model.requires_grad_(True)
@@ -71,7 +71,7 @@ def bare_floor_ms(root: Path, queries: list[LabeledQuery]) -> dict:
     vectors = engine.query_vectors([engine.prepare(q.query) for q in queries])
     for row in vectors:
         start = time.perf_counter()
-        engine.index.search(row[None, :], 10)
+        engine.searcher.search(row[None, :], 10)
         search_ms.append((time.perf_counter() - start) * 1e3)
     return {
         "forward_backward_ms_p50": float(np.median(gradient_ms)),

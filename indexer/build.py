@@ -22,9 +22,11 @@ from indexer.budget import ModuleRanks, describe, module_ranks, total_dim
 from indexer.calibration import (
     Calibrator,
     KnownScores,
+    PseudoQuery,
     cut_queries,
     main_pass_queries,
     query_batch,
+    score_spaces,
 )
 from indexer.config import (
     RETRIEVAL_MIN_EXAMPLES,
@@ -88,7 +90,13 @@ from indexer.publish import (
     version_dir,
     write_manifest,
 )
-from indexer.retrieval import write_compact_index
+from indexer.retrieval import (
+    RETRIEVAL_CANDIDATES,
+    RETRIEVAL_MIN_RECALL,
+    RetrievalCheck,
+    flat_top10_recall,
+    write_compact_index,
+)
 from indexer.scores import RerankBound
 from indexer.sketch import GradientSketcher, Projection, gaussian_projection
 from indexer.store import (
@@ -144,6 +152,7 @@ class BuildSummary:
     index_factory: str
     index_bytes_per_example: float
     retrieval_code: str | None  # the compact code scanned first (`indexer.retrieval`), if any
+    retrieval_check: RetrievalCheck | None  # how a compact code searched (kept or not)
     full_curvature_bytes: int  # the exact re-rank factors; 0 when not stored
     mode: str  # "incremental" or "full"
     full_reason: str  # why a full build ("" for an incremental one)
@@ -423,6 +432,7 @@ def _manifest(
         built_from=summary.built_from,
         rerank_bound=rerank_bound,
         retrieval=retrieval,
+        retrieval_check=summary.retrieval_check,
         autocast=config.autocast,
         build_seconds=summary.seconds,
         collection=collection,
@@ -706,11 +716,14 @@ def _write_version(
         except ValueError as e:
             raise InvalidInputError(str(e)) from e
     retrieval = compact_code(config, n, plan.factory, curvature.sketch.dim)
+    retrieval_check = None
     if retrieval is not None:
         with _timed(seconds, "retrieval"):
             write_compact_index(
                 staging / INDEX_FILE, staging / RETRIEVAL_FILE, retrieval, config.sketch.seed
             )
+            retrieval_check = _check_compact_code(state, curvature.sketch, staging, retrieval)
+        retrieval = retrieval if retrieval_check.kept else None
     with _timed(seconds, "metadata"):
         sketched = [_scratch(staging, SKETCHED_FILE, k) for k in range(ranks.size)]
         reuse = plan.previous is not None
@@ -750,6 +763,7 @@ def _write_version(
         index_factory=plan.factory,
         index_bytes_per_example=(staging / INDEX_FILE).stat().st_size / n,
         retrieval_code=retrieval.name if retrieval is not None else None,
+        retrieval_check=retrieval_check,
         full_curvature_bytes=_size(staging / FULL_CURVATURE_FILE),
         mode="incremental" if plan.previous is not None else "full",
         full_reason=plan.full_reason,
@@ -781,23 +795,16 @@ def _main_pass_targets(
     index, which rotates every example for its exact norm; folded otherwise), cut from the
     staged corpus as the calibration cuts them from the metadata; None when the main pass
     scores none (`indexer.calibration.main_pass_queries`)."""
-    config, corpus = state.config, state.corpus
+    config = state.config
     if config.autocast != Autocast.OFF:
         return None  # the exact stage scores in float32: so must the calibration
-    calibration = config.calibration
-    ids = corpus.column("id").astype(np.int64)
-
-    def tokens_of(chosen: list[int]) -> dict[int, list[int]]:
-        rows = np.flatnonzero(np.isin(ids, chosen))
-        return {e.example_id: e.token_ids for e in corpus.fetch(rows.tolist())}
-
-    pseudo = cut_queries(ids, calibration.queries, config.sketch.seed, tokens_of)
+    pseudo = _staged_pseudo_queries(state)
     count = main_pass_queries(
         len(pseudo),
         reranker.curvature.dim,
         n_sketched,
-        len(corpus),
-        calibration.depth,
+        len(state.corpus),
+        config.calibration.depth,
         ScoreKind(config.store.score),
     )
     if not count:
@@ -806,6 +813,42 @@ def _main_pass_targets(
     capture = reranker.sketcher.run(batch, "data")
     with torch.no_grad():
         return reranker.targets(capture, rotated=cosine)
+
+
+def _staged_pseudo_queries(state: _BuildState) -> list[PseudoQuery]:
+    """The calibration's pseudo-queries, cut from the staged corpus as the calibration cuts
+    them from the metadata."""
+    config, corpus = state.config, state.corpus
+    ids = corpus.column("id").astype(np.int64)
+
+    def tokens_of(chosen: list[int]) -> dict[int, list[int]]:
+        rows = np.flatnonzero(np.isin(ids, chosen))
+        return {e.example_id: e.token_ids for e in corpus.fetch(rows.tolist())}
+
+    return cut_queries(ids, config.calibration.queries, config.sketch.seed, tokens_of)
+
+
+def _check_compact_code(
+    state: _BuildState, sketch: Curvature, staging: Path, code: CompactCode
+) -> RetrievalCheck:
+    """Search the staged compact code with the pseudo-queries, as the engine would, against
+    the flat scan; a code chosen by `auto` that keeps under `RETRIEVAL_MIN_RECALL` of the
+    flat top-10 is removed from the version (one asked for is kept, with its figure)."""
+    pseudo = _staged_pseudo_queries(state)
+    recall = 0.0
+    if pseudo:
+        batch = query_batch(pseudo, state.loaded.tokenizer.pad_token_id)
+        capture = state.example_pass.sketcher.run(batch, "data")
+        kind = ScoreKind(state.config.store.score)
+        search = np.stack([space.search for space in score_spaces(sketch, capture, kind)])
+        stored, compact = open_index(staging / INDEX_FILE), open_index(staging / RETRIEVAL_FILE)
+        recall = flat_top10_recall(stored, compact, search, RETRIEVAL_CANDIDATES)
+    kept = state.config.store.retrieval_code is True or recall >= RETRIEVAL_MIN_RECALL
+    check = RetrievalCheck(code.name, RETRIEVAL_CANDIDATES, len(pseudo), recall, kept)
+    log.info("compact retrieval code %s", check)
+    if not check.kept:
+        (staging / RETRIEVAL_FILE).unlink()
+    return check
 
 
 def _calibrate(

@@ -27,7 +27,7 @@ from indexer.curvature import Curvature
 from indexer.exact import ExactReranker, exact_scores
 from indexer.hashing import int63
 from indexer.scores import RerankBound, ScoreSpace, fit_rerank_bound
-from indexer.sketch import GradientSketcher, TokenBatch, make_batch
+from indexer.sketch import Capture, GradientSketcher, TokenBatch, make_batch
 from indexer.store import MetadataReader
 
 if TYPE_CHECKING:
@@ -95,6 +95,14 @@ def query_batch(queries: list[PseudoQuery], pad_id: int) -> TokenBatch:
     return make_batch(
         [q.token_ids for q in queries], [q.loss_start for q in queries], pad_id, [0] * len(queries)
     )
+
+
+def score_spaces(sketch: Curvature, capture: Capture, kind: ScoreKind) -> list[ScoreSpace]:
+    """Where the index scores each query of a captured batch: its preconditioned sketch vector
+    in the index's score kind, as the engine searches with it."""
+    with torch.no_grad():
+        vectors = sketch.vectors(capture).cpu().numpy().astype(np.float32)
+    return [ScoreSpace.of(kind, vector) for vector in vectors]
 
 
 def main_pass_queries(
@@ -206,9 +214,7 @@ class Calibrator:
         main pass sketched (the other candidates are passed over here)."""
         batch = query_batch(queries, self.pad_id)
         capture = self.sketcher.run(batch, "data", keep_unprojected=True)
-        with torch.no_grad():
-            q = self.sketch.vectors(capture).cpu().numpy().astype(np.float32)
-        spaces = [ScoreSpace.of(self.kind, vector) for vector in q]
+        spaces = score_spaces(self.sketch, capture, self.kind)
         search = np.stack([space.search for space in spaces])
         scores, ids = self.index.search(search, min(depth, self.index.ntotal))
         candidates = [[int(i) for i in row if i >= 0] for row in ids]

@@ -205,7 +205,8 @@ class StoreConfig:
         default=None,
         metadata={
             "help": "store a compact retrieval code per example, scanned before the stored codes "
-            f"(auto: from {RETRIEVAL_MIN_EXAMPLES:,} examples, with a flat index)"
+            f"(auto: from {RETRIEVAL_MIN_EXAMPLES:,} examples, with a flat index, kept where "
+            "it finds 0.95 of the flat top-10 for the build's pseudo-queries)"
         },
     )
     # At 21k examples 1,024 dimensions found 0.97 / 0.99 of the flat top-10 within K″ = 100 /

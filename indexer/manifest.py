@@ -20,6 +20,7 @@ from indexer.config import (
     SketchConfig,
 )
 from indexer.errors import IndexVerificationError
+from indexer.retrieval import RetrievalCheck
 from indexer.scores import RerankBound
 
 # 4: the index is the only copy of the vectors (no vectors.f16); content hashes in the metadata;
@@ -29,7 +30,8 @@ from indexer.scores import RerankBound
 # 7: the share of the blocks' parameters tracked (experts and routers tracked too).
 # 8: a compact retrieval code (RETRIEVAL_FILE) scanned before the stored codes; with Milvus,
 # the collection that holds the vectors; the code's projection recorded since random projections
-# replaced principal directions (a record without one is PCA's).
+# replaced principal directions (a record without one is PCA's); how the build's compact code
+# searched its pseudo-queries (`retrieval_check`, absent before: none recorded).
 FORMAT_VERSION = 8
 
 MANIFEST_FILE = "manifest.json"
@@ -161,6 +163,8 @@ class Manifest:
     # How far the sketch's score may be from the exact one (with re-rank factors only)
     rerank_bound: RerankBound | None = None
     retrieval: CompactCode | None = None  # the compact code scanned first (RETRIEVAL_FILE)
+    # How the build's compact code searched its pseudo-queries, kept or not (None: none built)
+    retrieval_check: RetrievalCheck | None = None
     autocast: Autocast = Autocast.OFF  # the precision of the build's passes over the corpus
     build_seconds: dict[str, float] = field(default_factory=dict)
     # With --backend milvus: the collection that holds the vectors a server searches. The
@@ -230,6 +234,11 @@ class Manifest:
                     RerankBound(**data["rerank_bound"]) if data["rerank_bound"] else None
                 ),
                 retrieval=_compact_code(data["retrieval"]),
+                retrieval_check=(
+                    RetrievalCheck(**data["retrieval_check"])
+                    if data.get("retrieval_check")
+                    else None
+                ),
                 build_seconds=dict(data["build_seconds"]),
                 collection=(
                     CollectionRecord(**data["collection"]) if data.get("collection") else None

@@ -13,23 +13,52 @@ specific query: at 100k examples they kept 0.44 of exact EK-FAC's top-10 within 
 stage's candidates, the random map 0.57, both 0.996 at 21k (RESULTS.md, issue 14).
 
 The code lives in the version as `retrieval.faiss`, a FAISS `IndexPreTransform` (the projection,
-then the code's index) whose rows are the stored index's rows.
+then the code's index) whose rows are the stored index's rows. Whether it pays depends on the
+corpus (0.996 of the flat top-10 at 21k examples, 0.58 at 100k), so the build measures it on
+its pseudo-queries (`check_compact_code`) and keeps a code chosen by `auto` only where it holds
+`RETRIEVAL_MIN_RECALL` of the flat top-10; elsewhere every stored code is scanned.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from indexer.config import CompactCode, Projection
+from indexer.scan import device_searcher
 from indexer.store import ADD_CHUNK_ROWS, decode_rows, new_index, open_index
 
 SAMPLE_ROWS = 4096  # stored rows the code's quantizer is trained on
 # K″, the compact code's candidates re-scored per search: at 21k examples 1,000 kept 0.996 of the
 # exact top-10 within the exact stage's 200 candidates, 200 only 0.971 (RESULTS.md, issue 14).
 RETRIEVAL_CANDIDATES = 1000
+# What an `auto` code must keep of the flat top-10 on the build's pseudo-queries (issue 14's
+# bar for a search that does not scan every code).
+RETRIEVAL_MIN_RECALL = 0.95
+TOP = 10  # the hits a check compares
+
+
+@dataclass(frozen=True)
+class RetrievalCheck:
+    """How a compact code searched on a build's own pseudo-queries: the share of the flat
+    index's top-10 its top `candidates` (K″), re-scored, kept (`flat_top10`), over `queries`
+    queries; `kept`: whether the version stores it."""
+
+    code: str
+    candidates: int
+    queries: int
+    flat_top10: float
+    kept: bool
+
+    def __str__(self) -> str:
+        verdict = "scanned first" if self.kept else "not stored: every stored code is scanned"
+        return (
+            f"{self.code} kept {self.flat_top10:.3f} of the flat top-10 at K″ = "
+            f"{self.candidates} ({self.queries} pseudo-queries): {verdict}"
+        )
 
 
 def random_directions(dim: int, dims: int, seed: int) -> np.ndarray:
@@ -104,3 +133,17 @@ class TieredSearcher:
         params = faiss.IndexRefineSearchParameters(k_factor=max(1.0, self.candidates / k))
         scores, rows = self._refine.search(queries, k, params=params)
         return scores, np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+
+
+def flat_top10_recall(
+    stored: faiss.Index, compact: faiss.Index, queries: np.ndarray, candidates: int
+) -> float:
+    """Share of the flat `stored` index's top-10 for `queries [Q, D]` that the tiered search
+    (`compact`'s top `candidates`, re-scored on `stored`) returns in its top-10. A tiered score
+    is a stored row's own, so a hit scoring at least the flat 10th is one of the flat top-10
+    or tied with it (repeated texts have equal vectors and any order): it counts as found."""
+    k = min(TOP, stored.ntotal)
+    flat = device_searcher(stored, "cpu").search(queries, k)[0]
+    tiered = TieredSearcher(compact, stored, candidates).search(queries, k)[0]
+    tolerance = 1e-5 * np.abs(flat).max(initial=1.0)
+    return float(np.mean(tiered >= flat[:, -1:] - tolerance))

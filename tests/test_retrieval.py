@@ -13,7 +13,13 @@ from indexer.engine import EngineOptions, QueryEngine
 from indexer.manifest import RETRIEVAL_FILE
 from indexer.publish import verify_version, version_dir
 from indexer.query import Query
-from indexer.retrieval import TieredSearcher, build_compact_index, random_directions
+from indexer.retrieval import (
+    RETRIEVAL_MIN_RECALL,
+    TieredSearcher,
+    build_compact_index,
+    flat_top10_recall,
+    random_directions,
+)
 from indexer.scan import CodeScan
 from indexer.store import FLAT_FACTORY, new_index
 from tests.test_build import tiny_config
@@ -109,6 +115,10 @@ def test_a_version_with_a_compact_code_answers_as_its_flat_index(
     assert summary.retrieval_code == "RR24,SQ8" and "retrieval" in summary.seconds
     manifest = verify_version(version_dir(root))
     assert manifest.retrieval == CompactCode(24, "SQ8") and RETRIEVAL_FILE in manifest.files
+    # K″ = 1,000 re-scores all 121 examples: the flat top-10 itself
+    check = manifest.retrieval_check
+    assert check == summary.retrieval_check and check.code == "RR24,SQ8"
+    assert check.kept and check.queries > 0 and check.flat_top10 == 1.0
     engine = QueryEngine.open(root, options=EngineOptions(retrieval_candidates=summary.n_examples))
     assert isinstance(engine.searcher, TieredSearcher)
     assert (engine.info.retrieval_code, engine.info.retrieval_candidates) == (
@@ -143,3 +153,43 @@ def test_auto_stores_no_compact_code_for_a_small_corpus(
     assert compact_code(config, big, FLAT_FACTORY, 32_768) == CompactCode(1024, "PQ512x4fs")
     assert compact_code(config, big, "IVF100,SQ8", 32_768) is None
     assert compact_code(config, big, FLAT_FACTORY, 1024) is None
+
+
+def test_auto_drops_a_compact_code_that_misses_the_flat_top10(
+    tmp_path, tiny_model_dir, small_corpus_path, one_thread, monkeypatch
+):
+    """An `auto` code is measured on the build's pseudo-queries and not stored when it keeps
+    under RETRIEVAL_MIN_RECALL of the flat top-10: here one dimension and K″ = 10."""
+    monkeypatch.setattr("indexer.build.RETRIEVAL_MIN_EXAMPLES", 1)
+    monkeypatch.setattr("indexer.build.RETRIEVAL_CANDIDATES", 10)
+    root = tmp_path / "index"
+    config = tiny_config(
+        tiny_model_dir, small_corpus_path, root, retrieval_dims=1, retrieval_quantizer="SQ8"
+    )
+    summary = build_index(config)
+    check = summary.retrieval_check
+    assert summary.retrieval_code is None and check is not None
+    assert not check.kept and check.candidates == 10 and check.flat_top10 < RETRIEVAL_MIN_RECALL
+    manifest = verify_version(version_dir(root))
+    assert manifest.retrieval is None and manifest.retrieval_check == check
+    assert RETRIEVAL_FILE not in manifest.files
+    assert not (version_dir(root) / RETRIEVAL_FILE).exists()
+    engine = QueryEngine.open(root)
+    assert isinstance(engine.searcher, CodeScan) and engine.info.retrieval_code == ""
+    engine.close()
+
+
+def test_flat_top10_recall_counts_the_flat_hits_the_tier_returns():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2000, 64)).astype(np.float32)
+    x[1] = x[0]  # a repeated text: the flat index orders the pair arbitrarily
+    flat, queries = _flat(x), rng.standard_normal((12, 64)).astype(np.float32)
+    queries[0] = x[0]
+    compact = build_compact_index(flat, CompactCode(8, "SQ8"))
+    assert flat_top10_recall(flat, compact, queries, len(x)) == 1.0
+    expected_ids = flat.search(queries, 10)[1]
+    tiered_ids = TieredSearcher(compact, flat, 20).search(queries, 10)[1]
+    pairs = zip(tiered_ids, expected_ids, strict=True)
+    by_ids = np.mean([len(set(a) & set(b)) / 10 for a, b in pairs])
+    found = flat_top10_recall(flat, compact, queries, 20)
+    assert found < 0.9 and found == pytest.approx(by_ids, abs=1 / 120)

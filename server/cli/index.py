@@ -48,6 +48,8 @@ def run_build(args: argparse.Namespace) -> tuple[object, str] | None:
         f"re-rank factors {s.full_curvature_bytes / 2**20:.1f} MiB, "
         f"{s.tokens_per_second:.0f} tokens/s\ntracked {s.coverage}\n"
     )
+    if s.retrieval_check is not None:
+        text += f"retrieval {s.retrieval_check}\n"
     if s.collection:
         text += f"milvus collection {s.collection}\n"
     if s.built_from is None:
@@ -92,6 +94,7 @@ def run_info(args: argparse.Namespace) -> tuple[object, str]:
         pointers.verify(m.collection, path)
     current, versions = read_current(args.index, pointers), list_versions(args.index)
     index_bytes = m.files[INDEX_FILE].bytes
+    retrieval = f"{m.retrieval.name}, scanned first" if m.retrieval else "flat scan only"
     lines = [
         f"index {args.index}: CURRENT = {current}; versions: {len(versions)}",
         f"version   {path.name} (built {m.created})",
@@ -99,7 +102,7 @@ def run_info(args: argparse.Namespace) -> tuple[object, str]:
         f"examples  {m.counts.examples} from {m.counts.documents} documents",
         f"vectors   dim {m.dim}, {index_bytes / max(m.counts.examples, 1):.0f} index "
         f"bytes/example, score {m.score}, faiss {m.index_factory}",
-        f"retrieval {m.retrieval.name + ', scanned first' if m.retrieval else 'flat scan only'}",
+        f"retrieval {m.retrieval_check or retrieval}",
         f"modules   {len(m.modules)}, r_out x r_in: {describe(layout_ranks(m.modules))}",
         f"tracked   {m.coverage}",
         f"exact     factors {'stored' if m.exact_rerank else 'not stored'}; early stop: "
