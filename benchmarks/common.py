@@ -45,6 +45,15 @@ def peak_rss_mib(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
+def status_mib(field: str, pid: int | str = "self") -> float:
+    """A memory figure of a process (this one by default) from its /proc status, in MiB:
+    e.g. `RssAnon` (private), `RssFile` (mapped files' pages), `VmHWM` (peak resident)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
 def children_cpu_seconds() -> float:
     """User + system CPU seconds of this process's waited-for descendants so far."""
     used = resource.getrusage(resource.RUSAGE_CHILDREN)

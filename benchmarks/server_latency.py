@@ -27,7 +27,14 @@ import grpc
 import numpy as np
 import torch
 
-from benchmarks.common import CACHE, comma_ints, demo_artifacts, emit, synthetic_corpus
+from benchmarks.common import (
+    CACHE,
+    comma_ints,
+    demo_artifacts,
+    emit,
+    status_mib,
+    synthetic_corpus,
+)
 from indexer.engine import QueryEngine
 from indexer.publish import read_current
 from indexer.query import LabeledQuery, read_queries
@@ -121,13 +128,6 @@ def wait_until_serving(client: InfluenceClient, server: subprocess.Popen) -> Non
         time.sleep(0.5)
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=100_000)
@@ -162,7 +162,7 @@ def main() -> None:
         timed_queries(target, queries, 20, 0)  # warm-up
         single = timed_queries(target, queries, args.single, 0)
         rates = [concurrent_rate(target, queries, c, args.per_client) for c in args.clients]
-        rss = peak_rss_mib(server.pid)
+        rss = {f: status_mib(f, server.pid) for f in ("VmHWM", "RssAnon", "RssFile")}
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -189,7 +189,10 @@ def main() -> None:
             "load_average": os.getloadavg(),
             "bare": floor,
             "p50_over_floor": p50 / floor["floor_ms_p50"],
-            "server_peak_rss_mib": rss,
+            "server_peak_rss_mib": rss["VmHWM"],
+            # private memory, and the mapped index's pages (shared through the page cache)
+            "server_rss_anon_mib": rss["RssAnon"],
+            "server_rss_file_mib": rss["RssFile"],
         },
         args.out,
     )

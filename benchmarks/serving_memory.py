@@ -34,7 +34,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from benchmarks.common import emit, peak_rss_mib
+from benchmarks.common import emit, peak_rss_mib, status_mib
 from indexer.config import StoreConfig
 from indexer.store import (
     ADD_CHUNK_ROWS,
@@ -129,13 +129,6 @@ def _fill_direct_map(ivf: faiss.IndexIVF, lists: list[np.ndarray]) -> None:
             position += 1
     del adding  # its destructor inserts the entries
     ivf.ntotal = len(every)
-
-
-def status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def timed_searches(index: faiss.Index, queries: np.ndarray) -> tuple[float, int]:
