@@ -17,10 +17,11 @@ and searched through `TieredSearcher` (as the engine does) at each K″ in `--ca
   within the tiered top-K′ (K′ = 200, the exact stage's default depth) beside the flat
   top-K′'s (its ceiling), from `benchmarks.rerank.exact_reference` (one exact pass, cached
   under `--work`; the 100k version stores no full factors, so they are fitted there);
-- p50 ms of one query at a time searching the exact stage's depth (K′ = 200), FAISS on 1 and 2
-  threads, and of the compact scan alone (the rest is the re-scoring on the stored codes), with
+- p50 ms of one query at a time searching the exact stage's depth (K′ = 200) on 1 and 2
+  threads (FAISS's and torch's), and of the compact scan alone (the rest is the re-scoring on the stored codes), with
   the load average: the machine is shared, so these are upper bounds;
-- batch throughput (queries/s) at 1, 8 and 32 queries per search, as a server batch searches.
+- batch throughput (queries/s) at 1, 8 and 32 queries per search, as a server batch searches,
+  the tier's and the flat scan's (`indexer.scan.CodeScan`, as the engine scans a flat index).
 
 Settings: `100k`, 98,000 synthetic demo-style documents with the demo model at the default
 budget (`benchmarks.retrieval.ensure_version`) and 64 fact queries; `large`, the 21,331
@@ -36,11 +37,14 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from benchmarks.common import comma_ints, comma_list, emit, start_run
 from benchmarks.rerank import ensure_build, exact_reference, load_setting, p50
@@ -49,6 +53,7 @@ from indexer.config import CompactCode, ScoreKind, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
 from indexer.query import Query
 from indexer.retrieval import TieredSearcher, build_compact_index
+from indexer.scan import device_searcher
 
 log = logging.getLogger("tiers")
 
@@ -80,16 +85,27 @@ def _timed_p50(searcher, queries: np.ndarray, k: int, threads: int) -> dict[str,
     """p50 ms of `searcher.search` one query at a time (after one warm-up query): wall clock,
     and this process's CPU time, which other processes' load does not inflate (on one thread
     it is the search's own time, memory stalls included)."""
-    faiss.omp_set_num_threads(threads)
-    searcher.search(queries[:1], k)
-    wall, cpu = [], []
-    for q in queries:
-        start, start_cpu = time.perf_counter(), time.process_time()
-        searcher.search(q[None], k)
-        wall.append(1000 * (time.perf_counter() - start))
-        cpu.append(1000 * (time.process_time() - start_cpu))
-    faiss.omp_set_num_threads(1)
+    with _threads(threads):
+        searcher.search(queries[:1], k)
+        wall, cpu = [], []
+        for q in queries:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            searcher.search(q[None], k)
+            wall.append(1000 * (time.perf_counter() - start))
+            cpu.append(1000 * (time.process_time() - start_cpu))
     return {"wall": p50(wall), "cpu": p50(cpu)}
+
+
+@contextmanager
+def _threads(threads: int) -> Iterator[None]:
+    """FAISS's and torch's threads (the scan's products) set to `threads`, then back to one."""
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(1)
+        torch.set_num_threads(1)
 
 
 def _throughput(
@@ -98,18 +114,17 @@ def _throughput(
     """Queries per second at each batch size of `batches` over `max(batches)` queries (the
     queries cycled to fill them), by wall clock and by this process's CPU time (see
     `_timed_p50`)."""
-    faiss.omp_set_num_threads(threads)
     rates = {}
     block = np.resize(queries, (max(batches), queries.shape[1]))
-    for batch in batches:
-        start, start_cpu = time.perf_counter(), time.process_time()
-        for begin in range(0, len(block), batch):
-            searcher.search(block[begin : begin + batch], k)
-        rates[batch] = {
-            "wall": len(block) / (time.perf_counter() - start),
-            "cpu": len(block) / (time.process_time() - start_cpu),
-        }
-    faiss.omp_set_num_threads(1)
+    with _threads(threads):
+        for batch in batches:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for begin in range(0, len(block), batch):
+                searcher.search(block[begin : begin + batch], k)
+            rates[batch] = {
+                "wall": len(block) / (time.perf_counter() - start),
+                "cpu": len(block) / (time.process_time() - start_cpu),
+            }
     return rates
 
 
@@ -248,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     root = args.work / ("root" if args.setting == "100k" else "default-cosine")
     queries, exact = setting_queries(args, root, exact=args.exact)
     engine = QueryEngine.open(root)
-    stored = engine.index
-    flat_scores, flat_ids = stored.search(queries, DEPTH)  # the reference ranking
+    stored, flat = engine.index, device_searcher(engine.index, "cpu")  # the engine's flat scan
+    flat_scores, flat_ids = flat.search(queries, DEPTH)  # the reference ranking
     result = {
         "benchmark": "tiers",
         "setting": args.setting,
@@ -258,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "n_queries": len(queries),
         "stored_bytes_per_example": engine.manifest.files["index.faiss"].bytes / stored.ntotal,
         "flat": {
-            "p50_ms": {t: _timed_p50(stored, queries[:3], DEPTH, t) for t in (1, 2)},
-            "throughput_qps": _throughput(stored, queries, DEPTH, 1, batches=(1, 8)),
+            "p50_ms": {t: _timed_p50(flat, queries[:3], DEPTH, t) for t in (1, 2)},
+            "throughput_qps": _throughput(flat, queries, DEPTH, 1),
             "load_average": os.getloadavg(),
         },
         "codes": [

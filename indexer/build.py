@@ -97,6 +97,7 @@ from indexer.retrieval import (
     flat_top10_recall,
     write_compact_index,
 )
+from indexer.scan import MAX_DIM
 from indexer.scores import RerankBound
 from indexer.sketch import GradientSketcher, Projection, gaussian_projection
 from indexer.store import (
@@ -318,11 +319,12 @@ def store_exact_factors(config: BuildConfig, modules: dict) -> bool:
 
 def compact_code(config: BuildConfig, n: int, factory: str, dim: int) -> CompactCode | None:
     """The compact retrieval code to store for `n` examples of `dim` dimensions in an index of
-    `factory`: as asked, or (auto) from `RETRIEVAL_MIN_EXAMPLES` on, over a flat index (its
-    candidates are re-scored on the flat codes, read by row) of more dimensions than the code."""
+    `factory`: as asked, or (auto) from `RETRIEVAL_MIN_EXAMPLES` on, over the flat 8-bit index
+    (its candidates are re-scored on its codes, read by row: `indexer.scan.CodeScan`, up to
+    `MAX_DIM` dimensions) of more dimensions than the code."""
     store = config.store
     code = store.compact_code()
-    flat = factory.startswith("IDMap,")
+    flat = factory == FLAT_FACTORY and dim <= MAX_DIM
     if store.retrieval_code is None:
         usable = flat and n >= RETRIEVAL_MIN_EXAMPLES and code.dims < dim
         return code if usable else None
@@ -330,7 +332,8 @@ def compact_code(config: BuildConfig, n: int, factory: str, dim: int) -> Compact
         return None
     if not flat:
         raise InvalidInputError(
-            f"--retrieval-code on needs a flat index (IDMap,...) to re-score on, not {factory!r}"
+            f"--retrieval-code on needs the flat index {FLAT_FACTORY} of at most {MAX_DIM:,} "
+            f"dimensions to re-score on, not {factory!r} of {dim:,}"
         )
     if not 0 < code.dims < dim:
         raise InvalidInputError(f"--retrieval-dims must be in [1, {dim}), not {code.dims}")

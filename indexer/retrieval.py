@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 
 from indexer.config import CompactCode, Projection
-from indexer.scan import device_searcher
+from indexer.scan import CodeScan, device_searcher
 from indexer.store import ADD_CHUNK_ROWS, decode_rows, new_index, open_index
 
 SAMPLE_ROWS = 4096  # stored rows the code's quantizer is trained on
@@ -118,21 +118,22 @@ def write_compact_index(stored_path: Path, path: Path, code: CompactCode, seed: 
 
 class TieredSearcher:
     """`search` as the flat stored index answers it (the same scores, from the same codes), over
-    the top `candidates` (K″) of the compact codes only. Safe to call from several threads."""
+    the top `candidates` (K″) of the compact codes only. A batch's candidates are re-scored
+    together, each stored row read once (`CodeScan.search_rows`). Safe to call from several
+    threads."""
 
     def __init__(self, compact: faiss.Index, stored: faiss.IndexIDMap, candidates: int):
-        """`compact`: the rows of `stored` (an `IDMap` over flat codes) in their compact code."""
+        """`compact`: the rows of `stored` (`IDMap,SQ8`, flat 8-bit codes) in their compact
+        code; ValueError when `stored` is not such an index."""
         self.candidates = candidates
-        self._refine = faiss.IndexRefine(compact, faiss.downcast_index(stored.index))
-        self._ids = faiss.vector_to_array(stored.id_map)
-        self._compact, self._stored = compact, stored  # the refine index does not own them
+        self._compact, self._n = compact, stored.ntotal
+        self._stored = CodeScan.from_index(stored, "cpu")
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores and example ids `[n_queries, k]`, best first (id -1 past the last)."""
-        k = min(k, self._stored.ntotal)
-        params = faiss.IndexRefineSearchParameters(k_factor=max(1.0, self.candidates / k))
-        scores, rows = self._refine.search(queries, k, params=params)
-        return scores, np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+        k = min(k, self._n)
+        rows = self._compact.search(queries, max(k, min(self.candidates, self._n)))[1]
+        return self._stored.search_rows(queries, rows, k)
 
 
 def flat_top10_recall(

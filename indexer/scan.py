@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import faiss
@@ -64,6 +65,12 @@ class ResidentCodes:
         for start in range(0, n, rows):
             yield start, self.codes[start : start + rows]
 
+    def gather(self, rows: np.ndarray) -> Tensor:
+        """The int8 codes of `rows` `[≥len(rows), columns]` (zero rows up to `ROW_ALIGN`)."""
+        out = self.codes.new_zeros((_align(max(len(rows), 1), ROW_ALIGN), self.columns))
+        out[: len(rows)] = self.codes[torch.as_tensor(rows, device=self.codes.device)]
+        return out
+
 
 class MappedCodes:
     """Codes read where they lie, uint8 `[N, D]` (an index's memory-mapped codes: no copy),
@@ -81,6 +88,12 @@ class MappedCodes:
             block = buffer[: min(rows, n - start)]
             np.bitwise_xor(self.codes[start : start + rows], 128, out=block)
             yield start, torch.from_numpy(block).view(torch.int8)
+
+    def gather(self, rows: np.ndarray) -> Tensor:
+        """The int8 codes of `rows` `[len(rows), columns]`, read in the order given."""
+        block = self.codes[rows]
+        np.bitwise_xor(block, 128, out=block)
+        return torch.from_numpy(block).view(torch.int8)
 
 
 class CodeScan:
@@ -157,27 +170,68 @@ class CodeScan:
         """Scores `[Q, k]` (float32, best first) and ids `[Q, k]` (int64) of the `k` best inner
         products of each query `[Q, D]`, as `faiss.Index.search` gives them (-FLT_MAX and -1
         past the last row). Scanned a chunk of rows at a time for all queries, the top k merged."""
+        weights = self._weights(queries)
+        per_chunk = _chunk_rows(len(queries), weights.digits.shape[1], self.codes)
+        top = (weights.bias.new_empty((len(queries), 0)), self.ids.new_empty((len(queries), 0)))
+        for start, chunk in self.codes.chunks(self.n, per_chunk):
+            top = _merge(top, self._scores(chunk, weights, self.n - start), start, k)
+        return self._results(*top, k)
+
+    def search_rows(
+        self, queries: np.ndarray, rows: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As `search`, each query `q` over its own rows `rows[q]` only (`[Q, R]`, -1 for none,
+        as a compact code's search returns its candidates): the union of the batch's rows is
+        read once, in row order, and scored for every query in one product per chunk."""
+        weights, union = self._weights(queries), np.unique(rows[rows >= 0])
+        if not len(union):
+            none = (len(rows), 0)
+            return self._results(weights.bias.new_empty(none), self.ids.new_empty(none), k)
+        per_chunk = _chunk_rows(len(queries), weights.digits.shape[1], self.codes)
+        scores = [weights.bias.new_empty((len(queries), 0))]
+        for start in range(0, len(union), per_chunk):
+            part = union[start : start + per_chunk]
+            scores.append(self._scores(self.codes.gather(part), weights, len(part)))
+        in_union = torch.as_tensor(np.searchsorted(union, rows), device=self.device)
+        own = torch.cat(scores, dim=1).gather(1, in_union.clamp(max=len(union) - 1))
+        own[torch.as_tensor(rows < 0, device=self.device)] = -torch.inf
+        best = torch.topk(own, min(k, own.shape[1]), dim=1)
+        chosen = torch.as_tensor(rows, device=self.device).gather(1, best.indices)
+        return self._results(best.values, chosen, k)
+
+    def _weights(self, queries: np.ndarray) -> _Weights:
         q = torch.as_tensor(np.asarray(queries), device=self.device).double()
         weights = q * self.vdiff / 255
         bias = q @ self.vmin + 128.5 * weights.sum(dim=1)  # codes are c - 128; decoded c + 0.5
-        digits, scales = _digits(weights, self.codes.columns)
-        rows_per_chunk = _chunk_rows(len(q), digits.shape[1], self.codes)
-        top = (q.new_empty((len(q), 0)), q.new_empty((len(q), 0), dtype=torch.int64))
-        for start, chunk in self.codes.chunks(self.n, rows_per_chunk):
-            sums = torch._int_mm(chunk, digits)
-            valid = sums[: self.n - start, : len(q) * DIGITS].double().unflatten(1, (len(q), -1))
-            scores = torch.einsum("rqi,qi->qr", valid, scales) + bias[:, None]
-            top = _merge(top, scores, start, k)
-        return self._results(*top, k)
+        return _Weights(*_digits(weights, self.codes.columns), bias)
+
+    def _scores(self, chunk: Tensor, weights: _Weights, valid: int) -> Tensor:
+        """Scores `[Q, ≤valid]` of the first `valid` rows of an int8 `chunk [rows, columns]`."""
+        n_queries = len(weights.bias)
+        sums = torch._int_mm(chunk, weights.digits)[:valid, : n_queries * DIGITS]
+        per_digit = sums.double().unflatten(1, (n_queries, -1))
+        return torch.einsum("rqi,qi->qr", per_digit, weights.scales) + weights.bias[:, None]
 
     def _results(self, scores: Tensor, rows: Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The top scores and rows `[Q, ≤k]` as FAISS's `[Q, k]` scores and ids."""
+        """The top scores and rows `[Q, ≤k]` as FAISS's `[Q, k]` scores and ids (a score of
+        -inf: no row)."""
         out_scores = np.full((len(scores), k), NO_SCORE, dtype=np.float32)
         out_ids = np.full((len(scores), k), -1, dtype=np.int64)
         found = scores.shape[1]
-        out_scores[:, :found] = scores.float().cpu().numpy()
-        out_ids[:, :found] = self.ids[rows].cpu().numpy()
+        valid = torch.isfinite(scores)
+        out_scores[:, :found] = torch.where(valid, scores, NO_SCORE).float().cpu().numpy()
+        out_ids[:, :found] = torch.where(valid, self.ids[rows.clamp(min=0)], -1).cpu().numpy()
         return out_scores, out_ids
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """A batch's queries as the scan multiplies them: int8 `digits [columns, ≥Q·DIGITS]`
+    (see `_digits`), their `scales [Q, DIGITS]` and each query's constant term `bias [Q]`."""
+
+    digits: Tensor
+    scales: Tensor
+    bias: Tensor
 
 
 def unsupported(index: faiss.Index) -> str:

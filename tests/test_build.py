@@ -191,9 +191,9 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
         "not writable": ["--out", str(not_a_dir / "root")],
         "invalid FAISS factory": ["--index-factory", "Bogus42"],
         "--retrieval-quantizer: invalid FAISS factory": ["--retrieval-quantizer", "Bogus7"],
-        "--retrieval-code on needs a flat index": [
+        "--retrieval-code on needs the flat index IDMap,SQ8": [
             "--index-factory",
-            "IVF4,SQ8",
+            "IDMap,Flat",
             "--retrieval-code",
             "on",
         ],

@@ -19,7 +19,14 @@ from indexer.config import (
 )
 from indexer.engine import QueryEngine
 from indexer.query import Query
-from indexer.scan import CodeScan, MappedCodes, _disagreement, device_searcher, unsupported
+from indexer.scan import (
+    NO_SCORE,
+    CodeScan,
+    MappedCodes,
+    _disagreement,
+    device_searcher,
+    unsupported,
+)
 from indexer.store import open_index
 
 
@@ -149,3 +156,26 @@ def test_a_scan_that_disagrees_with_faiss_is_refused():
     assert _disagreement(scan, index) == ""
     scan.vmin += 0.5
     assert "differ" in _disagreement(scan, index)
+
+
+def test_search_rows_ranks_each_querys_own_rows():
+    """The tier's re-scoring: each query's candidates only, a union of the batch's rows read
+    once; fewer candidates than k (and none at all) come back as FAISS pads a search."""
+    index, queries = sq8_index(700, 37)
+    rng = np.random.default_rng(3)
+    rows = np.stack([rng.choice(700, 50, replace=False) for _ in queries])
+    rows[0, 30:] = -1
+    rows[1] = -1
+    decoded = index.index.reconstruct_n(0, index.ntotal).astype(np.float64)
+    ids = faiss.vector_to_array(index.id_map)
+    expected = (np.full((len(queries), 40), NO_SCORE), np.full((len(queries), 40), -1))
+    for q, own in enumerate(rows):
+        own = own[own >= 0]
+        scores = decoded[own] @ queries[q].astype(np.float64)
+        order = np.argsort(-scores)[:40]
+        expected[0][q, : len(order)], expected[1][q, : len(order)] = scores[order], ids[own[order]]
+    found = CodeScan.from_index(index, "cpu").search_rows(queries, rows, 40)
+    assert_same_search(expected, found)
+    assert (found[1][0, 30:] == -1).all() and (found[1][1] == -1).all()
+    empty = CodeScan.from_index(index, "cpu").search_rows(queries, np.full((5, 3), -1), 4)
+    assert (empty[1] == -1).all() and (empty[0] == NO_SCORE).all()
