@@ -26,6 +26,7 @@ from indexer.config import ScoreKind
 from indexer.curvature import Curvature
 from indexer.exact import ExactReranker, exact_scores
 from indexer.hashing import int63
+from indexer.scan import device_searcher
 from indexer.scores import RerankBound, ScoreSpace, fit_rerank_bound
 from indexer.sketch import Capture, GradientSketcher, TokenBatch, make_batch
 from indexer.store import MetadataReader
@@ -216,7 +217,9 @@ class Calibrator:
         capture = self.sketcher.run(batch, "data", keep_unprojected=True)
         spaces = score_spaces(self.sketch, capture, self.kind)
         search = np.stack([space.search for space in spaces])
-        scores, ids = self.index.search(search, min(depth, self.index.ntotal))
+        # the engine's scan: one pass over flat codes for all the queries, not one per query
+        searcher = device_searcher(self.index, "cpu")
+        scores, ids = searcher.search(search, min(depth, self.index.ntotal))
         candidates = [[int(i) for i in row if i >= 0] for row in ids]
         records = self.metadata.lookup(sorted({i for row in candidates for i in row}))
         dots, query_norms = {}, None

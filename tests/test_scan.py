@@ -158,9 +158,13 @@ def test_a_scan_that_disagrees_with_faiss_is_refused():
     assert "differ" in _disagreement(scan, index)
 
 
-def test_search_rows_ranks_each_querys_own_rows():
+@pytest.mark.parametrize("chunk_rows", [None, 32])
+def test_search_rows_ranks_each_querys_own_rows(chunk_rows, monkeypatch):
     """The tier's re-scoring: each query's candidates only, a union of the batch's rows read
-    once; fewer candidates than k (and none at all) come back as FAISS pads a search."""
+    once (in one chunk, or several); fewer candidates than k (and none at all) come back as
+    FAISS pads a search."""
+    if chunk_rows:
+        monkeypatch.setattr("indexer.scan._chunk_rows", lambda *_: chunk_rows)
     index, queries = sq8_index(700, 37)
     rng = np.random.default_rng(3)
     rows = np.stack([rng.choice(700, 50, replace=False) for _ in queries])
