@@ -72,8 +72,13 @@ def throughput(searcher: Searcher, queries: np.ndarray, batch: int, rounds: int)
     return {"batch": batch, "seconds": wall, "cpu_seconds": cpu, "queries_per_second": batch / wall}
 
 
-def top10_agreement(scan_ids: np.ndarray, faiss_ids: np.ndarray, scores: np.ndarray) -> float:
-    """Share of FAISS's top-10 in the scan's top-10, a scan hit tied with FAISS's 10th counted."""
+def top10_agreement(
+    scan_ids: np.ndarray, faiss_ids: np.ndarray, scores: np.ndarray
+) -> float | None:
+    """Share of FAISS's top-10 in the scan's top-10, a scan hit tied with FAISS's 10th counted
+    (None without queries)."""
+    if not len(scan_ids):
+        return None
     found = 0
     for mine, theirs, their_scores in zip(scan_ids[:, :10], faiss_ids, scores, strict=True):
         tied = set(theirs[their_scores >= their_scores[9]].tolist())
