@@ -68,6 +68,7 @@ from indexer.manifest import (
     Manifest,
     ModelIdentity,
     ModuleLayout,
+    RetrievalCheck,
 )
 from indexer.model import (
     LoadedModel,
@@ -93,7 +94,6 @@ from indexer.publish import (
 from indexer.retrieval import (
     RETRIEVAL_CANDIDATES,
     RETRIEVAL_MIN_RECALL,
-    RetrievalCheck,
     flat_top10_recall,
     write_compact_index,
 )

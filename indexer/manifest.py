@@ -20,7 +20,6 @@ from indexer.config import (
     SketchConfig,
 )
 from indexer.errors import IndexVerificationError
-from indexer.retrieval import RetrievalCheck
 from indexer.scores import RerankBound
 
 # 4: the index is the only copy of the vectors (no vectors.f16); content hashes in the metadata;
@@ -131,6 +130,26 @@ class CollectionRecord:
     name: str
     rows: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class RetrievalCheck:
+    """How a compact code (`indexer.retrieval`) searched the build's own `queries`
+    pseudo-queries: the share of the flat index's top-10 found by its top `candidates` (K″)
+    re-scored (`flat_top10`); `kept`: whether the version stores the code."""
+
+    code: str
+    candidates: int
+    queries: int
+    flat_top10: float
+    kept: bool
+
+    def __str__(self) -> str:
+        verdict = "scanned first" if self.kept else "not stored: every stored code is scanned"
+        return (
+            f"{self.code} kept {self.flat_top10:.3f} of the flat top-10 at K″ = "
+            f"{self.candidates} ({self.queries} pseudo-queries): {verdict}"
+        )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ its pseudo-queries (`check_compact_code`) and keeps a code chosen by `auto` only
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -39,26 +38,6 @@ RETRIEVAL_CANDIDATES = 1000
 # bar for a search that does not scan every code).
 RETRIEVAL_MIN_RECALL = 0.95
 TOP = 10  # the hits a check compares
-
-
-@dataclass(frozen=True)
-class RetrievalCheck:
-    """How a compact code searched on a build's own pseudo-queries: the share of the flat
-    index's top-10 its top `candidates` (K″), re-scored, kept (`flat_top10`), over `queries`
-    queries; `kept`: whether the version stores it."""
-
-    code: str
-    candidates: int
-    queries: int
-    flat_top10: float
-    kept: bool
-
-    def __str__(self) -> str:
-        verdict = "scanned first" if self.kept else "not stored: every stored code is scanned"
-        return (
-            f"{self.code} kept {self.flat_top10:.3f} of the flat top-10 at K″ = "
-            f"{self.candidates} ({self.queries} pseudo-queries): {verdict}"
-        )
 
 
 def random_directions(dim: int, dims: int, seed: int) -> np.ndarray:
