@@ -18,8 +18,8 @@ and searched through `TieredSearcher` (as the engine does) at each K″ in `--ca
   top-K′'s (its ceiling), from `benchmarks.rerank.exact_reference` (one exact pass, cached
   under `--work`; the 100k version stores no full factors, so they are fitted there);
 - p50 ms of one query at a time searching the exact stage's depth (K′ = 200) on 1 and 2
-  threads (FAISS's and torch's), and of the compact scan alone (the rest is the re-scoring on the stored codes), with
-  the load average: the machine is shared, so these are upper bounds;
+  threads (FAISS's and torch's), and of the compact scan alone (the rest is the re-scoring on
+  the stored codes), with the load average: the machine is shared, so these are upper bounds;
 - batch throughput (queries/s) at 1, 8 and 32 queries per search, as a server batch searches,
   the tier's and the flat scan's (`indexer.scan.CodeScan`, as the engine scans a flat index).
 
