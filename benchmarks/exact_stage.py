@@ -7,7 +7,8 @@ alone, warm, three ways in turn (so that they share the machine's load):
 - `sketch`: no re-rank (`rerank_depth` 0), searched as `adaptive` searches;
 - `fixed`: the previous default, every one of K′ = 200 candidates re-ranked
   (`EngineOptions(rerank_early_stop=False)`), from a scan of every stored code (no compact
-  code first: `retrieval_candidates=0`, as before issue 14);
+  code first: `retrieval_candidates=0`, as before issue 14; the engine's scan, which is
+  `indexer.scan.CodeScan` on the CPU since stop 23 and was FAISS's before);
 - `adaptive`: the default now, K′ = 200 an upper bound, stopping once the top-10 is settled
   within the version's calibrated bound. Its first (sketch) answer's time is taken when the
   engine hands it over (`on_sketch`), as QueryStream sends it.

@@ -158,11 +158,21 @@ def test_a_scan_that_disagrees_with_faiss_is_refused():
     assert "differ" in _disagreement(scan, index)
 
 
+def resident_scan(index: faiss.Index) -> CodeScan:
+    """A scan of `index` over a copy of its codes (as on a GPU), here in the CPU's memory."""
+    inner = faiss.downcast_index(index.index)
+    codes = faiss.vector_to_array(inner.codes).reshape(index.ntotal, -1)
+    vmin, vdiff = faiss.vector_to_array(inner.sq.trained).reshape(2, -1)
+    ids = faiss.vector_to_array(index.id_map)
+    return CodeScan.from_blocks([codes], vmin, vdiff, ids, "cpu")
+
+
 @pytest.mark.parametrize("chunk_rows", [None, 32])
-def test_search_rows_ranks_each_querys_own_rows(chunk_rows, monkeypatch):
+@pytest.mark.parametrize("scan_of", [lambda i: CodeScan.from_index(i, "cpu"), resident_scan])
+def test_search_rows_ranks_each_querys_own_rows(chunk_rows, scan_of, monkeypatch):
     """The tier's re-scoring: each query's candidates only, a union of the batch's rows read
-    once (in one chunk, or several); fewer candidates than k (and none at all) come back as
-    FAISS pads a search."""
+    once (in one chunk, or several; from mapped or resident codes); fewer candidates than k
+    (and none at all) come back as FAISS pads a search."""
     if chunk_rows:
         monkeypatch.setattr("indexer.scan._chunk_rows", lambda *_: chunk_rows)
     index, queries = sq8_index(700, 37)
@@ -178,8 +188,9 @@ def test_search_rows_ranks_each_querys_own_rows(chunk_rows, monkeypatch):
         scores = decoded[own] @ queries[q].astype(np.float64)
         order = np.argsort(-scores)[:40]
         expected[0][q, : len(order)], expected[1][q, : len(order)] = scores[order], ids[own[order]]
-    found = CodeScan.from_index(index, "cpu").search_rows(queries, rows, 40)
+    scan = scan_of(index)
+    found = scan.search_rows(queries, rows, 40)
     assert_same_search(expected, found)
     assert (found[1][0, 30:] == -1).all() and (found[1][1] == -1).all()
-    empty = CodeScan.from_index(index, "cpu").search_rows(queries, np.full((5, 3), -1), 4)
+    empty = scan.search_rows(queries, np.full((5, 3), -1), 4)
     assert (empty[1] == -1).all() and (empty[0] == NO_SCORE).all()
