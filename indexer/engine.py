@@ -545,10 +545,10 @@ class QueryEngine:
         depth = max(max(top_ks), *depths)
         scores, ids = self.searcher.search(np.stack([space.search for space in spaces]), depth)
         timings.search_us = clock.lap()
-        retrieved = [_first(scores[row], ids[row], d) for row, d in enumerate(depths)]
-        lexical = self._lexical(queries, [c for c, _ in retrieved])
-        wanted = {int(i) for i in ids.ravel() if i >= 0} | {i for c in lexical for i in c}
-        records = self.metadata.lookup(sorted(wanted))
+        # The sketch answers need their top-k's records only: looked up first, so that a
+        # streamed first answer does not wait for the exact stage's candidates.
+        shown = {i for row, k in enumerate(top_ks) for i in _first(scores[row], ids[row], k)[0]}
+        records = self.metadata.lookup(sorted(shown))
         timings.lookup_us = clock.lap()
         ranked = [
             _sketch_ranking(space, scores[row], ids[row], k, records)
@@ -561,6 +561,11 @@ class QueryEngine:
                 on_sketch(row, sketched[row])
         stages: dict[int, StageResult] = {}
         if reranked:
+            retrieved = [_first(scores[row], ids[row], d) for row, d in enumerate(depths)]
+            lexical = self._lexical(queries, [c for c, _ in retrieved])
+            wanted = {int(i) for i in ids.ravel() if i >= 0} | {i for c in lexical for i in c}
+            records |= self.metadata.lookup(sorted(wanted - records.keys()))
+            timings.lookup_us += clock.lap()
             lists = {
                 row: self._candidate_list(
                     spaces[row], retrieved[row], lexical[row], records, top_ks[row], deadlines[row]

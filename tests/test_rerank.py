@@ -128,6 +128,27 @@ def test_a_due_deadline_gets_the_sketch_answer_marked_as_estimates(early: QueryE
     assert [h.example_id for h in result.hits] == [h.example_id for h in sketch.hits]
 
 
+def test_the_sketch_answer_is_handed_over_before_the_candidates_are_looked_up(
+    early: QueryEngine, monkeypatch
+) -> None:
+    """A streamed first answer waits for its top-k's records only, not for the K′ candidates'
+    (nor for the lexical ones'): those are the exact stage's."""
+    looked_up: list[int] = []
+    lookup = early.metadata.lookup
+    monkeypatch.setattr(early.metadata, "lookup", lambda ids: looked_up.extend(ids) or lookup(ids))
+    sketched = {}
+    tokenized = early.prepare(replace(QUERY, rerank_depth=40))
+
+    def on_sketch(row, result):
+        sketched[row] = (result, list(looked_up))
+
+    (final,) = early.answer([tokenized], on_sketch=on_sketch)
+    first, before = sketched[0]
+    assert sorted(before) == sorted(h.example_id for h in first.hits)
+    assert len(first.hits) == QUERY.top_k and not any(h.exact for h in first.hits)
+    assert len(set(looked_up)) > QUERY.top_k and final.candidates_reranked > 0
+
+
 def test_without_rerank_hits_are_sketch_estimates(engine: QueryEngine) -> None:
     (result,) = engine.query([replace(QUERY, rerank_depth=0)])
     assert result.hits and not any(hit.exact for hit in result.hits)
