@@ -47,7 +47,8 @@ NO_SCORE = -np.finfo(np.float32).max  # what FAISS returns, with id -1, past the
 
 
 class Searcher(Protocol):
-    """What answers an engine's search: a FAISS index, or a `CodeScan` of one."""
+    """What answers an engine's search: a FAISS index, a `CodeScan` of one, the compact code's
+    tier (`indexer.retrieval.TieredSearcher`) or a Milvus collection."""
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
