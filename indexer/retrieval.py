@@ -15,7 +15,7 @@ stage's candidates, the random map 0.57, both 0.996 at 21k (RESULTS.md, issue 14
 The code lives in the version as `retrieval.faiss`, a FAISS `IndexPreTransform` (the projection,
 then the code's index) whose rows are the stored index's rows. Whether it pays depends on the
 corpus (0.996 of the flat top-10 at 21k examples, 0.58 at 100k), so the build measures it on
-its pseudo-queries (`check_compact_code`) and keeps a code chosen by `auto` only where it holds
+its pseudo-queries (`flat_top10_recall`) and keeps a code chosen by `auto` only where it holds
 `RETRIEVAL_MIN_RECALL` of the flat top-10; elsewhere every stored code is scanned.
 """
 
@@ -105,13 +105,13 @@ class TieredSearcher:
         """`compact`: the rows of `stored` (`IDMap,SQ8`, flat 8-bit codes) in their compact
         code; ValueError when `stored` is not such an index."""
         self.candidates = candidates
-        self._compact, self._n = compact, stored.ntotal
-        self._stored = CodeScan.from_index(stored, "cpu")
+        self._compact, self._stored = compact, CodeScan.from_index(stored, "cpu")
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores and example ids `[n_queries, k]`, best first (id -1 past the last)."""
-        k = min(k, self._n)
-        rows = self._compact.search(queries, max(k, min(self.candidates, self._n)))[1]
+        n = self._stored.n
+        k = min(k, n)
+        rows = self._compact.search(queries, max(k, min(self.candidates, n)))[1]
         return self._stored.search_rows(queries, rows, k)
 
 
