@@ -49,10 +49,10 @@ import torch
 from benchmarks.common import comma_ints, comma_list, emit, start_run
 from benchmarks.rerank import ensure_build, exact_reference, load_setting, p50
 from benchmarks.retrieval import ensure_version, fact_queries, unit_query_vectors
-from indexer.config import CompactCode, ScoreKind, SketchConfig, StoreConfig
+from indexer.config import CompactCode, Projection, ScoreKind, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
 from indexer.query import Query
-from indexer.retrieval import TieredSearcher, build_compact_index
+from indexer.retrieval import RETRIEVAL_CANDIDATES, TieredSearcher, build_compact_index
 from indexer.scan import device_searcher
 
 log = logging.getLogger("tiers")
@@ -63,7 +63,10 @@ BATCHES = (1, 8, 32)
 
 
 def parse_code(text: str) -> CompactCode:
-    """`1024:SQ8` -> CompactCode(1024, "SQ8")."""
+    """`1024:SQ8` -> CompactCode(1024, "SQ8") (a random projection); `RaBitQ` -> the stored
+    vectors' every dimension coded by `RaBitQ` (no projection)."""
+    if ":" not in text:
+        return CompactCode(0, text, Projection.NONE)
     dims, quantizer = text.split(":", 1)
     return CompactCode(int(dims), quantizer)
 
@@ -213,16 +216,20 @@ def measure_code(
 
 
 def measure_scan_at(n: int, code: CompactCode, args: argparse.Namespace) -> dict:
-    """A compact code's scan alone over `n` synthetic rows: p50 ms per K″, one query at a time."""
+    """A compact code's scan alone over `n` synthetic rows (of `args.dim` dimensions where it
+    codes every one): p50 ms per K″, one query at a time."""
+    code = code.over(args.dim)
     rng = np.random.default_rng(0)
     index = faiss.index_factory(code.dims, code.quantizer, faiss.METRIC_INNER_PRODUCT)
-    index.train(rng.standard_normal((20_000, code.dims), dtype=np.float32))
-    for start in range(0, n, 100_000):
-        index.add(rng.standard_normal((min(100_000, n - start), code.dims), dtype=np.float32))
+    index.train(rng.standard_normal((min(20_000, 4 * code.dims), code.dims), dtype=np.float32))
+    block = max(1, min(100_000, 2**28 // code.dims))  # ≤ 1 GiB of float32 rows at a time
+    for start in range(0, n, block):
+        index.add(rng.standard_normal((min(block, n - start), code.dims), dtype=np.float32))
     queries = rng.standard_normal((args.timed, code.dims), dtype=np.float32)
     return {
         "code": code.name,
         "n": n,
+        "dims": code.dims,
         "bytes_per_example": len(faiss.serialize_index(index)) / n,
         "p50_ms": {
             k: {t: _timed_p50(index, queries, k, t) for t in (1, 2)} for k in args.candidates
@@ -239,13 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=64, help="fact queries (100k setting)")
     parser.add_argument("--timed", type=int, default=24, help="queries timed one at a time")
     parser.add_argument(
+        "--dim", type=int, default=32_412, help="1m: stored dimensions (the demo's default D)"
+    )
+    parser.add_argument(
         "--codes",
         type=comma_list(parse_code),
-        default=(CompactCode(1024, "SQ8"), CompactCode(1024, "PQ512x4fs")),
-        help="compact codes, dims:quantizer, comma-separated",
+        default=(StoreConfig().compact_code(), CompactCode(1024, "PQ512x4fs")),
+        help="compact codes, comma-separated: dims:quantizer (a random projection) or "
+        "quantizer (every stored dimension)",
     )
-    parser.add_argument("--candidates", type=comma_ints, default=(200, 500, 1000, 2000))
-    parser.add_argument("--throughput-candidates", type=int, default=1000)
+    parser.add_argument("--candidates", type=comma_ints, default=(1000, 2000, 3000, 4000))
+    parser.add_argument("--throughput-candidates", type=int, default=RETRIEVAL_CANDIDATES)
     parser.add_argument(
         "--exact",
         action=argparse.BooleanOptionalAction,

@@ -93,6 +93,7 @@ from indexer.publish import (
 )
 from indexer.retrieval import (
     RETRIEVAL_CANDIDATES,
+    RETRIEVAL_CHECK_QUERIES,
     RETRIEVAL_MIN_RECALL,
     flat_top10_recall,
     write_compact_index,
@@ -191,13 +192,8 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
         raise InvalidInputError("--damping must be positive")
     if config.incremental.refit_threshold < 0:
         raise InvalidInputError("--refit-threshold must be at least 0")
-    if config.store.retrieval_dims < 1:
-        raise InvalidInputError("--retrieval-dims must be at least 1")
-    if config.store.retrieval_code is not False:
-        try:
-            new_index(config.store.retrieval_dims, config.store.retrieval_quantizer)
-        except ValueError as e:
-            raise InvalidInputError(f"--retrieval-quantizer: {e}") from e
+    if config.store.retrieval_dims < 0:
+        raise InvalidInputError("--retrieval-dims must be 0 (every dimension) or positive")
     max_length = example_max_length(config.corpus.max_length, loaded.context_length)
     if not 2 <= max_length <= loaded.context_length:
         raise InvalidInputError(
@@ -321,22 +317,28 @@ def compact_code(config: BuildConfig, n: int, factory: str, dim: int) -> Compact
     """The compact retrieval code to store for `n` examples of `dim` dimensions in an index of
     `factory`: as asked, or (auto) from `RETRIEVAL_MIN_EXAMPLES` on, over the flat 8-bit index
     (its candidates are re-scored on its codes, read by row: `indexer.scan.CodeScan`, up to
-    `MAX_DIM` dimensions) of more dimensions than the code."""
+    `MAX_DIM` dimensions). InvalidInputError names a code that cannot be built."""
     store = config.store
-    code = store.compact_code()
+    code = store.compact_code().over(dim)
+    if store.retrieval_code is False:
+        return None
+    try:
+        new_index(code.dims, code.quantizer)
+    except ValueError as e:
+        raise InvalidInputError(f"--retrieval-quantizer: {e}") from e
     flat = factory == FLAT_FACTORY and dim <= MAX_DIM
     if store.retrieval_code is None:
-        usable = flat and n >= RETRIEVAL_MIN_EXAMPLES and code.dims < dim
+        usable = flat and n >= RETRIEVAL_MIN_EXAMPLES and (code.dims < dim or not code.projected)
         return code if usable else None
-    if not store.retrieval_code:
-        return None
     if not flat:
         raise InvalidInputError(
             f"--retrieval-code on needs the flat index {FLAT_FACTORY} of at most {MAX_DIM:,} "
             f"dimensions to re-score on, not {factory!r} of {dim:,}"
         )
-    if not 0 < code.dims < dim:
-        raise InvalidInputError(f"--retrieval-dims must be in [1, {dim}), not {code.dims}")
+    if code.projected and not code.dims < dim:
+        raise InvalidInputError(
+            f"--retrieval-dims must be 0 (every dimension) or under {dim:,}, not {code.dims:,}"
+        )
     return code
 
 
@@ -656,6 +658,7 @@ def _write_version(
         new_index(dim, plan.factory)  # refuse an unknown factory before the passes, not after
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
+    retrieval = compact_code(config, n, plan.factory, dim)
     config.backend.check_dimension(dim)
     with _timed(seconds, "curvature"):
         curvature = _curvature(state, plan, staging)
@@ -718,7 +721,6 @@ def _write_version(
             )
         except ValueError as e:
             raise InvalidInputError(str(e)) from e
-    retrieval = compact_code(config, n, plan.factory, curvature.sketch.dim)
     retrieval_check = None
     if retrieval is not None:
         with _timed(seconds, "retrieval"):
@@ -801,7 +803,7 @@ def _main_pass_targets(
     config = state.config
     if config.autocast != Autocast.OFF:
         return None  # the exact stage scores in float32: so must the calibration
-    pseudo = _staged_pseudo_queries(state)
+    pseudo = _staged_pseudo_queries(state, config.calibration.queries)
     count = main_pass_queries(
         len(pseudo),
         reranker.curvature.dim,
@@ -818,9 +820,9 @@ def _main_pass_targets(
         return reranker.targets(capture, rotated=cosine)
 
 
-def _staged_pseudo_queries(state: _BuildState) -> list[PseudoQuery]:
-    """The calibration's pseudo-queries, cut from the staged corpus as the calibration cuts
-    them from the metadata."""
+def _staged_pseudo_queries(state: _BuildState, count: int) -> list[PseudoQuery]:
+    """The pseudo-queries cut from `count` examples of the staged corpus, as the calibration
+    cuts its own from the metadata (the first ones are the calibration's)."""
     config, corpus = state.config, state.corpus
     ids = corpus.column("id").astype(np.int64)
 
@@ -828,7 +830,7 @@ def _staged_pseudo_queries(state: _BuildState) -> list[PseudoQuery]:
         rows = np.flatnonzero(np.isin(ids, chosen))
         return {e.example_id: e.token_ids for e in corpus.fetch(rows.tolist())}
 
-    return cut_queries(ids, config.calibration.queries, config.sketch.seed, tokens_of)
+    return cut_queries(ids, count, config.sketch.seed, tokens_of)
 
 
 def _check_compact_code(
@@ -837,13 +839,16 @@ def _check_compact_code(
     """Search the staged compact code with the pseudo-queries, as the engine would, against
     the flat scan; a code chosen by `auto` that keeps under `RETRIEVAL_MIN_RECALL` of the
     flat top-10 is removed from the version (one asked for is kept, with its figure)."""
-    pseudo = _staged_pseudo_queries(state)
+    pseudo = _staged_pseudo_queries(state, RETRIEVAL_CHECK_QUERIES)
     recall = 0.0
     if pseudo:
-        batch = query_batch(pseudo, state.loaded.tokenizer.pad_token_id)
-        capture = state.example_pass.sketcher.run(batch, "data")
-        kind = ScoreKind(state.config.store.score)
-        search = np.stack([space.search for space in score_spaces(sketch, capture, kind)])
+        kind, step = ScoreKind(state.config.store.score), state.config.batch_size
+        search = np.concatenate(
+            [
+                _search_vectors(state, sketch, pseudo[start : start + step], kind)
+                for start in range(0, len(pseudo), step)
+            ]
+        )
         stored, compact = open_index(staging / INDEX_FILE), open_index(staging / RETRIEVAL_FILE)
         recall = flat_top10_recall(stored, compact, search, RETRIEVAL_CANDIDATES)
     kept = state.config.store.retrieval_code is True or recall >= RETRIEVAL_MIN_RECALL
@@ -852,6 +857,15 @@ def _check_compact_code(
     if not check.kept:
         (staging / RETRIEVAL_FILE).unlink()
     return check
+
+
+def _search_vectors(
+    state: _BuildState, sketch: Curvature, pseudo: list[PseudoQuery], kind: ScoreKind
+) -> np.ndarray:
+    """The pseudo-queries' search vectors `[len(pseudo), D]`, as the engine searches with them."""
+    batch = query_batch(pseudo, state.loaded.tokenizer.pad_token_id)
+    capture = state.example_pass.sketcher.run(batch, "data")
+    return np.stack([space.search for space in score_spaces(sketch, capture, kind)])
 
 
 def _calibrate(

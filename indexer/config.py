@@ -6,7 +6,7 @@ The command line is generated from these classes (`server.cli.options`): a field
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 
@@ -209,26 +209,35 @@ class StoreConfig:
             "it finds 0.95 of the flat top-10 for the build's pseudo-queries)"
         },
     )
-    # At 21k examples 1,024 dimensions found 0.97 / 0.99 of the flat top-10 within K″ = 100 /
-    # 200, 512 only 0.90 / 0.95 (principal directions, float codes; RESULTS.md, issue 14).
+    # 0: a 1-bit code of every stored dimension, no projection. At 100k examples it keeps 0.95
+    # of the flat top-10 within K″ = 2,000, where a random projection to 1,024 dimensions kept
+    # 0.58 (RESULTS.md, issue 14).
     retrieval_dims: int = field(
-        default=1024, metadata={"help": "dimensions of the compact retrieval code"}
+        default=0,
+        metadata={
+            "help": "dimensions of the compact retrieval code: 0 codes every stored dimension, "
+            "N > 0 a random projection to N"
+        },
     )
-    # 4-bit fast-scan PQ, 256 bytes an example: at 21k the same recall as 8-bit codes (1,024
-    # bytes); its scan over 1M examples took 15 ms of CPU against 117 ms (RESULTS.md, issue 14).
+    # RaBitQ: 1 bit a dimension plus two floats, the query in 4 bits (FAISS's default `qb`);
+    # 21 ms of one core over 100k examples of 32,412 dimensions (RESULTS.md, issue 14).
     retrieval_quantizer: str = field(
-        default="PQ512x4fs",
+        default="RaBitQ",
         metadata={"help": "FAISS factory string of the compact code's own index"},
     )
 
     def compact_code(self) -> CompactCode:
-        return CompactCode(self.retrieval_dims, self.retrieval_quantizer)
+        """The asked-for code; its `dims` are 0 (every stored one) until `CompactCode.over`."""
+        projection = Projection.RANDOM if self.retrieval_dims else Projection.NONE
+        return CompactCode(self.retrieval_dims, self.retrieval_quantizer, projection)
 
 
 class Projection(str, Enum):
-    """How a compact code projects the stored vectors: a seeded random orthonormal map (what
-    builds make), or principal directions (format-8 versions built before the change)."""
+    """How a compact code projects the stored vectors: not at all (it codes every stored
+    dimension), a seeded random orthonormal map, or principal directions (format-8 versions
+    built before random maps)."""
 
+    NONE = "none"
     RANDOM = "random"
     PCA = "pca"
 
@@ -247,9 +256,22 @@ class CompactCode:
 
     @property
     def name(self) -> str:
-        """As FAISS would spell the pipeline: e.g. `RR1024,SQ8` (random rotation)."""
+        """As FAISS would spell the pipeline: e.g. `RR1024,SQ8` (random rotation), `RaBitQ`
+        (no projection)."""
+        if self.projection == Projection.NONE:
+            return self.quantizer
         prefix = "RR" if self.projection == Projection.RANDOM else "PCA"
         return f"{prefix}{self.dims},{self.quantizer}"
+
+    @property
+    def projected(self) -> bool:
+        """Whether the code is of a projection of the stored vector (else of the vector)."""
+        return self.projection != Projection.NONE
+
+    def over(self, dim: int) -> CompactCode:
+        """This code for stored vectors of `dim` dimensions: a code without projection has
+        them all."""
+        return self if self.projected else replace(self, dims=dim)
 
 
 class Backend(str, Enum):

@@ -1,21 +1,22 @@
 """Tiered candidate retrieval: a compact code per example, scanned first.
 
-A flat scan reads every stored byte (D bytes an example: 3.3 GB at 100k examples), and the
+A flat scan reads every stored byte (D bytes an example: 3.2 GB at 100k examples), and the
 gradient vectors do not cluster, so an inverted file must scan most lists to find the flat
-top-10. The compact code is the stored vector under a seeded random orthonormal map,
-`c = Vᵀ x` (`V [D, d]`, `VᵀV = I`), quantised (4-bit fast-scan PQ by default: d/4 bytes an
-example); a search scans the compact codes for the top K″ and re-scores those on the stored
-8-bit codes, read by row from the memory-mapped index, so the scores it returns are the flat
-index's own. A random map keeps every direction's inner products alike (Johnson-Lindenstrauss:
-`(D/d)·⟨Vᵀq, Vᵀx⟩ ≈ ⟨q, x⟩`, error ≈ ‖q‖‖x‖/√d); principal directions keep the corpus's
-common directions and drop its rare ones, which are what single out an example for a
-specific query: at 100k examples they kept 0.44 of exact EK-FAC's top-10 within the exact
-stage's candidates, the random map 0.57, both 0.996 at 21k (RESULTS.md, issue 14).
+top-10. The compact code is every stored dimension again in 1 bit (RaBitQ: the signs of the
+vector less the corpus mean, a scale per vector; the query in 4 bits), D/8 bytes an example;
+a search scans the compact codes for the top K″ and re-scores those on the stored 8-bit
+codes, read by row from the memory-mapped index, so the scores it returns are the flat
+index's own. Its error on an inner product is ≈ ‖q‖‖x‖/√D, where a projection to d
+dimensions errs by ≈ ‖q‖‖x‖/√d: at 100k examples a random projection to 1,024 dimensions
+kept 0.58 of the flat top-10 within K″ = 1,000, the 1-bit code of all 32,412 dimensions 0.95
+within 3,000 (RESULTS.md, issue 14). A projected code (`Projection.RANDOM`, a seeded random
+orthonormal map `c = Vᵀ x`, `V [D, d]`, then any FAISS quantizer) is there on request; format-8
+versions built before random maps hold principal directions.
 
-The code lives in the version as `retrieval.faiss`, a FAISS `IndexPreTransform` (the projection,
-then the code's index) whose rows are the stored index's rows. Whether it pays depends on the
-corpus (0.996 of the flat top-10 at 21k examples, 0.58 at 100k), so the build measures it on
-its pseudo-queries (`flat_top10_recall`) and keeps a code chosen by `auto` only where it holds
+The code lives in the version as `retrieval.faiss`, a FAISS index (behind an
+`IndexPreTransform` when projected) whose rows are the stored index's rows. Whether it pays
+depends on the corpus and the queries, so the build measures it on its pseudo-queries
+(`flat_top10_recall`) and keeps a code chosen by `auto` only where it holds
 `RETRIEVAL_MIN_RECALL` of the flat top-10; elsewhere every stored code is scanned.
 """
 
@@ -31,12 +32,17 @@ from indexer.scan import CodeScan, device_searcher
 from indexer.store import ADD_CHUNK_ROWS, decode_rows, new_index, open_index
 
 SAMPLE_ROWS = 4096  # stored rows the code's quantizer is trained on
-# K″, the compact code's candidates re-scored per search: at 21k examples 1,000 kept 0.996 of the
-# exact top-10 within the exact stage's 200 candidates, 200 only 0.971 (RESULTS.md, issue 14).
-RETRIEVAL_CANDIDATES = 1000
+# K″, the compact code's candidates re-scored per search: at 100k examples the default code
+# (RaBitQ) kept 0.93 / 0.95 / 0.96 of the flat top-10 within 2,000 / 3,000 / 4,000, in 38 / 45 /
+# 56 ms of one core (RESULTS.md, issue 14).
+RETRIEVAL_CANDIDATES = 3000
 # What an `auto` code must keep of the flat top-10 on the build's pseudo-queries (issue 14's
 # bar for a search that does not scan every code).
 RETRIEVAL_MIN_RECALL = 0.95
+# Pseudo-queries the build checks a code with: one query's share of its flat top-10 found
+# varies (std ≈ 0.12 at 100k), so 32 put the mean within ±0.02 of what 256 found, as wide
+# as the margin the check decides; 128 within ±0.01 (RESULTS.md, issue 14).
+RETRIEVAL_CHECK_QUERIES = 128
 TOP = 10  # the hits a check compares
 
 
@@ -64,6 +70,16 @@ def training_sample(stored: faiss.Index, seed: int) -> np.ndarray:
     return decode_rows(stored, rows, None)
 
 
+def encode_rows(stored: faiss.Index, compact: faiss.Index, sample: np.ndarray) -> faiss.Index:
+    """`compact` (an empty index over `stored`'s dimensions), trained on `sample` and holding
+    every row of `stored`, decoded a chunk at a time, in row order."""
+    compact.train(sample)
+    for start in range(0, stored.ntotal, ADD_CHUNK_ROWS):
+        rows = np.arange(start, min(start + ADD_CHUNK_ROWS, stored.ntotal), dtype=np.int64)
+        compact.add(decode_rows(stored, rows, None))
+    return compact
+
+
 def project_and_quantize(
     stored: faiss.Index, directions: np.ndarray, quantizer: str, sample: np.ndarray
 ) -> faiss.Index:
@@ -72,22 +88,22 @@ def project_and_quantize(
     compact = faiss.IndexPreTransform(
         linear_transform(directions), new_index(directions.shape[1], quantizer)
     )
-    compact.train(sample)
-    for start in range(0, stored.ntotal, ADD_CHUNK_ROWS):
-        rows = np.arange(start, min(start + ADD_CHUNK_ROWS, stored.ntotal), dtype=np.int64)
-        compact.add(decode_rows(stored, rows, None))
-    return compact
+    return encode_rows(stored, compact, sample)
 
 
 def build_compact_index(stored: faiss.Index, code: CompactCode, seed: int = 0) -> faiss.Index:
-    """The compact codes of every row of a flat `stored` index (`IDMap,…`): the random
-    projection, then the code trained on a sample of the decoded rows' projections."""
+    """The compact codes of every row of a flat `stored` index (`IDMap,…`), trained on a
+    sample of its decoded rows: the rows themselves quantised again (`Projection.NONE`), or
+    their random projection quantised."""
+    sample = training_sample(stored, seed)
+    if code.projection == Projection.NONE:
+        return encode_rows(stored, new_index(stored.d, code.quantizer), sample)
     if code.dims >= stored.d:
         raise ValueError(f"a compact code of {code.dims} dimensions is not smaller than {stored.d}")
     if code.projection != Projection.RANDOM:
         raise ValueError(f"a build makes random projections, not {code.projection}")
     directions = random_directions(stored.d, code.dims, seed)
-    return project_and_quantize(stored, directions, code.quantizer, training_sample(stored, seed))
+    return project_and_quantize(stored, directions, code.quantizer, sample)
 
 
 def write_compact_index(stored_path: Path, path: Path, code: CompactCode, seed: int = 0) -> None:

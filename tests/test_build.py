@@ -197,7 +197,13 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
             "--retrieval-code",
             "on",
         ],
-        "--retrieval-dims must be in [1, ": ["--retrieval-code", "on", "--retrieval-dims", "10240"],
+        "--retrieval-dims must be 0 (every dimension) or under ": [
+            "--retrieval-code",
+            "on",
+            "--retrieval-dims",
+            "10240",
+        ],
+        "--retrieval-dims must be 0 (every dimension) or positive": ["--retrieval-dims", "-1"],
         "--max-length 4096": ["--max-length", "4096"],
     }
 

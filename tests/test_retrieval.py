@@ -57,6 +57,9 @@ def test_a_code_recorded_without_its_projection_is_read_as_principal_directions(
     assert _compact_code({"dims": 8, "quantizer": "SQ8", "projection": "random"}) == CompactCode(
         8, "SQ8", Projection.RANDOM
     )
+    assert _compact_code({"dims": 8, "quantizer": "RaBitQ", "projection": "none"}) == CompactCode(
+        8, "RaBitQ", Projection.NONE
+    )
     assert _compact_code(None) is None
 
 
@@ -72,16 +75,22 @@ def test_all_candidates_give_the_flat_index_answer():
     np.testing.assert_allclose(scores, flat_scores, rtol=1e-5, atol=1e-6)
 
 
-def test_few_candidates_find_the_flat_top_ten_and_score_them_as_the_flat_index():
+@pytest.mark.parametrize(
+    "code",
+    [CompactCode(128, "SQ8"), CompactCode(256, "RaBitQ", Projection.NONE)],
+    ids=["random-half-8-bit", "every-dimension-1-bit"],
+)
+def test_few_candidates_find_the_flat_top_ten_and_score_them_as_the_flat_index(code):
     # Vectors that do not cluster (as gradients), each query the sum of ten of them: its flat
-    # top-10. A random code of half the dimensions finds them among 5 % of the rows.
+    # top-10. A random code of half the dimensions in 8 bits, or every dimension in 1 bit,
+    # finds them among 5 % of the rows.
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4000, 256)).astype(np.float32)
     faiss.normalize_L2(x)
     flat = _flat(x)
     planted = [rng.choice(len(x), 10, replace=False) for _ in range(20)]
     queries = np.stack([x[p].sum(axis=0) for p in planted])
-    tiered = TieredSearcher(build_compact_index(flat, CompactCode(128, "SQ8")), flat, 200)
+    tiered = TieredSearcher(build_compact_index(flat, code), flat, 200)
     scores, ids = tiered.search(queries, 10)
     flat_scores, flat_ids = flat.search(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, flat_ids, strict=True)])
@@ -99,30 +108,31 @@ def test_a_code_no_smaller_than_the_vectors_is_refused():
         build_compact_index(flat, CompactCode(16, "SQ8"))
 
 
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [({"retrieval_dims": 24, "retrieval_quantizer": "SQ8"}, "RR24,SQ8"), ({}, "RaBitQ")],
+    ids=["random-24-dims", "default"],
+)
 def test_a_version_with_a_compact_code_answers_as_its_flat_index(
-    tmp_path, tiny_model_dir, small_corpus_path, one_thread
+    tmp_path, tiny_model_dir, small_corpus_path, one_thread, options, name
 ):
     root = tmp_path / "index"
-    config = tiny_config(
-        tiny_model_dir,
-        small_corpus_path,
-        root,
-        retrieval_code=True,
-        retrieval_dims=24,
-        retrieval_quantizer="SQ8",
-    )
+    config = tiny_config(tiny_model_dir, small_corpus_path, root, retrieval_code=True, **options)
     summary = build_index(config)
-    assert summary.retrieval_code == "RR24,SQ8" and "retrieval" in summary.seconds
+    assert summary.retrieval_code == name and "retrieval" in summary.seconds
     manifest = verify_version(version_dir(root))
-    assert manifest.retrieval == CompactCode(24, "SQ8") and RETRIEVAL_FILE in manifest.files
+    assert manifest.retrieval == config.store.compact_code().over(summary.dim)
+    assert RETRIEVAL_FILE in manifest.files
     # K″ = 1,000 re-scores all 121 examples: the flat top-10 itself
     check = manifest.retrieval_check
-    assert check == summary.retrieval_check and check.code == "RR24,SQ8"
-    assert check.kept and check.queries > 0 and check.flat_top10 == 1.0
+    assert check == summary.retrieval_check and check.code == name
+    assert check.kept and check.flat_top10 == 1.0
+    # more pseudo-queries than the calibration's: one query's share found varies widely
+    assert config.calibration.queries < check.queries <= summary.n_examples
     engine = QueryEngine.open(root, options=EngineOptions(retrieval_candidates=summary.n_examples))
     assert isinstance(engine.searcher, TieredSearcher)
     assert (engine.info.retrieval_code, engine.info.retrieval_candidates) == (
-        "RR24,SQ8",
+        name,
         summary.n_examples,
     )
     queries = [Query("The capital of", " the", top_k=5, rerank_depth=0)]
@@ -150,9 +160,13 @@ def test_auto_stores_no_compact_code_for_a_small_corpus(
     )
     big = RETRIEVAL_MIN_EXAMPLES
     config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path)
-    assert compact_code(config, big, FLAT_FACTORY, 32_768) == CompactCode(1024, "PQ512x4fs")
+    every_dimension = CompactCode(32_768, "RaBitQ", Projection.NONE)
+    assert compact_code(config, big, FLAT_FACTORY, 32_768) == every_dimension
+    assert every_dimension.name == "RaBitQ" and not every_dimension.projected
     assert compact_code(config, big, "IVF100,SQ8", 32_768) is None
-    assert compact_code(config, big, FLAT_FACTORY, 1024) is None
+    projected = tiny_config(tiny_model_dir, small_corpus_path, tmp_path, retrieval_dims=1024)
+    assert compact_code(projected, big, FLAT_FACTORY, 4096) == CompactCode(1024, "RaBitQ")
+    assert compact_code(projected, big, FLAT_FACTORY, 1024) is None
 
 
 def test_auto_drops_a_compact_code_that_misses_the_flat_top10(
