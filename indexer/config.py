@@ -210,8 +210,8 @@ class StoreConfig:
         },
     )
     # 0: a 1-bit code of every stored dimension, no projection. At 100k examples it keeps 0.95
-    # of the flat top-10 within K″ = 2,000, where a random projection to 1,024 dimensions kept
-    # 0.58 (RESULTS.md, issue 14).
+    # of the flat top-10 within K″ = 3,000, where a random projection to 1,024 dimensions kept
+    # 0.58 within 1,000 (RESULTS.md, issue 14).
     retrieval_dims: int = field(
         default=0,
         metadata={

@@ -40,8 +40,8 @@ RETRIEVAL_CANDIDATES = 3000
 # bar for a search that does not scan every code).
 RETRIEVAL_MIN_RECALL = 0.95
 # Pseudo-queries the build checks a code with: one query's share of its flat top-10 found
-# varies (std ≈ 0.12 at 100k), so 32 put the mean within ±0.02 of what 256 found, as wide
-# as the margin the check decides; 128 within ±0.01 (RESULTS.md, issue 14).
+# varies (std ≈ 0.12 at 100k), so the mean of 32 has a standard error of ≈ 0.02, as wide as
+# the margin the check decides; of 128, ≈ 0.01 (RESULTS.md, issue 14).
 RETRIEVAL_CHECK_QUERIES = 128
 TOP = 10  # the hits a check compares
 
