@@ -49,7 +49,7 @@ import torch
 from benchmarks.common import comma_ints, comma_list, emit, start_run
 from benchmarks.rerank import ensure_build, exact_reference, load_setting, p50
 from benchmarks.retrieval import ensure_version, fact_queries, unit_query_vectors
-from indexer.config import CompactCode, Projection, ScoreKind, SketchConfig, StoreConfig
+from indexer.config import CompactCode, ScoreKind, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
 from indexer.query import Query
 from indexer.retrieval import RETRIEVAL_CANDIDATES, TieredSearcher, build_compact_index
@@ -65,10 +65,8 @@ BATCHES = (1, 8, 32)
 def parse_code(text: str) -> CompactCode:
     """`1024:SQ8` -> CompactCode(1024, "SQ8") (a random projection); `RaBitQ` -> the stored
     vectors' every dimension coded by `RaBitQ` (no projection)."""
-    if ":" not in text:
-        return CompactCode(0, text, Projection.NONE)
-    dims, quantizer = text.split(":", 1)
-    return CompactCode(int(dims), quantizer)
+    dims, quantizer = text.split(":", 1) if ":" in text else ("0", text)
+    return StoreConfig(retrieval_dims=int(dims), retrieval_quantizer=quantizer).compact_code()
 
 
 def recall(found: np.ndarray, wanted: np.ndarray) -> float:

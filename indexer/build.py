@@ -328,14 +328,14 @@ def compact_code(config: BuildConfig, n: int, factory: str, dim: int) -> Compact
         raise InvalidInputError(f"--retrieval-quantizer: {e}") from e
     flat = factory == FLAT_FACTORY and dim <= MAX_DIM
     if store.retrieval_code is None:
-        usable = flat and n >= RETRIEVAL_MIN_EXAMPLES and (code.dims < dim or not code.projected)
+        usable = flat and n >= RETRIEVAL_MIN_EXAMPLES and code.fits(dim)
         return code if usable else None
     if not flat:
         raise InvalidInputError(
             f"--retrieval-code on needs the flat index {FLAT_FACTORY} of at most {MAX_DIM:,} "
             f"dimensions to re-score on, not {factory!r} of {dim:,}"
         )
-    if code.projected and not code.dims < dim:
+    if not code.fits(dim):
         raise InvalidInputError(
             f"--retrieval-dims must be 0 (every dimension) or under {dim:,}, not {code.dims:,}"
         )

@@ -268,6 +268,11 @@ class CompactCode:
         """Whether the code is of a projection of the stored vector (else of the vector)."""
         return self.projection != Projection.NONE
 
+    def fits(self, dim: int) -> bool:
+        """Whether the code can stand for stored vectors of `dim` dimensions: a projection must
+        have fewer."""
+        return not self.projected or self.dims < dim
+
     def over(self, dim: int) -> CompactCode:
         """This code for stored vectors of `dim` dimensions: a code without projection has
         them all."""

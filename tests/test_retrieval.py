@@ -123,7 +123,7 @@ def test_a_version_with_a_compact_code_answers_as_its_flat_index(
     manifest = verify_version(version_dir(root))
     assert manifest.retrieval == config.store.compact_code().over(summary.dim)
     assert RETRIEVAL_FILE in manifest.files
-    # K″ = 1,000 re-scores all 121 examples: the flat top-10 itself
+    # K″ = 3,000 re-scores all 121 examples: the flat top-10 itself
     check = manifest.retrieval_check
     assert check == summary.retrieval_check and check.code == name
     assert check.kept and check.flat_top10 == 1.0
