@@ -27,6 +27,7 @@ def demo_artifacts() -> DemoArtifacts:
 
 def synthetic_corpus(path: Path, n_documents: int) -> Path:
     """`n_documents` demo-style documents from successive generator seeds, unique ids."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         written, seed = 0, 0
         while written < n_documents:

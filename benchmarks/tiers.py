@@ -21,10 +21,11 @@ and searched through `TieredSearcher` (as the engine does) at each K″ in `--ca
   threads (FAISS's and torch's), and of the compact scan alone (the rest is the re-scoring on
   the stored codes), with the load average: the machine is shared, so these are upper bounds;
 - batch throughput (queries/s) at 1, 8 and 32 queries per search, as a server batch searches,
-  the tier's and the flat scan's (`indexer.scan.CodeScan`, as the engine scans a flat index).
+  the tier's and the flat scan's (`indexer.scan.CodeScan`, as the engine scans a flat index),
+  and the compact scan's alone (what the tier's re-scoring adds is the difference).
 
 Settings: `100k`, 98,000 synthetic demo-style documents with the demo model at the default
-budget (`benchmarks.retrieval.ensure_version`) and 64 fact queries; `large`, the 21,331
+budget or `--dims` (`benchmarks.retrieval.ensure_version`) and 64 fact queries; `large`, the 21,331
 examples of `benchmarks.rerank`'s large setting and its 48 queries; `1m`, timing only: each
 code's scan over 1M synthetic rows (Gaussian projections, in memory; its speed does not depend
 on the values), whose candidates' re-scoring costs what it costs at 100k (K″ rows read by
@@ -160,7 +161,7 @@ def setting_queries(
         ensure_build(setting, root, StoreConfig(score=ScoreKind.COSINE), SketchConfig())
         queries = [q.query for q in setting.queries]
     else:
-        ensure_version(args.work, 98_000, args.threads, SketchConfig())
+        ensure_version(args.work, 98_000, args.threads, SketchConfig(dims=args.dims))
         queries = fact_queries(args.queries)
     engine = QueryEngine.open(root)
     vectors = unit_query_vectors(engine, queries)
@@ -210,6 +211,9 @@ def measure_code(
         "candidates": args.throughput_candidates,
         "load_average": os.getloadavg(),
     }
+    row["compact_scan_throughput_qps"] = {
+        t: _throughput(compact, queries, args.throughput_candidates, t) for t in (1, 2)
+    }
     return row
 
 
@@ -245,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timed", type=int, default=24, help="queries timed one at a time")
     parser.add_argument(
         "--dim", type=int, default=32_412, help="1m: stored dimensions (the demo's default D)"
+    )
+    parser.add_argument(
+        "--dims",
+        type=int,
+        help="100k: the stored dimensions its version is built with (`build --dims`; "
+        "default: the build's)",
     )
     parser.add_argument(
         "--codes",
