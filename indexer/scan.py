@@ -22,6 +22,7 @@ code is read as one byte (a float decode would read and write several bytes per 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -84,7 +85,7 @@ class ResidentCodes:
 
 class MappedCodes:
     """Codes read where they lie, uint8 `[N, D]` (an index's memory-mapped codes: no copy),
-    turned into int8 `c - 128` a chunk at a time in a buffer of each search's own."""
+    turned into int8 `c - 128` a chunk at a time in a buffer of each searching thread's own."""
 
     scan_bytes, gather_bytes = MAPPED_CHUNK_BYTES, GATHER_CHUNK_BYTES
 
@@ -92,10 +93,21 @@ class MappedCodes:
         """`owner`: what keeps `codes`' memory alive (the FAISS index they belong to)."""
         self.codes, self._owner = codes, owner
         self.columns = codes.shape[1]
+        self._buffers = threading.local()
+
+    def _buffer(self, rows: int) -> np.ndarray:
+        """This thread's int8 copy `[rows, columns]` (uint8), kept from one search to the next
+        (at most `MAPPED_CHUNK_BYTES` a thread): a fresh one of tens of MiB is new pages each
+        time, which the kernel faults in and zeroes (the demo's scan took 11-12 ms a query with
+        the buffer kept against 15-16 ms without, one thread; RESULTS.md, issue 14)."""
+        buffer = getattr(self._buffers, "array", None)
+        if buffer is None or len(buffer) < rows:
+            buffer = self._buffers.array = np.empty((rows, self.columns), dtype=np.uint8)
+        return buffer[:rows]
 
     def chunks(self, n: int, rows: int) -> Iterator[tuple[int, Tensor]]:
         """As `ResidentCodes.chunks`, on the CPU; each chunk is overwritten by the next."""
-        buffer = np.empty((min(rows, n), self.columns), dtype=np.uint8)
+        buffer = self._buffer(min(rows, n))
         for start in range(0, n, rows):
             block = buffer[: min(rows, n - start)]
             np.bitwise_xor(self.codes[start : start + rows], 128, out=block)
@@ -104,7 +116,7 @@ class MappedCodes:
     def gathered(self, rows: np.ndarray, per_chunk: int) -> Iterator[Tensor]:
         """As `ResidentCodes.gathered`, read in the order given, `[len(chunk), columns]` each;
         each chunk is overwritten by the next."""
-        buffer = np.empty((min(per_chunk, len(rows)), self.columns), dtype=np.uint8)
+        buffer = self._buffer(min(per_chunk, len(rows)))
         for start in range(0, len(rows), per_chunk):
             part = rows[start : start + per_chunk]
             block = buffer[: len(part)]

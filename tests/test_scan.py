@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -194,3 +195,31 @@ def test_search_rows_ranks_each_querys_own_rows(chunk_rows, scan_of, monkeypatch
     assert (found[1][0, 30:] == -1).all() and (found[1][1] == -1).all()
     empty = scan.search_rows(queries, np.full((5, 3), -1), 4)
     assert (empty[1] == -1).all() and (empty[0] == NO_SCORE).all()
+
+
+def test_concurrent_searches_each_answer_as_one_alone(monkeypatch):
+    """Searches from several threads at once (a server's batches) each get their own answer:
+    the int8 copy each thread keeps between searches is its own, never another's."""
+    monkeypatch.setattr("indexer.scan._chunk_rows", lambda *_: 64)
+    index, _ = sq8_index(1500, 48, seed=2)
+    queries = np.random.default_rng(4).standard_normal((8, 48)).astype(np.float32)
+    scan = CodeScan.from_index(index, "cpu")
+    rows = np.random.default_rng(5).choice(1500, (8, 300))
+    alone = [
+        (scan.search(q[None], 20), scan.search_rows(q[None], r[None], 20))
+        for q, r in zip(queries, rows, strict=True)
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            together = list(
+                pool.map(
+                    lambda qr: (
+                        scan.search(qr[0][None], 20),
+                        scan.search_rows(qr[0][None], qr[1][None], 20),
+                    ),
+                    zip(queries, rows, strict=True),
+                )
+            )
+            for (a_search, a_rows), (t_search, t_rows) in zip(alone, together, strict=True):
+                np.testing.assert_array_equal(a_search[1], t_search[1])
+                np.testing.assert_array_equal(a_rows[1], t_rows[1])
