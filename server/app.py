@@ -44,6 +44,8 @@ only while an index version is loaded (readiness)."""
 # immediate RESOURCE_EXHAUSTED answers always find one while queries hold the rest.
 _SPARE_THREADS = 8
 _HEALTH_PORT_THREADS = 2
+_SIGNAL_CHECK_SECONDS = 0.2
+"""Longest delay between a signal reaching another thread and serve_forever acting on it."""
 
 
 @dataclass
@@ -305,7 +307,11 @@ class InfluenceServer:
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
             self.start()
-            self._stop_requested.wait()
+            # A timed wait, because the kernel may hand a process signal to any thread: Python
+            # then runs its handler only when the main thread next wakes, which an untimed wait
+            # would postpone for ever.
+            while not self._stop_requested.wait(_SIGNAL_CHECK_SECONDS):
+                pass
             self.stop()
         finally:
             for sig, handler in previous.items():

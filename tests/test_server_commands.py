@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,9 +18,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from server.app import InfluenceServer, ServerConfig
+from server.batching import BatcherConfig
 from server.cli import main
 from server.cli.serving import add_serve_arguments
 from server.client import InfluenceClient
+from server.reload import ReloadPolicy
 from tests.server_fakes import FakeOpener, publish, running_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,3 +134,41 @@ def _wait_serving(client: InfluenceClient, child: subprocess.Popen) -> None:
                 return
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.1)
+
+
+def test_signals_delivered_to_another_thread_still_reload_and_stop(root: Path) -> None:
+    """The kernel may hand SIGHUP or SIGTERM to any of the server's threads (CI saw a SIGHUP
+    never acted on); serve_forever, blocked in the main thread, must still act on both."""
+    config = ServerConfig(
+        root,
+        port=free_port(),
+        reload=ReloadPolicy(poll_seconds=60),
+        batching=BatcherConfig(max_wait_ms=0),
+    )
+    server = InfluenceServer(config, opener=FakeOpener())
+    main_thread = threading.get_ident()
+    seen: list[str] = []
+    stopped = threading.Event()
+
+    def signal_this_thread() -> None:
+        me = threading.get_ident()
+        server.wait_until_serving(20)
+        publish(root, "v2")
+        signal.pthread_kill(me, signal.SIGHUP)
+        with InfluenceClient(f"127.0.0.1:{config.port}", timeout_s=10) as client:
+            deadline = time.monotonic() + 5
+            while client.info().version != "v2" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen.append(client.info().version)
+        signal.pthread_kill(me, signal.SIGTERM)
+        if not stopped.wait(5):
+            seen.append("SIGTERM ignored")
+            # Wake the main thread so that the test fails instead of hanging.
+            signal.pthread_kill(main_thread, signal.SIGTERM)
+
+    worker = threading.Thread(target=signal_this_thread)
+    worker.start()
+    server.serve_forever()
+    stopped.set()
+    worker.join()
+    assert seen == ["v2"]
