@@ -19,7 +19,9 @@ and searched through `TieredSearcher` (as the engine does) at each K″ in `--ca
   under `--work`; the 100k version stores no full factors, so they are fitted there);
 - p50 ms of one query at a time searching the exact stage's depth (K′ = 200) on 1 and 2
   threads (FAISS's and torch's), and of the compact scan alone (the rest is the re-scoring on
-  the stored codes), with the load average: the machine is shared, so these are upper bounds;
+  the stored codes; on 2 threads one query's scan is split into two ranges of rows,
+  `RowSplitSearcher`, as the engine splits it), with the load average: the machine is
+  shared, so these are upper bounds;
 - batch throughput (queries/s) at 1, 8 and 32 queries per search, as a server batch searches,
   the tier's and the flat scan's (`indexer.scan.CodeScan`, as the engine scans a flat index),
   and the compact scan's alone (what the tier's re-scoring adds is the difference).
@@ -53,7 +55,12 @@ from benchmarks.retrieval import ensure_version, fact_queries, unit_query_vector
 from indexer.config import CompactCode, ScoreKind, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
 from indexer.query import Query
-from indexer.retrieval import RETRIEVAL_CANDIDATES, TieredSearcher, build_compact_index
+from indexer.retrieval import (
+    RETRIEVAL_CANDIDATES,
+    RowSplitSearcher,
+    TieredSearcher,
+    build_compact_index,
+)
 from indexer.scan import device_searcher
 
 log = logging.getLogger("tiers")
@@ -199,7 +206,10 @@ def measure_code(
             "recall_flat_top10": recall(top_ids, flat_ids[:, :TOP]),
             "recall_flat_top10_ties": _recall_with_ties(top_scores, flat_scores[:, TOP - 1]),
             "p50_ms": {t: _timed_p50(tiered, queries[: args.timed], DEPTH, t) for t in (1, 2)},
-            "compact_scan_p50_ms": _timed_p50(compact, queries[: args.timed], candidates, 1),
+            "compact_scan_p50_ms": {
+                t: _timed_p50(RowSplitSearcher(compact), queries[: args.timed], candidates, t)
+                for t in (1, 2)
+            },
             "load_average": os.getloadavg(),
         }
         if exact is not None:
@@ -212,7 +222,8 @@ def measure_code(
         "load_average": os.getloadavg(),
     }
     row["compact_scan_throughput_qps"] = {
-        t: _throughput(compact, queries, args.throughput_candidates, t) for t in (1, 2)
+        t: _throughput(RowSplitSearcher(compact), queries, args.throughput_candidates, t)
+        for t in (1, 2)
     }
     return row
 
@@ -228,13 +239,14 @@ def measure_scan_at(n: int, code: CompactCode, args: argparse.Namespace) -> dict
     for start in range(0, n, block):
         index.add(rng.standard_normal((min(block, n - start), code.dims), dtype=np.float32))
     queries = rng.standard_normal((args.timed, code.dims), dtype=np.float32)
+    searcher = RowSplitSearcher(index)
     return {
         "code": code.name,
         "n": n,
         "dims": code.dims,
         "bytes_per_example": len(faiss.serialize_index(index)) / n,
         "p50_ms": {
-            k: {t: _timed_p50(index, queries, k, t) for t in (1, 2)} for k in args.candidates
+            k: {t: _timed_p50(searcher, queries, k, t) for t in (1, 2)} for k in args.candidates
         },
         "load_average": os.getloadavg(),
     }

@@ -14,7 +14,9 @@ from indexer.manifest import RETRIEVAL_FILE
 from indexer.publish import verify_version, version_dir
 from indexer.query import Query
 from indexer.retrieval import (
+    MIN_SPLIT_ROWS,
     RETRIEVAL_MIN_RECALL,
+    RowSplitSearcher,
     TieredSearcher,
     build_compact_index,
     flat_top10_recall,
@@ -100,6 +102,53 @@ def test_few_candidates_find_the_flat_top_ten_and_score_them_as_the_flat_index(c
         for i, s in zip(ids[q], scores[q], strict=True):
             if (q, i) in found:
                 assert s == pytest.approx(found[q, i], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [CompactCode(64, "RaBitQ", Projection.NONE), CompactCode(16, "SQ8", Projection.RANDOM)],
+    ids=["1-bit", "projected"],
+)
+def test_a_search_split_across_threads_answers_as_the_whole_index(code, monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2 * MIN_SPLIT_ROWS + 123, 64)).astype(np.float32)
+    compact = build_compact_index(_flat(x), code)
+    queries = rng.standard_normal((2, 64)).astype(np.float32)
+    ranges: list[tuple[int, int]] = []
+    search_range = RowSplitSearcher._search_range
+
+    def spy(self, queries, k, start, stop):
+        ranges.append((start, stop))
+        return search_range(self, queries, k, start, stop)
+
+    monkeypatch.setattr(RowSplitSearcher, "_search_range", spy)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        for query in queries:
+            scores, rows = RowSplitSearcher(compact).search(query[None], 50)
+            whole_scores, whole_rows = compact.search(query[None], 50)
+            np.testing.assert_array_equal(rows, whole_rows)
+            np.testing.assert_array_equal(scores, whole_scores)
+        assert RowSplitSearcher(compact).search(queries, 50)[1].shape == (2, 50)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    half = len(x) // 2
+    assert sorted(set(ranges)) == [(0, half), (half, len(x))]  # one query split, two not
+
+
+def test_a_code_whose_search_ignores_ranges_is_searched_whole():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2 * MIN_SPLIT_ROWS, 64)).astype(np.float32)
+    compact = build_compact_index(_flat(x), CompactCode(64, "PQ16x4fs", Projection.NONE))
+    searcher = RowSplitSearcher(compact)
+    assert not searcher.splits and RowSplitSearcher(faiss.IndexRaBitQ(8)).splits is False
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        np.testing.assert_array_equal(searcher.search(x[:1], 5)[1], compact.search(x[:1], 5)[1])
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def test_a_code_no_smaller_than_the_vectors_is_refused():
