@@ -28,7 +28,7 @@ from tests.server_fakes import FakeOpener, publish, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The child serves a fake engine whose passes take 0.3 s, polling CURRENT only every minute
+# The child serves a fake engine whose passes take 1 s, polling CURRENT only every minute
 # so that a version switch can only come from SIGHUP.
 CHILD = """
 import logging
@@ -45,7 +45,7 @@ config = ServerConfig(
     reload=ReloadPolicy(poll_seconds=60),
     batching=BatcherConfig(max_wait_ms=0),
 )
-InfluenceServer(config, opener=FakeOpener(delay_s=0.3)).serve_forever()
+InfluenceServer(config, opener=FakeOpener(delay_s=1.0)).serve_forever()
 """
 
 
@@ -116,7 +116,8 @@ def test_sighup_reloads_and_sigterm_drains_then_exits_zero(root: Path) -> None:
                 time.sleep(0.05)
             with ThreadPoolExecutor(4) as pool:
                 in_flight = [pool.submit(client.query, f"q{i}", " a") for i in range(4)]
-                time.sleep(0.15)
+                # Long enough for the RPCs to reach a loaded server, well inside the first pass.
+                time.sleep(0.5)
                 child.send_signal(signal.SIGTERM)
                 assert [f.result().index_version for f in in_flight] == ["v2"] * 4
         assert child.wait(timeout=10) == 0
