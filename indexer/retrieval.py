@@ -47,8 +47,8 @@ RETRIEVAL_MIN_RECALL = 0.95
 # the margin the check decides; of 128, ≈ 0.01 (RESULTS.md, issue 14).
 RETRIEVAL_CHECK_QUERIES = 128
 TOP = 10  # the hits a check compares
-# Rows below which a search is not split across threads: a part must outweigh a thread's
-# hand-off (tens of microseconds) by far.
+# Rows below which a search is not split across threads: scanning a part must take far longer
+# than handing it to a thread.
 MIN_SPLIT_ROWS = 8192
 
 
@@ -120,8 +120,8 @@ def write_compact_index(stored_path: Path, path: Path, code: CompactCode, seed: 
 class RowSplitSearcher:
     """`search` of a flat-coded FAISS index (its ids are its rows), with the rows split into
     one range per thread when a batch has fewer queries than FAISS has threads. FAISS spreads a
-    flat search over its queries only, so one query would scan every code on one core: at 100k
-    examples the 1-bit code's scan of one query took 25 ms on one thread, 15 in two ranges
+    flat search over its queries only, so one query would scan every code on one core: at 1M
+    examples the 1-bit code's scan of one query took 271 ms on one thread, 178 in two ranges
     (RESULTS.md, issue 14). The scores are the index's own; ties may come in another order.
     Indexes whose search ignores a range of rows (PQ, fast-scan codes) are searched whole.
     Safe to call from several threads."""
