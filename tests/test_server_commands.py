@@ -153,19 +153,21 @@ def test_signals_delivered_to_another_thread_still_reload_and_stop(root: Path) -
 
     def signal_this_thread() -> None:
         me = threading.get_ident()
-        server.wait_until_serving(20)
-        publish(root, "v2")
-        signal.pthread_kill(me, signal.SIGHUP)
-        with InfluenceClient(f"127.0.0.1:{config.port}", timeout_s=10) as client:
-            deadline = time.monotonic() + 10
-            while client.info().version != "v2" and time.monotonic() < deadline:
-                time.sleep(0.05)
-            seen.append(client.info().version)
-        signal.pthread_kill(me, signal.SIGTERM)
-        if not stopped.wait(5):
-            seen.append("SIGTERM ignored")
-            # Wake the main thread so that the test fails instead of hanging.
-            signal.pthread_kill(main_thread, signal.SIGTERM)
+        try:
+            server.wait_until_serving(20)
+            publish(root, "v2")
+            signal.pthread_kill(me, signal.SIGHUP)
+            with InfluenceClient(f"127.0.0.1:{config.port}", timeout_s=10) as client:
+                deadline = time.monotonic() + 10
+                while client.info().version != "v2" and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                seen.append(client.info().version)
+            signal.pthread_kill(me, signal.SIGTERM)
+            if not stopped.wait(5):
+                seen.append("SIGTERM ignored")
+        finally:
+            if not stopped.is_set():  # wake the main thread: the test fails instead of hanging
+                signal.pthread_kill(main_thread, signal.SIGTERM)
 
     worker = threading.Thread(target=signal_this_thread)
     worker.start()
