@@ -243,11 +243,6 @@ class _Ranked:
     exact: np.ndarray
 
 
-def _candidates(query: Query) -> int:
-    """How many candidates the query's exact re-rank scores (0: none); at least its top_k."""
-    return max(query.rerank_depth, query.top_k) if query.rerank_depth else 0
-
-
 def _norms(example_ids: list[int], records: dict[int, ExampleRecord]) -> np.ndarray:
     """The examples' sketch norms `[n]`."""
     return np.array([records[i].norm for i in example_ids], dtype=np.float64)
@@ -336,12 +331,15 @@ class _Clock:
 
 @dataclass
 class _ModelHandle:
-    """A loaded model, the lock that serialises passes through it (hooks are per model), and
-    the lock that serialises its tokenizer (a fast tokenizer is not safe across threads)."""
+    """A loaded model, the lock that serialises passes through it (hooks are per model), the
+    lock that serialises its tokenizer (a fast tokenizer is not safe across threads), and the
+    exact stage's cost per candidate on it, which deadlines are kept by (a property of the
+    model and device, so it outlives a version that reuses the model)."""
 
     loaded: LoadedModel
     lock: threading.Lock = field(default_factory=threading.Lock)
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    rerank_cost: SecondsPerCandidate = field(default_factory=SecondsPerCandidate)
 
 
 class QueryEngine:
@@ -384,7 +382,6 @@ class QueryEngine:
         self.pad_id = model.loaded.tokenizer.pad_token_id
         self._max_query_chars = max_query_chars(model.loaded.tokenizer, self.info.max_length)
         self._prefix = framing(model.loaded.tokenizer, manifest.corpus).prefix
-        self._rerank_cost = SecondsPerCandidate()
 
     @classmethod
     def open(
@@ -451,14 +448,16 @@ class QueryEngine:
 
     def prepare(self, query: Query) -> TokenizedQuery:
         """Validate a query against this version and tokenize it; InvalidInputError names the
-        problem (empty or too long, another score kind, a re-rank depth over the budget)."""
+        problem (empty or too long, another score kind, a re-rank over the budget). The query
+        is kept as asked (its defaults unresolved), so that another version prepares it again
+        by its own defaults."""
         kind = query.score_kind or self.info.score_kind
         if kind != self.info.score_kind:
             raise InvalidInputError(
                 f"this index ranks by {self.info.score_kind}; rebuild with --score {kind} "
                 "to rank by it (both scores are returned in every hit)"
             )
-        query = replace(query, rerank_depth=self._rerank_depth(query))
+        self._candidates(query)
         with self._model.tokenizer_lock:
             return tokenize_query(
                 self.loaded.tokenizer,
@@ -469,39 +468,51 @@ class QueryEngine:
                 prefix=self._prefix,
             )
 
-    def _rerank_depth(self, query: Query) -> int:
-        """The query's re-rank depth (its own or the default), checked against the budget,
-        which its lexical candidates share."""
-        if query.lexical_candidates and not self.info.lexical_available:
+    def prepared(self, query: TokenizedQuery) -> TokenizedQuery:
+        """The query, prepared again if another version prepared it (the served version may
+        change while it waits for its batch)."""
+        return query if query.tokenized_by == self.version else self.prepare(query.query)
+
+    def _candidates(self, query: Query) -> int:
+        """How many candidates the query's exact stage may score (0: none): its re-rank depth
+        (its own or the default) and at least its top_k, which with its lexical candidates
+        must fit the budget. A depth the query asks for is refused when over it; the default
+        is cut to it, or, where the top_k alone is over it, not used (a sketch answer)."""
+        lexical = query.lexical_candidates
+        if lexical and not self.info.lexical_available:
             raise PreconditionError(
                 f"index version {self.version} was built without a lexical index: rebuild "
                 "with --lexical-index on for lexical candidates"
             )
-        depth = self.info.rerank_depth if query.rerank_depth is None else query.rerank_depth
-        if query.lexical_candidates and not depth:
+        asked = query.rerank_depth
+        depth = self.info.rerank_depth if asked is None else asked
+        if lexical and not depth:
             raise InvalidInputError(
                 "lexical_candidates need exact re-ranking (a rerank_depth above 0) to be "
                 "ranked with the index's candidates"
             )
-        if query.rerank_depth is None or not depth:
-            return depth
+        if not depth:
+            return 0
         if not self.info.rerank_available:
             raise PreconditionError(
                 f"index version {self.version} was built without exact re-rank factors: "
                 "rebuild with --exact-rerank on to re-rank"
             )
-        if depth + query.lexical_candidates > self.info.max_rerank_depth:
-            raise InvalidInputError(
-                f"rerank_depth {depth} + lexical_candidates {query.lexical_candidates} is over "
-                f"this server's limit of {self.info.max_rerank_depth} "
-                f"({self.options.max_rerank_tokens} tokens, --max-rerank-tokens, at "
-                f"{self.manifest.max_length} tokens per example)"
-            )
-        return depth
-
-    def _prepared(self, queries: list[TokenizedQuery]) -> list[TokenizedQuery]:
-        """The queries, tokenized again only if another version prepared them."""
-        return [q if q.tokenized_by == self.version else self.prepare(q.query) for q in queries]
+        room = self.info.max_rerank_depth - lexical
+        if asked is None:
+            depth = min(depth, room)
+        candidates = max(depth, query.top_k)
+        if candidates <= room:
+            return candidates
+        if asked is None and not lexical:
+            return 0
+        named = f"rerank_depth {depth}" if depth >= query.top_k else f"top_k {query.top_k}"
+        raise InvalidInputError(
+            f"{named} + lexical_candidates {lexical} is over this server's limit of "
+            f"{self.info.max_rerank_depth} re-ranked candidates "
+            f"({self.options.max_rerank_tokens} tokens, --max-rerank-tokens, at "
+            f"{self.manifest.max_length} tokens per example)"
+        )
 
     def query_vectors(self, queries: list[TokenizedQuery]) -> np.ndarray:
         """Preconditioned query vectors `[n_queries, D]` (float32): one forward/backward."""
@@ -512,6 +523,13 @@ class QueryEngine:
     def query(self, queries: list[Query]) -> list[QueryResult]:
         """Prepare and answer queries (see `answer`)."""
         return self.answer([self.prepare(q) for q in queries])
+
+    def warm_up(self) -> None:
+        """Answer one query of two common words, with one round of the exact stage where the
+        version has one: a client's first query then pays no one-time costs, and the exact
+        stage has measured its cost per candidate before a client's deadline relies on it."""
+        depth = self.options.rerank_chunk if self.info.rerank_available else 0
+        self.query([Query("The", " first", top_k=1, rerank_depth=depth)])
 
     def answer(
         self,
@@ -530,10 +548,10 @@ class QueryEngine:
         stage starts no round that would end later. `on_sketch(q, result)` receives each
         re-ranked query's sketch answer as soon as the index was searched."""
         clock = _Clock()
-        queries = self._prepared(queries)
+        queries = [self.prepared(q) for q in queries]
         deadlines = deadlines or [None] * len(queries)
         timings = StageTimings(tokenize_us=clock.lap())
-        depths = [_candidates(tq.query) for tq in queries]
+        depths = [self._candidates(tq.query) for tq in queries]
         with self._model.lock:
             capture = query_capture(
                 self.sketcher, queries, self.pad_id, keep_unprojected=any(depths)
@@ -653,7 +671,7 @@ class QueryEngine:
                 )
 
         results = run_exact_stage(
-            list(lists.values()), score, self.options.rerank_chunk, self._rerank_cost
+            list(lists.values()), score, self.options.rerank_chunk, self._model.rerank_cost
         )
         return dict(zip(rows, results, strict=True))
 
@@ -715,7 +733,7 @@ class QueryEngine:
         if missing:
             raise NotFoundError(f"unknown example ids: {', '.join(map(str, missing[:10]))}")
         ordered = [records[i] for i in example_ids]
-        (query,) = self._prepared([query])
+        query = self.prepared(query)
         batch = make_batch(
             [r.token_ids for r in ordered], [1] * len(ordered), self.pad_id, [0] * len(ordered)
         )

@@ -146,8 +146,9 @@ def open_engine(
     milvus: MilvusBackend | None = None,
 ) -> QueryEngine:
     """The default EngineOpener: QueryEngine.open, reusing the served model when it matches;
-    with `milvus`, searching the version's collection."""
-    return QueryEngine.open(
+    with `milvus`, searching the version's collection. The engine answers one query of its own
+    (`QueryEngine.warm_up`) before it is served."""
+    engine = QueryEngine.open(
         root,
         version=version,
         device=device,
@@ -156,6 +157,12 @@ def open_engine(
         options=options,
         milvus=milvus,
     )
+    try:
+        engine.warm_up()
+    except BaseException:
+        engine.close()
+        raise
+    return engine
 
 
 class InfluenceServer:
@@ -226,11 +233,21 @@ class InfluenceServer:
         )
         server = self._grpc_server(token, batcher, reloader)
         health_server = self._health_only_server() if config.health_port is not None else None
+        listening: list[grpc.Server] = []
         try:
+            if config.metrics_port is not None:
+                self._metrics_port = self._serve_metrics(config.metrics_port)
             self._port = self._bind(server, config.port, tls)
+            listening.append(server)
             if health_server is not None:
                 self._health_port = self._bind(health_server, config.health_port, None)
         except InvalidInputError:
+            # gRPC listens on a port from the moment it is added until the server has started
+            # and stopped: only then is the port given back.
+            for bound in listening:
+                bound.start()
+                bound.stop(None).wait()
+            self.metrics.stop_http()
             batcher.close()
             raise
         self.metrics.track_queue_depth(lambda: batcher.depth)
@@ -243,8 +260,6 @@ class InfluenceServer:
             health_server.start()
         self._server, self._health_server = server, health_server
         self._batcher, self._reloader = batcher, reloader
-        if config.metrics_port is not None:
-            self._metrics_port = self.metrics.serve_http(config.host, config.metrics_port)
         log.info(
             "listening on %s:%d (tls=%s, auth=%s, health port=%s, metrics port=%s); loading %s",
             config.host,
@@ -398,6 +413,16 @@ class InfluenceServer:
     def _served_build_time(self) -> str | None:
         engine = self._holder.current
         return engine.info.build_time if engine is not None else None
+
+    def _serve_metrics(self, port: int) -> int:
+        """Serve /metrics on the configured host and `port`; returns the bound port."""
+        try:
+            return self.metrics.serve_http(self.config.host, port)
+        except OSError as exc:
+            address = f"{self.config.host}:{port}"
+            raise InvalidInputError(
+                f"cannot serve metrics on {address}: {exc.strerror or exc}"
+            ) from exc
 
     def _bind(self, server: grpc.Server, port: int, tls: TlsFiles | None) -> int:
         address = f"{self.config.host}:{port}"

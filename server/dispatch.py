@@ -97,17 +97,34 @@ def _attribute(engine: QueryEngine, item: AttributionWork) -> ServedAttribution 
 def _answer(
     engine: QueryEngine, work: list[QueryWork], started: float
 ) -> list[ServedQuery | Exception]:
+    """The batch's answers, in one engine.answer call. A query prepared by a version that has
+    been replaced since is prepared again first, and one that this version refuses fails
+    alone."""
+    outcomes: dict[int, ServedQuery | Exception] = {}
+    prepared: dict[int, TokenizedQuery] = {}
+    for row, item in enumerate(work):
+        try:
+            prepared[row] = engine.prepared(item.query)
+        except Exception as exc:
+            outcomes[row] = exc
+    rows = list(prepared)
+
     def served(row: int, result: QueryResult) -> ServedQuery:
         return ServedQuery(engine.version, result, int((started - work[row].submitted) * 1e6))
 
-    def on_sketch(row: int, result: QueryResult) -> None:
+    def on_sketch(position: int, result: QueryResult) -> None:
+        row = rows[position]
         if work[row].on_sketch is not None:
             work[row].on_sketch(served(row, result))
 
-    try:
-        results = engine.answer(
-            [w.query for w in work], deadlines=[w.deadline for w in work], on_sketch=on_sketch
-        )
-    except Exception as exc:
-        return [exc] * len(work)
-    return [served(row, result) for row, result in enumerate(results)]
+    if rows:
+        try:
+            results = engine.answer(
+                list(prepared.values()),
+                deadlines=[work[row].deadline for row in rows],
+                on_sketch=on_sketch,
+            )
+            outcomes |= {row: served(row, r) for row, r in zip(rows, results, strict=True)}
+        except Exception as exc:
+            outcomes |= dict.fromkeys(rows, exc)
+    return [outcomes[row] for row in range(len(work))]

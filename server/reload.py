@@ -307,6 +307,10 @@ class Reloader:
             self._set_status(replace(self.status(), pending_version=""))
         seconds = time.monotonic() - start
         self._refused.pop(version, None)
+        if self._stopping:
+            # The server stopped while this version loaded: it must not be served after.
+            _close(engine)
+            return
         with self._status_lock:
             self._holder.swap(engine)
             self._status = replace(self._status, last_error=error_when_served)

@@ -178,6 +178,10 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
                     if isinstance(request, RejectedRequest):
                         raise request.error()
                     yield call
+            except GeneratorExit:
+                # A stream's client went away (cancelled, or its deadline passed).
+                self._finish(method, grpc.StatusCode.CANCELLED, start, "the client went away")
+                raise
             except Exception as exc:
                 code, message = status_for(exc)
                 self._finish(method, code, start, message)

@@ -69,6 +69,9 @@ class FakeEngine:
         characters = [ord(c) for c in query.prompt + query.completion]
         return TokenizedQuery(query, characters, len(query.prompt), self.version)
 
+    def prepared(self, query: TokenizedQuery) -> TokenizedQuery:
+        return query if query.tokenized_by == self.version else self.prepare(query.query)
+
     def answer(
         self,
         queries: list[TokenizedQuery],

@@ -161,16 +161,73 @@ def test_a_depth_over_the_budget_names_the_limit(engine: QueryEngine) -> None:
         engine.prepare(replace(QUERY, rerank_depth=limit + 1))
 
 
-def test_rerank_of_a_version_without_factors_names_the_build_flag(
-    tmp_path: Path, tiny_model_dir: Path, small_corpus_path: Path
-) -> None:
-    config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path)
+@pytest.fixture(scope="module")
+def without_factors(tmp_path_factory, tiny_model_dir: Path, small_corpus_path: Path) -> QueryEngine:
+    """A version built without exact re-rank factors, served with a default depth of 50."""
+    root = tmp_path_factory.mktemp("without-factors")
+    config = tiny_config(tiny_model_dir, small_corpus_path, root)
     build_index(replace(config, store=replace(config.store, exact_rerank=False)))
-    engine = QueryEngine.open(tmp_path, options=EngineOptions(rerank_depth=50))
+    engine = QueryEngine.open(root, options=EngineOptions(rerank_depth=50))
+    yield engine
+    engine.close()
+
+
+def test_rerank_of_a_version_without_factors_names_the_build_flag(
+    without_factors: QueryEngine,
+) -> None:
+    engine = without_factors
     assert not engine.info.rerank_available and engine.info.rerank_depth == 0
     assert not engine.query([QUERY])[0].hits[0].exact  # the default depth does not apply
     with pytest.raises(PreconditionError, match="--exact-rerank on"):
         engine.prepare(replace(QUERY, rerank_depth=10))
+
+
+def test_a_query_prepared_by_another_version_gets_this_versions_default(
+    early: QueryEngine, without_factors: QueryEngine
+) -> None:
+    """The served version may change while a query waits for its batch: the new one answers it
+    by its own default depth, not by the one that prepared it."""
+    (plain,) = without_factors.answer([early.prepare(QUERY)])
+    assert plain.candidates_reranked == 0 and not any(hit.exact for hit in plain.hits)
+    (reranked,) = early.answer([without_factors.prepare(QUERY)])
+    assert reranked.candidates_reranked >= QUERY.top_k and reranked.hits[0].exact
+
+
+def test_every_rerank_fits_the_budget(root: Path) -> None:
+    """The budget counts the top_k and the lexical candidates too, whatever sets the depth: a
+    query's own depth is refused when over it, the default is cut to it."""
+    max_length = QueryEngine.open(root).manifest.max_length
+    options = EngineOptions(
+        rerank_depth=50, max_rerank_tokens=20 * max_length, rerank_early_stop=False
+    )
+    engine = QueryEngine.open(root, options=options)
+    assert engine.info.max_rerank_depth == 20
+    with pytest.raises(InvalidInputError, match=r"lexical_candidates 30 is over .* limit of 20"):
+        engine.prepare(replace(QUERY, lexical_candidates=30))
+    with pytest.raises(InvalidInputError, match=r"top_k 25 .* limit of 20"):
+        engine.prepare(replace(QUERY, top_k=25, rerank_depth=5))
+    (cut,) = engine.query([QUERY])
+    assert cut.candidates_reranked == 20  # the default 50, cut to the budget
+    (sketch,) = engine.query([replace(QUERY, top_k=25)])
+    assert sketch.candidates_reranked == 0 and not any(hit.exact for hit in sketch.hits)
+    engine.close()
+
+
+def test_the_exact_stages_cost_is_measured_before_serving_and_kept_by_the_next_version(
+    root: Path,
+) -> None:
+    """A deadline is kept by the stage's measured cost per candidate: the server's engines
+    measure it before their first query (`warm_up`), and a version that reuses the model keeps
+    it."""
+    first = QueryEngine.open(root)
+    assert first._model.rerank_cost.value is None
+    first.warm_up()
+    measured = first._model.rerank_cost.value
+    assert measured is not None and measured > 0
+    second = QueryEngine.open(root, reuse_model_from=first)
+    assert second._model.rerank_cost.value == measured
+    first.close()
+    second.close()
 
 
 def test_tokens_rotated_first_or_last_give_the_same_vectors(engine: QueryEngine) -> None:

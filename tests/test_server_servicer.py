@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import urllib.request
@@ -13,9 +14,23 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from indexer.config import ScoreKind
+from indexer.errors import InvalidInputError
+from indexer.query import Query, TokenizedQuery
 from influence.v1 import influence_pb2 as pb
+from server.app import InfluenceServer, ServerConfig
 from server.client import InfluenceClient, format_query_table, format_token_attribution
-from tests.server_fakes import EXPLODE, MAX_LENGTH, FakeOpener, publish, running_server
+from server.dispatch import Dispatcher, QueryWork, ServedQuery
+from server.metrics import ServerMetrics
+from server.reload import EngineHolder
+from tests.server_fakes import (
+    EXPLODE,
+    MAX_LENGTH,
+    FakeEngine,
+    FakeOpener,
+    publish,
+    running_server,
+)
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
@@ -287,3 +302,76 @@ def _code_of(call: Callable[[], object]) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
+
+
+def test_a_query_the_new_version_refuses_fails_alone() -> None:
+    """A batch's queries prepared by a version replaced since are prepared again by the new
+    one; the one it refuses fails alone, the others are answered."""
+    holder = EngineHolder()
+    holder.swap(FakeEngine("v2"))
+    good = QueryWork(FakeEngine("v1").prepare(Query("The", " cat")))
+    refused = QueryWork(TokenizedQuery(Query("The", " cat", score_kind=ScoreKind.COSINE), [1], 1))
+    answered, failed = Dispatcher(holder, ServerMetrics())([good, refused])
+    assert isinstance(answered, ServedQuery) and answered.version == "v2"
+    assert isinstance(failed, InvalidInputError)
+
+
+def test_a_busy_metrics_port_is_one_clear_error_and_nothing_is_left_listening(
+    root: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = ServerConfig(index_root=root, port=0, metrics_port=port)
+        server = InfluenceServer(config, opener=FakeOpener())
+        with pytest.raises(InvalidInputError, match=f"cannot serve metrics on .*:{port}"):
+            server.start()
+    with pytest.raises(RuntimeError, match="not started"):
+        server.port  # noqa: B018 - no gRPC port was opened
+    assert not server.wait_until_serving(0.5)  # and no version was loaded
+
+
+def test_a_version_loading_when_the_server_stops_is_closed_not_served(root: Path) -> None:
+    release = threading.Event()
+    opener = FakeOpener()
+
+    def slow_opener(root: Path, version: str, current: FakeEngine | None) -> FakeEngine:
+        release.wait(10)
+        return opener(root, version, current)
+
+    server = InfluenceServer(ServerConfig(index_root=root, port=0), opener=slow_opener)
+    server.start()
+    server.stop(grace_s=0.1)
+    release.set()
+    wait_for(lambda: bool(opener.engines) and opener.engines[0].closed)
+    assert not server.wait_until_serving(0.2)
+
+
+def test_a_stream_the_client_cancels_is_counted(root: Path) -> None:
+    with running_server(root, FakeOpener(delay_s=0.5), metrics_port=0) as (server, client):
+        stream = client.query_stream("The cat", " sat", rerank_depth=20)
+        first = next(iter(stream))
+        assert not first.final
+        stream.cancel()
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+
+        def counted() -> bool:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                text = reply.read().decode()
+            return 'influence_requests_total{code="CANCELLED",method="QueryStream"} 1.0' in text
+
+        wait_for(counted)
+
+
+def test_a_busy_health_port_leaves_no_grpc_port_listening(root: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = ServerConfig(index_root=root, port=0, health_port=port)
+        server = InfluenceServer(config, opener=FakeOpener())
+        with pytest.raises(InvalidInputError, match=f"cannot listen on .*:{port}"):
+            server.start()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", server.port)) != 0
