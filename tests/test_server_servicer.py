@@ -28,6 +28,7 @@ from tests.server_fakes import (
     MAX_LENGTH,
     FakeEngine,
     FakeOpener,
+    configure,
     publish,
     running_server,
 )
@@ -316,20 +317,32 @@ def test_a_query_the_new_version_refuses_fails_alone() -> None:
     assert isinstance(failed, InvalidInputError)
 
 
-def test_a_busy_metrics_port_is_one_clear_error_and_nothing_is_left_listening(
-    root: Path,
+@pytest.mark.parametrize(
+    ("port_field", "message"),
+    [("metrics_port", "cannot serve metrics on"), ("health_port", "cannot listen on")],
+)
+def test_a_busy_port_is_one_clear_error_and_leaves_no_port_listening(
+    root: Path, port_field: str, message: str
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = ServerConfig(index_root=root, port=0, metrics_port=port)
+        config = configure(ServerConfig(index_root=root, port=0), **{port_field: port})
         server = InfluenceServer(config, opener=FakeOpener())
-        with pytest.raises(InvalidInputError, match=f"cannot serve metrics on .*:{port}"):
+        with pytest.raises(InvalidInputError, match=f"{message} .*:{port}"):
             server.start()
-    with pytest.raises(RuntimeError, match="not started"):
-        server.port  # noqa: B018 - no gRPC port was opened
+    assert not _grpc_port_open(server)
     assert not server.wait_until_serving(0.5)  # and no version was loaded
+
+
+def _grpc_port_open(server: InfluenceServer) -> bool:
+    try:
+        port = server.port
+    except RuntimeError:
+        return False  # never bound
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_a_version_loading_when_the_server_stops_is_closed_not_served(root: Path) -> None:
@@ -362,16 +375,3 @@ def test_a_stream_the_client_cancels_is_counted(root: Path) -> None:
             return 'influence_requests_total{code="CANCELLED",method="QueryStream"} 1.0' in text
 
         wait_for(counted)
-
-
-def test_a_busy_health_port_leaves_no_grpc_port_listening(root: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        config = ServerConfig(index_root=root, port=0, health_port=port)
-        server = InfluenceServer(config, opener=FakeOpener())
-        with pytest.raises(InvalidInputError, match=f"cannot listen on .*:{port}"):
-            server.start()
-    with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", server.port)) != 0
