@@ -41,7 +41,12 @@ from indexer.config import (
 from indexer.corpus import ExampleTable, stage_corpus
 from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
 from indexer.distributed import Ranks, join
-from indexer.errors import IndexVerificationError, InvalidInputError, ResourceLimitError
+from indexer.errors import (
+    IndexVerificationError,
+    InvalidInputError,
+    NotFoundError,
+    ResourceLimitError,
+)
 from indexer.exact import ExactReranker, QueryTargets
 from indexer.incremental import (
     Diff,
@@ -406,6 +411,7 @@ def _manifest(
             weights_sha256=loaded.weights_sha256,
             tokenizer_sha256=loaded.tokenizer_sha256,
             context_length=loaded.context_length,
+            config_sha256=loaded.config_sha256,
         ),
         modules=tuple(
             ModuleLayout(
@@ -550,6 +556,7 @@ def _settings(state: _BuildState, factory: str, *, exact_rerank: bool) -> Settin
     return Settings(
         code_version=__version__,
         weights_sha256=loaded.weights_sha256,
+        config_sha256=loaded.config_sha256,
         tokenizer_sha256=loaded.tokenizer_sha256,
         modules=tuple(state.modules),
         framing=(config.corpus.prefix_tokens, config.corpus.suffix_tokens, state.max_length),
@@ -581,7 +588,8 @@ def _plan(state: _BuildState) -> _Plan:
     else:
         try:
             manifest = verify_version(version_dir(config.out, current))
-        except IndexVerificationError as e:
+        except (IndexVerificationError, NotFoundError, InvalidInputError, OSError) as e:
+            # A pointer to a missing, misnamed or unreadable version is a corrupt CURRENT too.
             refused = f"CURRENT does not verify ({e})"
     if manifest is not None:
         other = Settings.of(manifest).difference(_settings(state, factory, exact_rerank=exact))

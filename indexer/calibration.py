@@ -62,9 +62,8 @@ def pseudo_query(token_ids: list[int], key: int) -> PseudoQuery | None:
     the prompt is at least half the example, the completion 1-4 tokens."""
     if len(token_ids) < 3:
         return None
-    completion = 1 + key % MAX_COMPLETION_TOKENS
-    completion = min(completion, len(token_ids) - 2)
     lowest = max(2, len(token_ids) // 2)
+    completion = min(1 + key % MAX_COMPLETION_TOKENS, len(token_ids) - lowest)
     highest = len(token_ids) - completion
     cut = lowest + (key // MAX_COMPLETION_TOKENS) % (highest - lowest + 1)
     return PseudoQuery(token_ids[: cut + completion], cut)

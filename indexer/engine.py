@@ -38,6 +38,7 @@ from indexer.manifest import (
     METADATA_FILE,
     RETRIEVAL_FILE,
     Manifest,
+    ModelIdentity,
 )
 from indexer.model import LoadedModel, load_model, modules_named, trackable_modules
 from indexer.publish import verify_version, version_dir
@@ -774,18 +775,31 @@ def _searcher(
 def _open_model(
     version: str, manifest: Manifest, model_dir: Path | None, device: str, reuse: QueryEngine | None
 ) -> _ModelHandle:
-    """The manifest's model (or `model_dir`), refused unless its weights' sha256 matches."""
-    expected = manifest.model.weights_sha256
-    if reuse is not None and reuse.loaded.weights_sha256 == expected:
+    """The manifest's model (or `model_dir`), refused unless its weights' sha256 matches, and
+    its config.json's where the manifest records one."""
+    if reuse is not None and _same_model(reuse.loaded, manifest.model):
         return reuse._model
     directory = Path(model_dir or manifest.model.path)
     try:
         loaded = load_model(directory, device)
     except InvalidInputError as e:
         raise IndexVerificationError(f"cannot load the index's model: {e}") from e
-    if loaded.weights_sha256 != expected:
+    expected = manifest.model
+    if loaded.weights_sha256 != expected.weights_sha256:
         raise IndexVerificationError(
             f"model weights in {directory} (sha256 {loaded.weights_sha256[:12]}) are not the ones "
-            f"index {version} was built from (sha256 {expected[:12]})"
+            f"index {version} was built from (sha256 {expected.weights_sha256[:12]})"
+        )
+    if not _same_model(loaded, expected):
+        raise IndexVerificationError(
+            f"model config {directory / 'config.json'} (sha256 {loaded.config_sha256[:12]}) is "
+            f"not the one index {version} was built with (sha256 {expected.config_sha256[:12]})"
         )
     return _ModelHandle(loaded)
+
+
+def _same_model(loaded: LoadedModel, built: ModelIdentity) -> bool:
+    """Whether `loaded` is the model a version was built from: its weights, and its config
+    where the version recorded one."""
+    same_config = not built.config_sha256 or loaded.config_sha256 == built.config_sha256
+    return loaded.weights_sha256 == built.weights_sha256 and same_config

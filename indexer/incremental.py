@@ -45,6 +45,7 @@ class Settings:
 
     code_version: str
     weights_sha256: str
+    config_sha256: str
     tokenizer_sha256: str
     modules: tuple[str, ...]
     framing: tuple  # (prefix tokens, suffix tokens, tokens per example)
@@ -61,6 +62,7 @@ class Settings:
         return cls(
             code_version=manifest.code_version,
             weights_sha256=manifest.model.weights_sha256,
+            config_sha256=manifest.model.config_sha256,
             tokenizer_sha256=manifest.model.tokenizer_sha256,
             modules=tuple(m.name for m in manifest.modules),
             framing=(corpus.prefix_tokens, corpus.suffix_tokens, corpus.max_length),
@@ -84,6 +86,7 @@ class Settings:
 _WORDS = {
     "code_version": "code version",
     "weights_sha256": "model weights",
+    "config_sha256": "model config",
     "tokenizer_sha256": "tokenizer",
     "modules": "tracked modules",
     "framing": "framing or tokens per example",

@@ -62,6 +62,9 @@ class ModelIdentity:
     weights_sha256: str
     tokenizer_sha256: str
     context_length: int  # tokens: the limit on a query's prompt plus completion
+    # sha256 of config.json: the architecture the weights run in (activation, norms, ...);
+    # '' in versions built before it was recorded
+    config_sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class LoadedModel:
     weights_sha256: str
     tokenizer_sha256: str
     context_length: int
+    config_sha256: str
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -64,6 +65,12 @@ def weight_files(model_dir: Path) -> list[Path]:
 def weights_sha256(model_dir: Path) -> str:
     """sha256 over the model's safetensors files in name order: the identity of its weights."""
     return sha256_files(weight_files(model_dir))
+
+
+def config_sha256(model_dir: Path) -> str:
+    """sha256 of config.json: the same weights give other gradients under another
+    architecture setting (activation, norm epsilon, ...)."""
+    return sha256_files([model_dir / "config.json"])
 
 
 def tokenizer_sha256(model_dir: Path) -> str:
@@ -89,7 +96,15 @@ def load_model(model_dir: Path | str, device: str = "cpu") -> LoadedModel:
     context = getattr(model.config, "n_positions", None) or getattr(
         model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH
     )
-    return LoadedModel(model, tokenizer, model_dir, sha, tokenizer_sha256(model_dir), int(context))
+    return LoadedModel(
+        model,
+        tokenizer,
+        model_dir,
+        sha,
+        tokenizer_sha256(model_dir),
+        int(context),
+        config_sha256(model_dir),
+    )
 
 
 def module_shape(module: Tracked) -> ModuleShape:

@@ -11,7 +11,7 @@ import pytest
 
 import indexer.calibration
 from indexer.build import build_index
-from indexer.calibration import Calibrator, main_pass_queries
+from indexer.calibration import MAX_COMPLETION_TOKENS, Calibrator, main_pass_queries, pseudo_query
 from indexer.config import CalibrationConfig, ScoreKind
 from indexer.engine import QueryEngine
 from indexer.exact import ExactReranker
@@ -145,3 +145,13 @@ def test_the_main_pass_scores_only_what_it_can_hold_and_what_pays() -> None:
     assert main_pass_queries(32, dim, 20_000_000, 20_000_000, 200, ScoreKind.INFLUENCE) == 0
     # An incremental build sketching a few examples of many scores them in the main pass.
     assert main_pass_queries(32, dim, 100, 20_000_000, 200, ScoreKind.INFLUENCE) == 32
+
+
+@pytest.mark.parametrize("length", range(3, 40))
+def test_a_pseudo_query_fits_every_example_length(length: int) -> None:
+    """The prompt is at least half the example (and 2 tokens), the completion 1-4 tokens."""
+    for key in range(8 * MAX_COMPLETION_TOKENS):
+        query = pseudo_query(list(range(length)), key)
+        completion = len(query.token_ids) - query.loss_start
+        assert query.loss_start >= max(2, length // 2)
+        assert 1 <= completion <= MAX_COMPLETION_TOKENS and len(query.token_ids) <= length

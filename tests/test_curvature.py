@@ -116,7 +116,7 @@ def test_full_factors_fitted_beside_the_sketch_match_dense_solve(setting):
 def test_exact_scorer_matches_brute_force(setting):
     model, examples, query = setting
     loaded = LoadedModel(model, tokenizer=_PadOnly(), model_dir=None, weights_sha256="",
-                         tokenizer_sha256="", context_length=32)  # fmt: skip
+                         tokenizer_sha256="", context_length=32, config_sha256="")  # fmt: skip
     config = ExactConfig(curvature=CurvatureConfig(damping=0.1, seed=SEED), batch_size=3)
     scorer = ExactScorer(loaded, examples, config)
     scores = scorer.score([query])[0]

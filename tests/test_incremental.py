@@ -3,6 +3,7 @@ and what cannot be reused is said in one line (exit 2 when `--incremental` was e
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from indexer.build import BuildSummary, build_index
 from indexer.config import Autocast, IncrementalConfig, IncrementalMode
 from indexer.curvature import Curvature, FittedCurvature
 from indexer.engine import QueryEngine
-from indexer.errors import InvalidInputError
+from indexer.errors import IndexVerificationError, InvalidInputError
 from indexer.manifest import CURVATURE_FILE, FULL_CURVATURE_FILE, METADATA_FILE
 from indexer.publish import read_current, verify_version, version_dir
 from indexer.query import Query
@@ -190,6 +191,36 @@ def test_explicit_incremental_against_an_unusable_current_exits_2(
     err = capsys.readouterr().err.strip()
     assert "CURRENT does not verify" in err and len(err.splitlines()) == 1, err
     assert read_current(root) == before
+
+
+def test_a_model_config_change_is_a_full_build_and_the_old_version_refuses_it(
+    builds, tiny_model_dir, tmp_path
+):
+    """The same weights under another config.json (here another activation) give other
+    gradients: nothing is reused, and a version built before the change will not serve it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config_file = model / "config.json"
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "activation_function": "relu"})
+    )
+    with pytest.raises(IndexVerificationError, match="model config"):
+        QueryEngine.open(builds.root, model_dir=model)
+    root = tmp_path / "root"
+    shutil.copytree(builds.root, root)
+    summary = build_index(tiny_config(model, builds.corpus, root))
+    assert summary.mode == "full" and "model config" in summary.full_reason
+
+
+def test_auto_incremental_against_a_current_naming_no_version_is_a_full_build(
+    builds, tiny_model_dir, tmp_path
+):
+    root = tmp_path / "root"
+    shutil.copytree(builds.root, root)
+    shutil.rmtree(version_dir(root))
+    summary = build_index(tiny_config(tiny_model_dir, builds.corpus, root))
+    assert summary.mode == "full" and "CURRENT does not verify" in summary.full_reason
+    assert read_current(root) == summary.version
 
 
 def test_explicit_incremental_with_nothing_published_is_refused(tiny_model_dir, tmp_path, builds):
