@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import shutil
 import time
@@ -33,6 +34,7 @@ from indexer.config import (
     Autocast,
     Backend,
     BuildConfig,
+    CalibrationConfig,
     CompactCode,
     IncrementalMode,
     ScoreKind,
@@ -111,7 +113,7 @@ from indexer.store import (
     MetadataReader,
     ScratchShards,
     ScratchVectors,
-    new_index,
+    check_factory,
     open_index,
     set_nprobe,
     write_faiss,
@@ -193,8 +195,11 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
         raise InvalidInputError(f"--score must be one of {', '.join(map(str, ScoreKind))}")
     if config.batch_size < 1:
         raise InvalidInputError("--batch-size must be at least 1")
-    if config.curvature.damping <= 0:
-        raise InvalidInputError("--damping must be positive")
+    if not (math.isfinite(config.curvature.damping) and config.curvature.damping > 0):
+        raise InvalidInputError("--damping must be a positive number")
+    if config.store.nprobe < 1:
+        raise InvalidInputError("--nprobe must be at least 1")
+    _check_calibration(config.calibration)
     if config.incremental.refit_threshold < 0:
         raise InvalidInputError("--refit-threshold must be at least 0")
     if config.store.retrieval_dims < 0:
@@ -206,6 +211,16 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
             f"({loaded.context_length} tokens)"
         )
     return max_length
+
+
+def _check_calibration(calibration: CalibrationConfig) -> None:
+    if calibration.queries < 0:
+        raise InvalidInputError("--calibration-queries must be 0 (none) or positive")
+    if calibration.depth < 1:
+        raise InvalidInputError("--calibration-depth must be at least 1")
+    quantile = calibration.quantile
+    if quantile is not None and not 0 < quantile <= 1:
+        raise InvalidInputError(f"--calibration-quantile must be in (0, 1], got {quantile}")
 
 
 def _projections(modules: dict, ranks: dict[str, ModuleRanks], seed: int) -> dict:
@@ -328,7 +343,7 @@ def compact_code(config: BuildConfig, n: int, factory: str, dim: int) -> Compact
     if store.retrieval_code is False:
         return None
     try:
-        new_index(code.dims, code.quantizer)
+        check_factory(code.dims, code.quantizer, n, ids=False)
     except ValueError as e:
         raise InvalidInputError(f"--retrieval-quantizer: {e}") from e
     flat = factory == FLAT_FACTORY and dim <= MAX_DIM
@@ -663,7 +678,7 @@ def _write_version(
     n = len(corpus)
     dim = total_dim(_ranks(state.example_pass.sketcher.projections))
     try:
-        new_index(dim, plan.factory)  # refuse an unknown factory before the passes, not after
+        check_factory(dim, plan.factory, n, ids=True)  # before the passes, not after them
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
     retrieval = compact_code(config, n, plan.factory, dim)

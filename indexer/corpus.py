@@ -101,8 +101,9 @@ def _relations(
         try:
             described = con.execute(f"DESCRIBE SELECT * FROM {reader}", [paths]).fetchall()
         except duckdb.Error as e:
-            raise InvalidInputError(f"cannot read corpus {group[0]}: {e}") from e
-        columns = sorted(row[0] for row in described)
+            raise _unreadable(group[0], e) from e
+        types = {row[0]: row[1] for row in described}
+        columns = sorted(types)
         for column, flag in (
             (config.id_column, "--id-column"),
             (config.text_column, "--text-column"),
@@ -111,12 +112,25 @@ def _relations(
                 raise InvalidInputError(
                     f"corpus has no column {column!r} (set {flag}); it has: {', '.join(columns)}"
                 )
-        query = (
-            f'SELECT CAST("{config.id_column}" AS VARCHAR) AS doc_id, '
-            f'CAST("{config.text_column}" AS VARCHAR) AS text, filename AS source FROM {reader}'
-        )
+        doc_id = _as_text(config.id_column, types[config.id_column])
+        text = _as_text(config.text_column, types[config.text_column])
+        query = f"SELECT {doc_id} AS doc_id, {text} AS text, filename AS source FROM {reader}"
         relations.append((query, paths))
     return relations
+
+
+def _as_text(column: str, column_type: str) -> str:
+    """SQL for a column's values as text. DuckDB types a JSON key whose values mix types (ids
+    1 and "a") as JSON, and casting that would keep each string's quotes: its values' text is
+    extracted instead."""
+    if column_type == "JSON":
+        return f"json_extract_string(\"{column}\", '$')"
+    return f'CAST("{column}" AS VARCHAR)'
+
+
+def _unreadable(source: object, error: duckdb.Error) -> InvalidInputError:
+    """One line naming the file and DuckDB's reason (its first line: the rest quotes SQL)."""
+    return InvalidInputError(f"cannot read corpus {source}: {str(error).splitlines()[0]}")
 
 
 def _check_ids(
@@ -155,13 +169,19 @@ def document_batches(config: CorpusConfig) -> Iterator[list[Document]]:
     files = _matching_files(config.data)
     con = connect()
     relations = _relations(con, files, config)
-    _check_ids(con, relations, config.id_column)
+    try:
+        _check_ids(con, relations, config.id_column)
+    except duckdb.Error as e:
+        raise _unreadable(config.data, e) from e
     empty = True
     for query, paths in relations:
-        cursor = con.execute(query, [paths])
-        while rows := cursor.fetchmany(DOCUMENT_BATCH):
-            empty = False
-            yield [Document(doc_id, text or "", source) for doc_id, text, source in rows]
+        try:
+            cursor = con.execute(query, [paths])
+            while rows := cursor.fetchmany(DOCUMENT_BATCH):
+                empty = False
+                yield [Document(doc_id, text or "", source) for doc_id, text, source in rows]
+        except duckdb.Error as e:
+            raise _unreadable(paths[0] if len(paths) == 1 else config.data, e) from e
     if empty:
         raise InvalidInputError(f"corpus is empty: {config.data}")
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
+from indexer.errors import InvalidInputError
+
 IDS_FILE = "ids.npy"  # example id of each BM25 document, in index order
 _STOPWORDS = "en"
 
@@ -22,9 +24,16 @@ def _tokenize(texts: Sequence[str]) -> bm25s.tokenization.Tokenized:
 
 
 def write_lexical_index(texts: Sequence[str], ids: np.ndarray, directory: Path) -> None:
-    """Index `texts [N]` (one per example, ids `[N]`) into `directory`, which must not exist."""
+    """Index `texts [N]` (one per example, ids `[N]`) into `directory`, which must not exist.
+    InvalidInputError when no text has a word to index (all stopwords or punctuation)."""
+    tokenized = _tokenize(texts)
+    if not tokenized.vocab:
+        raise InvalidInputError(
+            "the corpus has no word a lexical index could match (only stopwords and "
+            "punctuation): build with --lexical-index off"
+        )
     retriever = bm25s.BM25()
-    retriever.index(_tokenize(texts), show_progress=False)
+    retriever.index(tokenized, show_progress=False)
     directory.mkdir()
     retriever.save(str(directory))
     np.save(directory / IDS_FILE, np.asarray(ids, dtype=np.int64))

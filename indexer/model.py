@@ -90,7 +90,7 @@ def load_model(model_dir: Path | str, device: str = "cpu") -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise InvalidInputError(f"cannot load model from {model_dir}: {e}") from e
-    model.to(device).eval().requires_grad_(False)
+    model.to(_device(device)).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     context = getattr(model.config, "n_positions", None) or getattr(
@@ -105,6 +105,17 @@ def load_model(model_dir: Path | str, device: str = "cpu") -> LoadedModel:
         int(context),
         config_sha256(model_dir),
     )
+
+
+def _device(name: str) -> torch.device:
+    """`name` as a torch device this machine has; InvalidInputError otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise InvalidInputError(f"unknown device {name!r}: use cpu or cuda[:N]") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {name!r} asked for, but this torch has no CUDA device")
+    return device
 
 
 def module_shape(module: Tracked) -> ModuleShape:

@@ -157,6 +157,8 @@ def read_queries(path: Path) -> list[LabeledQuery]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise InvalidInputError(f"cannot read queries file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"queries file {path} is not UTF-8 (byte {e.start})") from e
     queries, seen = [], set()
     for number, line in enumerate(lines, start=1):
         if not line.strip():

@@ -64,6 +64,36 @@ def new_index(dim: int, factory: str) -> faiss.Index:
         raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
 
 
+def check_factory(dim: int, factory: str, n: int, *, ids: bool) -> None:
+    """Refuse, before any pass, an index the build could not fill with `n` vectors: a factory
+    FAISS does not know, an inverted file with more lists than vectors to train them, or, as
+    `ids` asks, one that keeps no example ids (the stored index) or keeps only ids (a compact
+    code, whose rows are the stored index's). ValueError names the problem."""
+    index = new_index(dim, factory)
+    lists = _n_lists(index)
+    if lists > n:
+        raise ValueError(
+            f"FAISS factory {factory!r} has {lists} inverted lists, more than the {n} vectors "
+            "to train them"
+        )
+    mapped = _id_mapped(index)
+    if ids and not (mapped or lists > 1):
+        raise ValueError(
+            f"FAISS factory {factory!r} keeps no example ids: use an IDMap or IVF index "
+            "(e.g. IDMap,SQ8)"
+        )
+    if mapped and not ids:
+        raise ValueError(f"FAISS factory {factory!r}: a compact code's rows take no IDMap")
+
+
+def _id_mapped(index: faiss.Index) -> bool:
+    """Whether `index` is an IDMap (maybe behind a transform): it takes ids, not positions."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return _id_mapped(index.index)
+    return isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2)
+
+
 class ScratchVectors:
     """A `[n_rows, dim]` float16 matrix in a file, for vectors waiting to be indexed (or of
     another `dtype`: the calibration's exact scores are float32).

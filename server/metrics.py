@@ -3,11 +3,13 @@ a build's, written for node-exporter's textfile collector or pushed to a Pushgat
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -151,6 +153,24 @@ def _age_seconds(iso_time: str | None) -> float:
         return float("nan")
 
 
+def check_build_metric_targets(textfile: Path | None, pushgateway: str | None) -> None:
+    """Refuse, before a build starts, where its metrics could not go: a textfile in a missing
+    or unwritable directory, or a Pushgateway address that is not an http(s) URL. A build
+    that fails only after publishing would read as a failed build to its scheduler."""
+    if textfile is not None:
+        directory = Path(textfile).resolve().parent
+        if not (directory.is_dir() and os.access(directory, os.W_OK)):
+            raise InvalidInputError(f"--metrics-textfile: {directory} is not a writable directory")
+    if pushgateway is not None:
+        try:
+            url = urlsplit(pushgateway if "://" in pushgateway else f"http://{pushgateway}")
+            valid = url.scheme in ("http", "https") and bool(url.hostname)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise InvalidInputError(f"--pushgateway: {pushgateway!r} is not an http(s) address")
+
+
 def export_build_metrics(
     version: str,
     examples: int,
@@ -189,5 +209,5 @@ def export_build_metrics(
     if pushgateway is not None:
         try:
             push_to_gateway(pushgateway, job="influence_index_build", registry=registry)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise InvalidInputError(f"cannot push metrics to {pushgateway}: {exc}") from exc

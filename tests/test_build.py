@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from indexer.manifest import (
     METADATA_FILE,
 )
 from indexer.publish import VERSIONS, read_current, verify_version, version_dir
-from indexer.query import Query
+from indexer.query import Query, read_queries
 from indexer.store import MetadataReader
 from server.cli import main
 from tests.conftest import write_jsonl
@@ -179,6 +181,8 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
     empty = tmp / "empty.jsonl"
     empty.write_text("")
     dupes = write_jsonl(tmp / "dupes.jsonl", [{"id": 1, "text": "a"}, {"id": 1, "text": "b"}])
+    wordless = [{"id": i, "text": text} for i, text in enumerate(["the a an of", "!!! ???"] * 3)]
+    stopwords = write_jsonl(tmp / "stopwords.jsonl", wordless)
     return {
         "model directory not found": ["--model", str(tmp / "missing")],
         "no .safetensors weights": ["--model", str(pickled)],
@@ -205,6 +209,23 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
         ],
         "--retrieval-dims must be 0 (every dimension) or positive": ["--retrieval-dims", "-1"],
         "--max-length 4096": ["--max-length", "4096"],
+        "--damping must be a positive number": ["--damping", "inf"],
+        "--nprobe must be at least 1": ["--index-factory", "IVF2,SQ8", "--nprobe", "0"],
+        "--calibration-depth must be at least 1": ["--calibration-depth", "0"],
+        "--calibration-quantile must be in (0, 1]": ["--calibration-quantile", "2"],
+        "--calibration-queries must be 0 (none) or positive": ["--calibration-queries", "-1"],
+        "unknown device 'bogus'": ["--device", "bogus"],
+        "factory 'Flat' keeps no example ids": ["--index-factory", "Flat"],
+        "more than the": ["--index-factory", "IVF4096,SQ8"],
+        "a compact code's rows take no IDMap": [
+            "--retrieval-code",
+            "on",
+            "--retrieval-quantizer",
+            "IDMap,Flat",
+        ],
+        "no word a lexical index could match": ["--data", str(stopwords)],
+        "is not a writable directory": ["--metrics-textfile", str(tmp / "missing" / "x.prom")],
+        "--pushgateway: 'http://[bad' is not": ["--pushgateway", "http://[bad"],
     }
 
 
@@ -249,6 +270,25 @@ def test_killed_build_leaves_current_serving(tmp_path, tiny_model_dir, small_cor
     build_index(tiny_config(tiny_model_dir, small_corpus_path, root))
     assert read_current(root) != before[0]
     assert not list((root / VERSIONS).glob(".staging-*"))
+
+
+def test_info_on_a_manifest_without_the_index_file_is_one_line(tmp_path, published, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(published, root)
+    manifest = version_dir(root) / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["files"]["index.faiss"]
+    manifest.write_text(json.dumps(data))
+    assert main(["info", "--index", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "lists no index.faiss" in err and err.count("\n") == 1, err
+
+
+def test_a_queries_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "queries.jsonl"
+    path.write_bytes(b'\xff\xfe{"id": 1}\n')
+    with pytest.raises(InvalidInputError, match=f"queries file {path} is not UTF-8"):
+        read_queries(path)
 
 
 def test_threads_must_be_positive(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -84,6 +85,38 @@ def test_bad_corpora_name_the_problem(tmp_path, tokenizer, rows, config_kwargs, 
     write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(InvalidInputError, match=message):
         load_corpus(CorpusConfig(str(tmp_path / "bad.jsonl"), **config_kwargs), tokenizer, 64)
+
+
+SAMPLED = 30_000  # rows past DuckDB's schema sample (20,480 by default)
+
+
+@pytest.mark.parametrize(
+    ("last", "message"),
+    [
+        ('{"id": "x", "text": ', "Malformed JSON"),
+        ('{"id": "y", "text": "c", "other": 1}', 'unknown key "other"'),
+        ('{"id": "abc", "text": "c"}', "Failed to cast"),
+    ],
+)
+def test_a_bad_row_past_the_schema_sample_is_one_line_naming_it(tmp_path, tokenizer, last, message):
+    path = tmp_path / "late.jsonl"
+    numeric = "cast" in message  # integer ids, then one that is not
+    rows = [json.dumps({"id": i if numeric else f"d{i}", "text": "a b"}) for i in range(SAMPLED)]
+    path.write_text("\n".join([*rows, last]) + "\n")
+    with pytest.raises(InvalidInputError, match=f"cannot read corpus {path}") as error:
+        load_corpus(CorpusConfig(str(path)), tokenizer, 64)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_ids_of_mixed_types_are_their_text(tmp_path, tokenizer):
+    """DuckDB types a key with string and number values as JSON: the ids are still their
+    values' text, not JSON with quotes."""
+    write_jsonl(tmp_path / "mixed.jsonl", [{"id": "doc-1", "text": "x y"}, {"id": 7, "text": "z"}])
+    corpus = load_corpus(CorpusConfig(str(tmp_path / "mixed.jsonl")), tokenizer, 64)
+    assert [e.doc_id for e in corpus.examples] == ["doc-1", "7"]
+    write_jsonl(tmp_path / "same.jsonl", [{"id": "7", "text": "x y"}, {"id": 7, "text": "z"}])
+    with pytest.raises(InvalidInputError, match="duplicate document id '7'"):
+        load_corpus(CorpusConfig(str(tmp_path / "same.jsonl")), tokenizer, 64)
 
 
 def test_path_matching_nothing(tmp_path, tokenizer):

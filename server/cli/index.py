@@ -10,7 +10,7 @@ from pathlib import Path
 
 from indexer.config import Backend, BackendConfig, BuildConfig
 from server.cli.options import add_options, from_args
-from server.metrics import export_build_metrics
+from server.metrics import check_build_metric_targets, export_build_metrics
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 def run_build(args: argparse.Namespace) -> tuple[object, str] | None:
     from indexer.build import build_index
 
+    check_build_metric_targets(args.metrics_textfile, args.pushgateway)
     start = time.monotonic()
     s = build_index(from_args(BuildConfig, args, progress=not args.quiet))
     duration = time.monotonic() - start
@@ -81,6 +82,7 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_info(args: argparse.Namespace) -> tuple[object, str]:
     from indexer.budget import describe, layout_ranks
+    from indexer.errors import IndexVerificationError
     from indexer.manifest import INDEX_FILE
     from indexer.publish import list_versions, read_current, read_manifest, verify_version
     from indexer.publish import version_dir as find_version
@@ -93,7 +95,10 @@ def run_info(args: argparse.Namespace) -> tuple[object, str]:
         pointers.check(m, path.name)
         pointers.verify(m.collection, path)
     current, versions = read_current(args.index, pointers), list_versions(args.index)
-    index_bytes = m.files[INDEX_FILE].bytes
+    index_file = m.files.get(INDEX_FILE)
+    if index_file is None:
+        raise IndexVerificationError(f"version {path.name}: its manifest lists no {INDEX_FILE}")
+    index_bytes = index_file.bytes
     retrieval = f"{m.retrieval.name}, scanned first" if m.retrieval else "flat scan only"
     lines = [
         f"index {args.index}: CURRENT = {current}; versions: {len(versions)}",
