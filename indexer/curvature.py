@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,17 @@ def rotated_sums(
     if tokens * (d_out**2 + d_in**2) < d_out * d_in * (d_out + d_in):
         return torch.einsum("bto,bti->boi", gradients @ eigvecs_b, activations @ eigvecs_a)
     return rotate(torch.einsum("bto,bti->boi", gradients, activations), eigvecs_a, eigvecs_b)
+
+
+def _new_file_mode() -> int:
+    """The mode `open` gives a new file: 0666 less the process's umask (read from Linux's
+    /proc, since setting a umask to learn it would race with other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0o644
+    masks = [line.split()[1] for line in status.splitlines() if line.startswith("Umask:")]
+    return 0o666 & ~int(masks[0], 8) if masks else 0o644
 
 
 @dataclass
@@ -197,6 +209,9 @@ class Curvature:
             path,
             {"curvature": json.dumps(meta)},
         )
+        # safetensors writes the file 0600; a server running as another user must read it
+        # as it reads the version's other files.
+        os.chmod(path, _new_file_mode())
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> Curvature:

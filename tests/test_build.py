@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -289,6 +290,17 @@ def test_a_queries_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes(b'\xff\xfe{"id": 1}\n')
     with pytest.raises(InvalidInputError, match=f"queries file {path} is not UTF-8"):
         read_queries(path)
+
+
+def test_every_file_of_a_version_has_the_usual_mode(published):
+    """A server may run as another user than the build: every file gets the mode `open` gives
+    (0666 less the umask; safetensors alone would leave the curvature 0600)."""
+    modes = {
+        p.relative_to(version_dir(published)): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in version_dir(published).rglob("*")
+        if p.is_file()
+    }
+    assert len(set(modes.values())) == 1, modes
 
 
 def test_threads_must_be_positive(tmp_path, capsys):
