@@ -60,7 +60,8 @@ class FilePointers:
             return None
 
     def write(self, name: str, version_id: str) -> None:
-        pointer = self.root / f".{name}.{os.getpid()}.tmp"
+        # Processes of two containers sharing ROOT may both be pid 1: the name is random too.
+        pointer = self.root / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         with pointer.open("w") as f:
             f.write(version_id + "\n")
             f.flush()
@@ -70,6 +71,7 @@ class FilePointers:
 
     def clear(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
+        _fsync_dir(self.root)
 
     def drop(self, version_id: str) -> None:
         """A FAISS version is all in its directory."""

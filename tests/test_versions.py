@@ -5,6 +5,7 @@ version), and the build's exported metrics."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -24,6 +25,7 @@ from indexer.publish import (
     CURRENT,
     PINNED,
     VERSIONS,
+    FilePointers,
     last_good,
     pin,
     prune,
@@ -279,3 +281,19 @@ def test_build_exports_its_last_success(
     assert float(samples["influence_index_build_examples"]) > 100
     assert "influence_index_build_examples" in pushed
     assert not list(tmp_path.glob("influence_index.prom.*"))  # written by rename, no leftovers
+
+
+def test_two_writers_with_the_same_pid_do_not_share_a_pointer_file(tmp_path, monkeypatch):
+    """Containers sharing ROOT may each run their writer as pid 1."""
+    monkeypatch.setattr("os.getpid", lambda: 1)
+    staged = []
+    real_replace = os.replace
+
+    def replace(source, target):
+        staged.append(Path(source).name)
+        real_replace(source, target)
+
+    monkeypatch.setattr("os.replace", replace)
+    FilePointers(tmp_path).write("CURRENT", "a")
+    FilePointers(tmp_path).write("CURRENT", "b")
+    assert len(set(staged)) == 2 and read_current(tmp_path) == "b"
