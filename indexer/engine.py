@@ -537,6 +537,7 @@ class QueryEngine:
         queries: list[TokenizedQuery],
         *,
         deadlines: Sequence[float | None] | None = None,
+        abandoned: Sequence[Callable[[], bool] | None] | None = None,
         on_sketch: Callable[[int, QueryResult], None] | None = None,
     ) -> list[QueryResult]:
         """Top-k influencers of each prepared query: one batched forward/backward, one search,
@@ -546,11 +547,13 @@ class QueryEngine:
         `indexer.rerank`). Each query gets its own top_k, depth and include flags.
 
         `deadlines[q]` (`time.monotonic()` seconds): when query q's answer is due; its exact
-        stage starts no round that would end later. `on_sketch(q, result)` receives each
+        stage starts no round that would end later, nor one after `abandoned[q]()` says that
+        no client waits for the answer any more. `on_sketch(q, result)` receives each
         re-ranked query's sketch answer as soon as the index was searched."""
         clock = _Clock()
         queries = [self.prepared(q) for q in queries]
         deadlines = deadlines or [None] * len(queries)
+        abandoned = abandoned or [None] * len(queries)
         timings = StageTimings(tokenize_us=clock.lap())
         depths = [self._candidates(tq.query) for tq in queries]
         with self._model.lock:
@@ -586,8 +589,12 @@ class QueryEngine:
             records |= self.metadata.lookup(sorted(wanted - records.keys()))
             timings.lookup_us += clock.lap()
             lists = {
-                row: self._candidate_list(
-                    spaces[row], retrieved[row], lexical[row], records, top_ks[row], deadlines[row]
+                row: replace(
+                    self._candidate_list(
+                        spaces[row], retrieved[row], lexical[row], records, top_ks[row]
+                    ),
+                    deadline=deadlines[row],
+                    abandoned=abandoned[row],
                 )
                 for row in reranked
             }
@@ -628,7 +635,6 @@ class QueryEngine:
         lexical: list[int],
         records: dict[int, ExampleRecord],
         top_k: int,
-        deadline: float | None,
     ) -> CandidateList:
         """A query's candidates in the order the exact stage scores them: by the upper bound of
         their exact scores (from the version's calibrated bound and their sketch ranks), lexical
@@ -649,7 +655,6 @@ class QueryEngine:
             estimates=np.concatenate([extra, estimates])[order],
             upper=np.concatenate([np.full(len(lexical), np.inf), upper])[order],
             top_k=top_k,
-            deadline=deadline,
         )
 
     def _exact_stage(

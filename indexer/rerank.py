@@ -6,7 +6,8 @@ as soon as no remaining candidate can enter the exact top-k.
 manifest: each candidate comes with an upper bound of its exact score.
 
 A client deadline bounds the stage too: a round that would not finish in time is not started,
-and the query keeps the exact scores so far (the rest are estimates, marked as such).
+and the query keeps the exact scores so far (the rest are estimates, marked as such). A query
+whose client has gone starts no further round either.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class CandidateList:
     upper: np.ndarray
     top_k: int
     deadline: float | None = None  # time.monotonic() seconds
+    abandoned: Callable[[], bool] | None = None  # True once no client waits for the answer
 
 
 @dataclass
@@ -124,8 +126,10 @@ def run_exact_stage(
             wanted[q] = p.candidates.ids[p.position : p.position + step]
         round_size = len({i for ids in wanted.values() for i in ids})
         for q in list(wanted):
-            deadline = progress[q].candidates.deadline
-            if deadline is not None and now + cost.predict(round_size) > deadline:
+            c = progress[q].candidates
+            late = c.deadline is not None and now + cost.predict(round_size) > c.deadline
+            if late or (c.abandoned is not None and c.abandoned()):
+                # A client that has gone is past its deadline as far as the answer goes.
                 progress[q].done, progress[q].result.stop = True, StopReason.DEADLINE
                 del wanted[q]
         if not wanted:

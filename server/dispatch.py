@@ -31,6 +31,7 @@ class QueryWork:
     query: TokenizedQuery
     deadline: float | None = None
     on_sketch: Callable[[ServedQuery], None] | None = None
+    abandoned: Callable[[], bool] | None = None  # True once its RPC has ended
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -122,6 +123,7 @@ def _answer(
             results = engine.answer(
                 list(prepared.values()),
                 deadlines=[work[row].deadline for row in rows],
+                abandoned=[work[row].abandoned for row in rows],
                 on_sketch=on_sketch,
             )
             outcomes |= {row: served(row, r) for row, r in zip(rows, results, strict=True)}

@@ -197,7 +197,7 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
     def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         start = time.monotonic()
         deadline = _deadline(context)
-        work = QueryWork(self._prepare(request, path=""), _exact_deadline(deadline))
+        work = _work(self._prepare(request, path=""), deadline, context)
         (served,) = self._wait(self._submit([work], deadline, context), deadline)
         return self._query_response(served, start)
 
@@ -210,7 +210,7 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
         deadline = _deadline(context)
         sketches: queue.SimpleQueue[ServedQuery | None] = queue.SimpleQueue()
         query = self._prepare(request, path="")
-        work = QueryWork(query, _exact_deadline(deadline), on_sketch=sketches.put)
+        work = _work(query, deadline, context, on_sketch=sketches.put)
         future = self._submit([work], deadline, context)
         future.add_done_callback(lambda _: sketches.put(None))
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -232,7 +232,7 @@ class InfluenceServicer(influence_pb2_grpc.InfluenceServiceServicer):
             raise FieldError("queries", f"QueryBatch takes 1 to {limit} queries, got {n}")
         deadline = _deadline(context)
         work = [
-            QueryWork(self._prepare(q, path=f"queries[{i}]"), _exact_deadline(deadline))
+            _work(self._prepare(q, path=f"queries[{i}]"), deadline, context)
             for i, q in enumerate(request.queries)
         ]
         served = self._wait(self._submit(work, deadline, context), deadline)
@@ -338,6 +338,22 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     bounded = remaining is not None and remaining < _NO_DEADLINE_S
     return time.monotonic() + remaining if bounded else None
+
+
+def _work(
+    query: TokenizedQuery,
+    deadline: float | None,
+    context: grpc.ServicerContext,
+    on_sketch: Callable[[ServedQuery], None] | None = None,
+) -> QueryWork:
+    """A query's work: its exact stage ends in time to answer before the RPC's deadline, and
+    starts no round once the RPC has ended (cancelled, or its deadline passed)."""
+    return QueryWork(
+        query,
+        _exact_deadline(deadline),
+        on_sketch=on_sketch,
+        abandoned=lambda: not context.is_active(),
+    )
 
 
 def _exact_deadline(deadline: float | None) -> float | None:

@@ -54,6 +54,7 @@ class FakeEngine:
         self.delay_s = delay_s
         self.batches: list[int] = []
         self.deadlines: list[float | None] = []
+        self.abandoned: list[Callable[[], bool] | None] = []
         self.busy = threading.Event()
         self.closed = False
 
@@ -77,6 +78,7 @@ class FakeEngine:
         queries: list[TokenizedQuery],
         *,
         deadlines: Sequence[float | None] | None = None,
+        abandoned: Sequence[Callable[[], bool] | None] | None = None,
         on_sketch: Callable[[int, QueryResult], None] | None = None,
     ) -> list[QueryResult]:
         """Re-ranked queries (a rerank_depth) get their sketch answer (`on_sketch`) first, then
@@ -84,6 +86,7 @@ class FakeEngine:
         assert not self.closed, "query on a closed engine"
         self.busy.set()
         self.deadlines += deadlines or [None] * len(queries)
+        self.abandoned += abandoned or [None] * len(queries)
         timings = StageTimings(tokenize_us=1, gradient_us=2, search_us=3, lookup_us=4)
         results = [
             QueryResult(self._hits(q.query), q.n_completion_tokens, self.info.score_kind, timings)

@@ -266,3 +266,14 @@ def test_lexical_candidates_need_rerank_and_a_lexical_index(
     without = QueryEngine.open(tmp_path)
     with pytest.raises(PreconditionError, match="--lexical-index on"):
         without.prepare(replace(QUERY, lexical_candidates=5))
+
+
+def test_a_query_whose_client_has_gone_starts_no_further_round(engine: QueryEngine) -> None:
+    tokenized = engine.prepare(replace(QUERY, rerank_depth=50))
+    (gone,) = engine.answer([tokenized], abandoned=[lambda: True])
+    assert gone.candidates_reranked == 0 and gone.rerank_stop == StopReason.DEADLINE
+    assert not any(hit.exact for hit in gone.hits)
+    asked = iter([False, True])  # waited for during the first round, gone after it
+    (left,) = engine.answer([tokenized], abandoned=[lambda: next(asked)])
+    first_round = max(engine.options.rerank_chunk, QUERY.top_k)
+    assert left.candidates_reranked == first_round and left.rerank_stop == StopReason.DEADLINE

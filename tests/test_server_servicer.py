@@ -375,3 +375,14 @@ def test_a_stream_the_client_cancels_is_counted(root: Path) -> None:
             return 'influence_requests_total{code="CANCELLED",method="QueryStream"} 1.0' in text
 
         wait_for(counted)
+
+
+def test_the_exact_stage_learns_when_its_rpc_has_ended(root: Path) -> None:
+    opener = FakeOpener(delay_s=0.5)
+    with running_server(root, opener) as (_, client):
+        stream = client.query_stream("The cat", " sat", rerank_depth=20)
+        next(iter(stream))
+        (abandoned,) = opener.engines[-1].abandoned
+        assert not abandoned()  # the client still waits
+        stream.cancel()
+        wait_for(abandoned)
