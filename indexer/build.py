@@ -200,8 +200,10 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
     if config.store.nprobe < 1:
         raise InvalidInputError("--nprobe must be at least 1")
     _check_calibration(config.calibration)
-    if config.incremental.refit_threshold < 0:
+    if not config.incremental.refit_threshold >= 0:  # NaN too
         raise InvalidInputError("--refit-threshold must be at least 0")
+    if config.curvature.fit_examples < 1:
+        raise InvalidInputError("--fit-examples must be at least 1")
     if config.store.retrieval_dims < 0:
         raise InvalidInputError("--retrieval-dims must be 0 (every dimension) or positive")
     max_length = example_max_length(config.corpus.max_length, loaded.context_length)

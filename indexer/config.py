@@ -51,7 +51,7 @@ def default_of(cls: type, name: str) -> object:
 
 def example_max_length(requested: int | None, context_length: int) -> int:
     """Tokens per example: `requested`, or the model's context capped at DEFAULT_MAX_LENGTH."""
-    return requested or min(context_length, DEFAULT_MAX_LENGTH)
+    return min(context_length, DEFAULT_MAX_LENGTH) if requested is None else requested
 
 
 class Autocast(str, Enum):
