@@ -332,11 +332,15 @@ class InfluenceServer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def request_stop(self) -> None:
+        """Make `serve_forever` stop gracefully, as SIGTERM does; safe from any thread."""
+        self._stop_requested.set()
+
     def _request_stop(self, signum: int, _frame: FrameType | None) -> None:
         log.info(
             "%s: stopping (grace %.1f s)", signal.Signals(signum).name, self.config.grace_seconds
         )
-        self._stop_requested.set()
+        self.request_stop()
 
     def _request_reload(self, _signum: int, _frame: FrameType | None) -> None:
         log.info("SIGHUP: checking for a new index version")

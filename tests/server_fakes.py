@@ -12,6 +12,8 @@ from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 from indexer.config import ScoreKind
 from indexer.engine import Hit, IndexInfo, QueryResult, StageTimings, TokenAttribution
 from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
@@ -19,10 +21,13 @@ from indexer.publish import read_current
 from indexer.query import Query, TokenizedQuery
 from server.app import InfluenceServer, ServerConfig
 from server.client import InfluenceClient
-from server.reload import ReloadPolicy
+from server.reload import Reloader, ReloadPolicy
 
 T = TypeVar("T")
 
+# How long a server may take to load, in seconds: a fresh process imports torch and
+# transformers first, which takes tens of seconds on a loaded 2-core machine.
+LOAD_TIMEOUT_S = 120
 N_EXAMPLES = 100
 MAX_LENGTH = 64
 EXPLODE = "explode"
@@ -48,10 +53,15 @@ INFO = IndexInfo(
 class FakeEngine:
     """Hits derive from the completion's text; query length is counted in characters."""
 
-    def __init__(self, version: str, *, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, version: str, *, delay_s: float = 0.0, gate: threading.Event | None = None
+    ) -> None:
+        """`delay_s`: how long each pass takes; `gate`: when given, each pass also waits for
+        it to be set (a test then holds the engine as long as it needs)."""
         self.version = version
         self.info = replace(INFO, version=version)
         self.delay_s = delay_s
+        self.gate = gate
         self.batches: list[int] = []
         self.deadlines: list[float | None] = []
         self.abandoned: list[Callable[[], bool] | None] = []
@@ -96,6 +106,8 @@ class FakeEngine:
             if q.query.rerank_depth and on_sketch is not None:
                 on_sketch(row, results[row])
         time.sleep(self.delay_s)
+        if self.gate is not None:
+            assert self.gate.wait(30), "the test never opened the gate"
         self.batches.append(len(queries))
         if any(q.query.completion == EXPLODE for q in queries):
             raise RuntimeError("simulated engine bug")
@@ -144,8 +156,9 @@ class FakeEngine:
 class FakeOpener:
     """EngineOpener over fake published versions; a CORRUPT marker fails verification."""
 
-    def __init__(self, *, delay_s: float = 0.0) -> None:
+    def __init__(self, *, delay_s: float = 0.0, gate: threading.Event | None = None) -> None:
         self.delay_s = delay_s
+        self.gate = gate
         self.engines: list[FakeEngine] = []
 
     def __call__(self, root: Path, version: str, current: FakeEngine | None) -> FakeEngine:
@@ -153,7 +166,7 @@ class FakeOpener:
             raise NotFoundError(f"version {version} not found in {root}")
         if (root / "versions" / version / "CORRUPT").exists():
             raise IndexVerificationError(f"versions/{version}/index.faiss fails its sha256")
-        engine = FakeEngine(version, delay_s=self.delay_s)
+        engine = FakeEngine(version, delay_s=self.delay_s, gate=self.gate)
         self.engines.append(engine)
         return engine
 
@@ -205,3 +218,26 @@ def _replace_nested(config: T, changes: dict[str, object]) -> T:
         elif is_dataclass(value):
             values[f.name] = _replace_nested(value, changes)
     return replace(config, **values)
+
+
+def counted_checks(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Count every reloader's completed checks of the published version: a test that asserts
+    nothing changed waits for a few checks, not for a time that a loaded machine may spend
+    without one."""
+    done: list[None] = []
+    check_once = Reloader.check_once
+
+    def counted(self: Reloader) -> None:
+        check_once(self)
+        done.append(None)
+
+    monkeypatch.setattr(Reloader, "check_once", counted)
+    return lambda: len(done)
+
+
+def after_checks(count: Callable[[], int], checks: int = 3, timeout_s: float = 60) -> None:
+    """Wait until `checks` more checks have completed."""
+    target, deadline = count() + checks, time.monotonic() + timeout_s
+    while count() < target:
+        assert time.monotonic() < deadline, "the reloader stopped checking"
+        time.sleep(0.01)

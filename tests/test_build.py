@@ -263,6 +263,7 @@ def test_killed_build_leaves_current_serving(tmp_path, tiny_model_dir, small_cor
     while not list((root / VERSIONS).glob(".staging-*")) and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read().decode()
         time.sleep(0.02)
+    assert list((root / VERSIONS).glob(".staging-*")), "the build never staged a version"
     time.sleep(0.5)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()

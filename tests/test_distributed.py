@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +29,31 @@ METADATA = (
 )
 
 
-def torchrun(model: Path, corpus: Path, out: Path, env: dict | None = None) -> subprocess.Popen:
-    """The CLI build under torchrun, 2 processes on this host, one thread each."""
+@contextmanager
+def torchrun(
+    model: Path, corpus: Path, out: Path, env: dict | None = None
+) -> Iterator[subprocess.Popen]:
+    """The CLI build under torchrun, 2 processes on this host, one thread each, in a session
+    of their own: killed, ranks and all, if the test ends before they do."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", "-m", "server.cli", "--quiet", "--threads", "1", "build",
                "--model", str(model), "--data", str(corpus), "--out", str(out),
                "--max-length", "64", "--rank-in", "8", "--rank-out", "8", "--json"]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        start_new_session=True,
     )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +66,8 @@ def single(tmp_path_factory, tiny_model_dir, small_corpus_path) -> Path:
 def test_two_ranks_publish_what_one_process_does(
     tmp_path, single, tiny_model_dir, small_corpus_path
 ):
-    process = torchrun(tiny_model_dir, small_corpus_path, tmp_path)
-    out, err = process.communicate(timeout=600)
+    with torchrun(tiny_model_dir, small_corpus_path, tmp_path) as process:
+        out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
     assert out.count('"version"') == 1  # rank 0 alone reports
     one, two = QueryEngine.open(single), QueryEngine.open(tmp_path)
@@ -89,15 +106,19 @@ def test_a_killed_rank_fails_the_build_and_publishes_nothing(
     before = read_current(root)
     marker = f"INFLUENCE_TEST_BUILD={uuid.uuid4().hex}"
     key, value = marker.split("=")
-    process = torchrun(tiny_model_dir, small_corpus_path, root, {key: value})
-    deadline = time.monotonic() + 300
-    # Rank 1 is staging its corpus: it cannot finish before rank 0's all-reduces, so the kill
-    # lands mid-build however fast the machine (its sketch shard alone can take milliseconds).
-    while not list((root / VERSIONS).glob(".staging-*/.corpus.duckdb.1")):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.05)
-    os.kill(_rank_pid(marker, 1), signal.SIGKILL)
-    process.communicate(timeout=300)
+    with torchrun(tiny_model_dir, small_corpus_path, root, {key: value}) as process:
+        deadline = time.monotonic() + 300
+        # Rank 1 is staging its corpus: it cannot finish before rank 0's all-reduces, so the
+        # kill lands mid-build however fast the machine (its sketch shard alone can take
+        # milliseconds).
+        while not list((root / VERSIONS).glob(".staging-*/.corpus.duckdb.1")):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "rank 1 never staged its corpus"
+            time.sleep(0.05)
+        rank = _rank_pid(marker, 1)
+        assert rank is not None, "rank 1's process was not found"
+        os.kill(rank, signal.SIGKILL)
+        process.communicate(timeout=300)
     assert process.returncode != 0
     assert read_current(root) == before
     verify_version(version_dir(root))

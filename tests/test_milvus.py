@@ -176,6 +176,22 @@ def test_incremental_build_writes_a_new_collection_and_the_server_follows_the_al
     root, first = tiny["root"], tiny["first"].version
     client = serve()
     wait_for(lambda: client.info().version == first)
+    try:
+        _follow_an_incremental_build(tiny, small_corpus, tiny_model_dir, milvus, client, tmp_path)
+    finally:  # the module's other tests serve the first version
+        milvus.clear(PINNED)
+        rollback(root, first, milvus)
+
+
+def _follow_an_incremental_build(
+    tiny: dict,
+    small_corpus: list[dict],
+    tiny_model_dir: Path,
+    milvus: MilvusBackend,
+    client: InfluenceClient,
+    tmp_path: Path,
+) -> None:
+    root, first = tiny["root"], tiny["first"].version
     documents = [dict(d) for d in small_corpus[1:]]  # one deleted
     documents[0]["text"] += " And then it rained."  # one changed
     documents.append({"id": "new-doc", "text": "A new document about the harbour."})
@@ -299,11 +315,16 @@ def test_demo_top_10_equals_faiss_for_every_demo_query(
             engine.close()
 
 
-def test_pruned_versions_drop_their_collections(tiny, tiny_model_dir, milvus) -> None:
-    """Last in this module: it prunes the versions the other tests use."""
-    root, backend = tiny["root"], tiny["backend"]
+def test_pruned_versions_drop_their_collections(tiny, tiny_model_dir, tmp_path) -> None:
+    """On a Milvus Lite file of its own: it prunes every version but the last."""
+    root, backend = tmp_path / "index", lite(tmp_path / "milvus.db")
+    build_index(milvus_config(tiny_model_dir, tiny["corpus"], root, backend))
     config = milvus_config(tiny_model_dir, tiny["corpus"], root, backend, keep_versions=1)
     summary = build_index(config)
-    ours = [c for c in milvus.client.list_collections() if c.startswith("influence_")]
+    milvus = open_pointers(root, backend)
+    try:
+        ours = [c for c in milvus.client.list_collections() if c.startswith("influence_")]
+    finally:
+        milvus.close()
     assert ours == [summary.collection]
     assert [v.name for v in (root / VERSIONS).iterdir()] == [summary.version]

@@ -24,7 +24,7 @@ from server.cli import main
 from server.cli.serving import add_serve_arguments
 from server.client import InfluenceClient
 from server.reload import ReloadPolicy
-from tests.server_fakes import FakeOpener, publish, running_server
+from tests.server_fakes import LOAD_TIMEOUT_S, FakeOpener, publish, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,14 +120,14 @@ def test_sighup_reloads_and_sigterm_drains_then_exits_zero(root: Path) -> None:
                 time.sleep(0.5)
                 child.send_signal(signal.SIGTERM)
                 assert [f.result().index_version for f in in_flight] == ["v2"] * 4
-        assert child.wait(timeout=10) == 0
+        assert child.wait(timeout=LOAD_TIMEOUT_S) == 0
     finally:
         if child.poll() is None:
             child.kill()
 
 
 def _wait_serving(client: InfluenceClient, child: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 25
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
     while True:
         assert child.poll() is None, "server process exited"
         with contextlib.suppress(grpc.RpcError):
@@ -147,7 +147,6 @@ def test_signals_delivered_to_another_thread_still_reload_and_stop(root: Path) -
         batching=BatcherConfig(max_wait_ms=0),
     )
     server = InfluenceServer(config, opener=FakeOpener())
-    main_thread = threading.get_ident()
     seen: list[str] = []
     stopped = threading.Event()
 
@@ -166,8 +165,8 @@ def test_signals_delivered_to_another_thread_still_reload_and_stop(root: Path) -
             if not stopped.wait(5):
                 seen.append("SIGTERM ignored")
         finally:
-            if not stopped.is_set():  # wake the main thread: the test fails instead of hanging
-                signal.pthread_kill(main_thread, signal.SIGTERM)
+            if not stopped.is_set():  # stop serve_forever: the test fails instead of hanging
+                server.request_stop()
 
     worker = threading.Thread(target=signal_this_thread)
     worker.start()

@@ -25,12 +25,11 @@ from influence.v1 import influence_pb2 as pb
 from server.app import InfluenceServer, ServerConfig
 from server.client import InfluenceClient
 from server.reload import ReloadPolicy
-from tests.server_fakes import configure
+from tests.server_fakes import LOAD_TIMEOUT_S, configure
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-LOAD_TIMEOUT_S = 120
 
 SERVE = """
 import sys

@@ -29,7 +29,14 @@ from server import reload
 from server.cli import build_parser
 from server.client import InfluenceClient
 from server.logs import JsonFormatter
-from tests.server_fakes import INFO, FakeOpener, publish, running_server
+from tests.server_fakes import (
+    INFO,
+    FakeOpener,
+    after_checks,
+    counted_checks,
+    publish,
+    running_server,
+)
 
 SERVICE = "/influence.v1.InfluenceService/"
 
@@ -84,28 +91,34 @@ def stub(root: Path) -> Iterator[tuple[FakeOpener, influence_pb2_grpc.InfluenceS
 
 
 def test_health_and_info_are_never_shed_by_the_query_limit(root: Path) -> None:
-    opener = FakeOpener(delay_s=0.3)
+    gate = threading.Event()
+    opener = FakeOpener(gate=gate)
     limits = {"max_concurrent_queries": 2, "max_batch_size": 1, "max_wait_ms": 0}
-    with running_server(root, opener, **limits) as (_, client), ThreadPoolExecutor(32) as pool:
+    with running_server(root, opener, **limits) as (server, client), ThreadPoolExecutor(32) as pool:
         held = [pool.submit(client.query, f"slow{i}", " a") for i in range(2)]
-        assert opener.engines[0].busy.wait(5)
+        assert opener.engines[0].busy.wait(30)
+        # One held query in the engine, the other queued: both slots are taken.
+        wait_for(lambda: server.metrics.registry.get_sample_value("influence_queue_depth") == 1)
         extra = [pool.submit(code_of, lambda i=i: client.query(f"q{i}", " a")) for i in range(8)]
         probes = [pool.submit(client.health) for _ in range(16)]
         infos = [pool.submit(client.info) for _ in range(16)]
-        assert [p.result(5) for p in probes] == ["SERVING"] * 16
-        assert all(i.result(5).serving for i in infos)
-        assert {c.result(5) for c in extra} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert all(h.result(5).influences for h in held)
+        assert [p.result(30) for p in probes] == ["SERVING"] * 16
+        assert all(i.result(30).serving for i in infos)
+        assert {c.result(30) for c in extra} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        gate.set()
+        assert all(h.result(30).influences for h in held)
         assert client.query("after", " a").influences  # the limit frees as queries end
 
 
 def test_resource_exhausted_carries_retry_info(root: Path) -> None:
-    opener = FakeOpener(delay_s=0.3)
+    gate = threading.Event()
+    opener = FakeOpener(gate=gate)
     with running_server(root, opener, max_concurrent_queries=1, max_wait_ms=0) as (_, client):
         slow = threading.Thread(target=client.query, args=("slow", " a"))
         slow.start()
-        assert opener.engines[0].busy.wait(5)
+        assert opener.engines[0].busy.wait(30)
         error = rpc_error(lambda: client.query("q", " a"))
+        gate.set()
         slow.join()
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "1 query RPCs in progress" in error.details()
@@ -269,17 +282,18 @@ def test_unreadable_root_is_reported_once_without_a_traceback(
     assert caplog.text.count("Permission denied") == 1 and "Traceback" not in caplog.text
 
 
-def test_pins_serve_exactly_their_version(root: Path) -> None:
+def test_pins_serve_exactly_their_version(root: Path, monkeypatch) -> None:
+    checks = counted_checks(monkeypatch)
     publish(root, "v2")
     with running_server(root, FakeOpener(), pin_version="v1") as (_, client):
-        time.sleep(0.2)
+        after_checks(checks)
         assert client.info().version == "v1"
     with running_server(root, FakeOpener()) as (_, client):
         assert client.info().version == "v2"
         (root / PINNED).write_text("v1\n")
         wait_for(lambda: client.info().version == "v1")
         publish(root, "v3")
-        time.sleep(0.2)
+        after_checks(checks)
         assert client.info().version == "v1"
         (root / PINNED).unlink()
         wait_for(lambda: client.info().version == "v3")

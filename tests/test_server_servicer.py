@@ -346,15 +346,17 @@ def _grpc_port_open(server: InfluenceServer) -> bool:
 
 
 def test_a_version_loading_when_the_server_stops_is_closed_not_served(root: Path) -> None:
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
     opener = FakeOpener()
 
     def slow_opener(root: Path, version: str, current: FakeEngine | None) -> FakeEngine:
-        release.wait(10)
+        entered.set()
+        release.wait(30)
         return opener(root, version, current)
 
     server = InfluenceServer(ServerConfig(index_root=root, port=0), opener=slow_opener)
     server.start()
+    assert entered.wait(30)
     server.stop(grace_s=0.1)
     release.set()
     wait_for(lambda: bool(opener.engines) and opener.engines[0].closed)

@@ -38,7 +38,7 @@ from server.app import InfluenceServer, ServerConfig, open_engine
 from server.cli import main
 from server.client import InfluenceClient
 from server.reload import EngineHolder, Reloader, ReloadPolicy
-from tests.server_fakes import configure
+from tests.server_fakes import after_checks, configure, counted_checks
 from tests.test_build import tiny_config
 
 
@@ -176,12 +176,13 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., tuple[InfluenceClient, Count
 
 
 def test_a_copy_under_another_id_is_served_under_its_own_and_loaded_once(
-    tmp_path: Path, built: Path, serve
+    tmp_path: Path, built: Path, serve, monkeypatch
 ) -> None:
+    checks = counted_checks(monkeypatch)
     set_current(tmp_path, add_version(tmp_path, built, "copied", 1))
     client, opener = serve()
     wait_for(lambda: client.info().serving)
-    time.sleep(0.5)  # ten polls
+    after_checks(checks, 10)
     assert client.info().version == "copied" and opener.opened == ["copied"]
     assert client.query("The market", " was busy", top_k=2).index_version == "copied"
 
