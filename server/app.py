@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -289,20 +290,23 @@ class InfluenceServer:
             self._reloader.request_reload()
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Stop accepting RPCs, let in-flight ones finish within grace_s, release everything."""
+        """Stop accepting RPCs, let in-flight ones finish within grace_s, release everything.
+        The grace is one budget for the whole stop: a load or a batch still running when it is
+        spent is left to end on its own (its engine is closed when it does)."""
         with self._lock:
             server, self._server = self._server, None
         if server is None:
             return
         grace = self.config.grace_seconds if grace_s is None else grace_s
+        until = time.monotonic() + grace
         self._health.enter_graceful_shutdown()
         server.stop(grace).wait()
         if self._health_server is not None:
             self._health_server.stop(0).wait()
         if self._reloader is not None:
-            self._reloader.stop(timeout_s=grace)
+            self._reloader.stop(timeout_s=max(0.0, until - time.monotonic()))
         if self._batcher is not None:
-            self._batcher.close(timeout_s=grace)
+            self._batcher.close(timeout_s=max(0.0, until - time.monotonic()))
         self._holder.swap(None)
         if self._milvus is not None:
             self._milvus.close()

@@ -388,3 +388,38 @@ def test_the_exact_stage_learns_when_its_rpc_has_ended(root: Path) -> None:
         assert not abandoned()  # the client still waits
         stream.cancel()
         wait_for(abandoned)
+
+
+def test_a_stop_takes_one_grace_in_all(root: Path) -> None:
+    """A batch still running and a load still in progress when the grace is spent do not
+    each get a grace of their own."""
+    gate, loading = threading.Event(), threading.Event()
+    opener = FakeOpener(gate=gate)
+
+    def opener_that_hangs_on_v2(root: Path, version: str, current: FakeEngine | None):
+        if version == "v2":
+            loading.set()
+            gate.wait(30)
+        return opener(root, version, current)
+
+    server = InfluenceServer(
+        configure(ServerConfig(index_root=root, port=0), poll_seconds=0.05, max_wait_ms=0),
+        opener=opener_that_hangs_on_v2,
+    )
+    server.start()
+    try:
+        assert server.wait_until_serving(30)
+        with (
+            InfluenceClient(f"127.0.0.1:{server.port}", timeout_s=30) as client,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            pool.submit(_code_of, lambda: client.query("held", " a"))
+            assert opener.engines[0].busy.wait(30)
+            publish(root, "v2")
+            assert loading.wait(30)
+            started = time.monotonic()
+            server.stop(grace_s=1.0)
+            took = time.monotonic() - started
+    finally:
+        gate.set()
+    assert 1.0 <= took < 2.5  # it took 3 graces: the RPC's, then the load's and the batch's
