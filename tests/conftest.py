@@ -19,10 +19,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """One torch thread for a module of tiny-model tests: fastest for them, and far faster on
-    a machine shared with other work (threads waiting on each other)."""
+    """One torch thread for the whole suite: fastest for its tiny models, and far faster on a
+    machine shared with other work, where two threads wait on each other (the demo's eval
+    took minutes instead of seconds beside another job on 2 cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

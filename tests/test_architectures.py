@@ -33,7 +33,6 @@ from tests.conftest import write_jsonl
 from tests.tiny import ARCHITECTURES, MOE_ARCHITECTURES, tiny_causal_lm
 
 QUERY = Query("The market", " was busy", top_k=10)
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,6 @@ from server.reload import ReloadPolicy
 from tests.conftest import write_jsonl
 from tests.test_build import tiny_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 WAIT_S = 120.0
 
 

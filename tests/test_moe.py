@@ -18,8 +18,6 @@ from tests.test_curvature import SEED, dense_check, examples_from
 from tests.test_sketch import autograd_gradients
 from tests.tiny import MOE_ARCHITECTURES, random_sequences, tiny_causal_lm
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.mark.parametrize("architecture", MOE_ARCHITECTURES)
 def test_expert_and_router_sketches_equal_autograd_gradients(architecture: str) -> None:

@@ -163,7 +163,7 @@ def test_a_code_no_smaller_than_the_vectors_is_refused():
     ids=["random-24-dims", "default"],
 )
 def test_a_version_with_a_compact_code_answers_as_its_flat_index(
-    tmp_path, tiny_model_dir, small_corpus_path, one_thread, options, name
+    tmp_path, tiny_model_dir, small_corpus_path, options, name
 ):
     root = tmp_path / "index"
     config = tiny_config(tiny_model_dir, small_corpus_path, root, retrieval_code=True, **options)
@@ -219,7 +219,7 @@ def test_auto_stores_no_compact_code_for_a_small_corpus(
 
 
 def test_auto_drops_a_compact_code_that_misses_the_flat_top10(
-    tmp_path, tiny_model_dir, small_corpus_path, one_thread, monkeypatch
+    tmp_path, tiny_model_dir, small_corpus_path, monkeypatch
 ):
     """An `auto` code is measured on the build's pseudo-queries and not stored when it keeps
     under RETRIEVAL_MIN_RECALL of the flat top-10: here one dimension and K″ = 10."""
