@@ -221,12 +221,7 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
         "unknown device 'bogus'": ["--device", "bogus"],
         "factory 'Flat' keeps no example ids": ["--index-factory", "Flat"],
         "more than the": ["--index-factory", "IVF4096,SQ8"],
-        "a compact code's rows take no IDMap": [
-            "--retrieval-code",
-            "on",
-            "--retrieval-quantizer",
-            "IDMap,Flat",
-        ],
+        "take no IDMap": ["--retrieval-code", "on", "--retrieval-quantizer", "IDMap,Flat"],
         "no word a lexical index could match": ["--data", str(stopwords)],
         "is not a writable directory": ["--metrics-textfile", str(tmp / "missing" / "x.prom")],
         "--pushgateway: 'http://[bad' is not": ["--pushgateway", "http://[bad"],
