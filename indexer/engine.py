@@ -529,7 +529,7 @@ class QueryEngine:
         """Answer one query of two common words, with one round of the exact stage where the
         version has one: a client's first query then pays no one-time costs, and the exact
         stage has measured its cost per candidate before a client's deadline relies on it."""
-        depth = self.options.rerank_chunk if self.info.rerank_available else 0
+        depth = min(self.options.rerank_chunk, self.info.max_rerank_depth)
         self.query([Query("The", " first", top_k=1, rerank_depth=depth)])
 
     def answer(

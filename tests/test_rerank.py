@@ -202,6 +202,9 @@ def test_every_rerank_fits_the_budget(root: Path) -> None:
     )
     engine = QueryEngine.open(root, options=options)
     assert engine.info.max_rerank_depth == 20
+    tiny_budget = QueryEngine.open(root, options=replace(options, max_rerank_tokens=max_length))
+    tiny_budget.warm_up()  # one candidate fits: the server can still serve the version
+    tiny_budget.close()
     with pytest.raises(InvalidInputError, match=r"lexical_candidates 30 is over .* limit of 20"):
         engine.prepare(replace(QUERY, lexical_candidates=30))
     with pytest.raises(InvalidInputError, match=r"top_k 25 .* limit of 20"):
