@@ -589,12 +589,14 @@ class QueryEngine:
             records |= self.metadata.lookup(sorted(wanted - records.keys()))
             timings.lookup_us += clock.lap()
             lists = {
-                row: replace(
-                    self._candidate_list(
-                        spaces[row], retrieved[row], lexical[row], records, top_ks[row]
-                    ),
-                    deadline=deadlines[row],
-                    abandoned=abandoned[row],
+                row: self._candidate_list(
+                    spaces[row],
+                    retrieved[row],
+                    lexical[row],
+                    records,
+                    top_ks[row],
+                    deadlines[row],
+                    abandoned[row],
                 )
                 for row in reranked
             }
@@ -635,6 +637,8 @@ class QueryEngine:
         lexical: list[int],
         records: dict[int, ExampleRecord],
         top_k: int,
+        deadline: float | None,
+        abandoned: Callable[[], bool] | None,
     ) -> CandidateList:
         """A query's candidates in the order the exact stage scores them: by the upper bound of
         their exact scores (from the version's calibrated bound and their sketch ranks), lexical
@@ -655,6 +659,8 @@ class QueryEngine:
             estimates=np.concatenate([extra, estimates])[order],
             upper=np.concatenate([np.full(len(lexical), np.inf), upper])[order],
             top_k=top_k,
+            deadline=deadline,
+            abandoned=abandoned,
         )
 
     def _exact_stage(
