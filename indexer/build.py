@@ -89,6 +89,7 @@ from indexer.passes import ExamplePass
 from indexer.publish import (
     Pointers,
     build_lock,
+    discard_unpublished,
     ensure_writable,
     new_version_id,
     publish,
@@ -495,12 +496,10 @@ def build_index(config: BuildConfig) -> BuildSummary:
                     publish(root, staging, version, config.store.keep_versions, pointers)
             summary = ranks.broadcast(summary)
         except BaseException as e:
-            if ranks.main:
-                unpublished = staging.exists()
-                shutil.rmtree(staging, ignore_errors=True)
-                if unpublished and state is not None and state.milvus is not None:
-                    _drop_collection(state.milvus, version)
-            if _disk_full(e):
+            removed = ranks.main and discard_unpublished(root, staging, version, pointers)
+            if removed and state is not None and state.milvus is not None:
+                _drop_collection(state.milvus, version)
+            if _disk_full(e) and (removed or not ranks.main):
                 raise ResourceLimitError(
                     f"disk full in {root} while writing a new version (its files are removed, "
                     "CURRENT is unchanged): free space and build again"

@@ -12,6 +12,7 @@ directory, nothing is a symlink, and the version's id is its directory's name.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import secrets
 import shutil
@@ -26,6 +27,8 @@ from typing import Protocol
 from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
 from indexer.hashing import sha256_file
 from indexer.manifest import MANIFEST_FILE, FileRecord, Manifest
+
+log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
 PINNED = "PINNED"
@@ -106,6 +109,22 @@ def ensure_writable(root: Path) -> None:
 
 
 @contextmanager
+def pointer_lock(root: Path) -> Iterator[None]:
+    """Serialise what reads the versions and then moves a pointer or deletes versions
+    (publish's swap and prune, rollback, pin), so that none of them points CURRENT or
+    PINNED at a version another is deleting. Held for milliseconds; waits its turn."""
+    if not Path(root).is_dir():
+        raise NotFoundError(f"no index root at {root}")
+    try:
+        lock = (Path(root) / ".pointers.lock").open("w")
+    except OSError as e:
+        raise InvalidInputError(f"cannot lock {root} to move its pointers ({e.strerror})") from e
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
 def build_lock(root: Path) -> Iterator[None]:
     """One build per ROOT at a time; stale staging dirs of dead builds are removed."""
     with (root / ".build.lock").open("w") as lock:
@@ -125,7 +144,8 @@ def staging_dir(root: Path, version_id: str) -> Path:
 
 
 def write_manifest(staging: Path, manifest: Manifest) -> Manifest:
-    """Record the sha256 of every file in `staging` and write manifest.json (all fsynced)."""
+    """Record the sha256 of every file in `staging` and write manifest.json (all fsynced, the
+    directories' entries too, so that a crash after the rename cannot lose a file)."""
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     for path in files:
         with path.open("rb") as f:
@@ -140,6 +160,8 @@ def write_manifest(staging: Path, manifest: Manifest) -> Manifest:
         f.write(full.to_json())
         f.flush()
         os.fsync(f.fileno())
+    for directory in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:
+        _fsync_dir(directory)
     return full
 
 
@@ -150,13 +172,36 @@ def publish(
     keep_versions: int,
     pointers: Pointers | None = None,
 ) -> Path:
-    """Rename the staged version in, then point CURRENT at it; prune old versions."""
+    """Rename the staged version in, then point CURRENT at it; prune old versions (a failure
+    there is a warning: the version is published)."""
     final = root / VERSIONS / version_id
     os.rename(staging, final)
     _fsync_dir(root / VERSIONS)
-    _pointers(root, pointers).write(CURRENT, version_id)
-    prune(root, keep_versions, pointers)
+    pointers = _pointers(root, pointers)
+    with pointer_lock(root):
+        pointers.write(CURRENT, version_id)
+        try:
+            prune(root, keep_versions, pointers)
+        except Exception as e:
+            log.warning("published %s, but pruning old versions failed: %s", version_id, e)
     return final
+
+
+def discard_unpublished(
+    root: Path, staging: Path, version_id: str, pointers: Pointers | None = None
+) -> bool:
+    """After a failed build: remove its staged or renamed-in version unless CURRENT names it.
+    Returns whether it was removed (False: published, or CURRENT unreadable, so kept)."""
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        return True
+    try:
+        if _pointers(root, pointers).read(CURRENT) == version_id:
+            return False
+    except Exception:
+        return False
+    shutil.rmtree(root / VERSIONS / version_id, ignore_errors=True)
+    return True
 
 
 def prune(root: Path, keep_versions: int, pointers: Pointers | None = None) -> list[str]:
@@ -204,16 +249,18 @@ def read_pinned(root: Path, pointers: Pointers | None = None) -> str | None:
 
 def pin(root: Path, version_id: str, pointers: Pointers | None = None) -> Manifest:
     """Verify the version, then make every server of ROOT serve it (PINNED)."""
-    manifest = verify_version(version_dir(root, version_id))
-    _pointers(root, pointers).write(PINNED, version_id)
+    with pointer_lock(root):
+        manifest = verify_version(version_dir(root, version_id))
+        _pointers(root, pointers).write(PINNED, version_id)
     return manifest
 
 
 def clear_pin(root: Path, pointers: Pointers | None = None) -> str | None:
     """Remove PINNED (servers follow CURRENT again); returns the version it pinned."""
     pointers = _pointers(root, pointers)
-    pinned = pointers.read(PINNED)
-    pointers.clear(PINNED)
+    with pointer_lock(root):
+        pinned = pointers.read(PINNED)
+        pointers.clear(PINNED)
     return pinned
 
 
@@ -261,7 +308,11 @@ class Rollback:
 
 def rollback(root: Path, to: str | None = None, pointers: Pointers | None = None) -> Rollback:
     """Point CURRENT at `to` (verified first) or at the last-good version, atomically."""
-    pointers = _pointers(root, pointers)
+    with pointer_lock(root):
+        return _rollback(root, to, _pointers(root, pointers))
+
+
+def _rollback(root: Path, to: str | None, pointers: Pointers) -> Rollback:
     previous = pointers.read(CURRENT)
     if to is None:
         to = last_good(root, pointers)

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import pytest
 
+import indexer.publish
 from indexer.build import build_index
 from indexer.engine import QueryEngine
 from indexer.errors import IndexVerificationError
@@ -29,6 +30,7 @@ from indexer.publish import (
     last_good,
     pin,
     prune,
+    publish,
     read_current,
     read_pinned,
     rollback,
@@ -122,6 +124,32 @@ def test_rollback_goes_to_the_newest_valid_older_version(
     }
     with pytest.raises(IndexVerificationError):
         rollback(tmp_path, "broken")
+
+
+def test_a_rollback_and_a_publish_at_once_never_leave_current_on_a_deleted_version(
+    tmp_path: Path, built: Path, monkeypatch
+) -> None:
+    """`rollback --to old` verifies `old`; a build then publishes and prunes to one version.
+    Without a lock between them, the prune deleted `old` and the rollback pointed CURRENT at it."""
+    add_version(tmp_path, built, "old", 1)
+    add_version(tmp_path, built, "served", 2)
+    set_current(tmp_path, "served")
+    staged = tmp_path / VERSIONS / ".staging-new"
+    shutil.copytree(built, staged)
+    build = threading.Thread(target=publish, args=(tmp_path, staged, "new", 1))
+    verify = indexer.publish.verify_version
+
+    def verify_then_publish(path: Path, skip=()):
+        manifest = verify(path, skip)
+        if path.name == "old" and threading.current_thread() is threading.main_thread():
+            build.start()
+            build.join(timeout=2)  # done by now unless it waits for the rollback
+        return manifest
+
+    monkeypatch.setattr(indexer.publish, "verify_version", verify_then_publish)
+    rollback(tmp_path, "old")
+    build.join()
+    assert (tmp_path / VERSIONS / read_current(tmp_path)).is_dir()
 
 
 def test_pin_verifies_and_clear_removes(
