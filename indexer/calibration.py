@@ -240,8 +240,7 @@ class Calibrator:
             spaces, found, scores, candidates, strict=True
         ):
             norms = np.array([records[i].norm for i in row_ids], dtype=np.float64)
-            scale = space.cosine_scale(norms)
-            cosines.append(row_scores[: len(row_ids)] / scale)
+            cosines.append(space.cosine_units(row_scores[: len(row_ids)], norms))
             in_kind = exact.influence if exact.cosine is None else exact.cosine
-            exact_units.append(in_kind / scale)
+            exact_units.append(space.cosine_units(np.asarray(in_kind), norms))
         return cosines, exact_units

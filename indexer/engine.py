@@ -196,10 +196,12 @@ class IndexInfo:
 
     @classmethod
     def from_manifest(
-        cls, version: str, manifest: Manifest, options: EngineOptions | None = None
+        cls, version: str, manifest: Manifest, options: EngineOptions, searcher: Searcher
     ) -> IndexInfo:
+        """`searcher`: what answers the version's searches (it names the compact code only when
+        it scans one: not on CUDA, nor on Milvus)."""
         rank_out, rank_in = manifest.shared_ranks()
-        tiered = manifest.retrieval is not None and bool(options and options.retrieval_candidates)
+        tiered = isinstance(searcher, TieredSearcher)
         return cls(
             version=version,
             model_path=manifest.model.path,
@@ -228,7 +230,7 @@ class IndexInfo:
             tracked_parameter_share=manifest.coverage.share,
             skipped_parameters=manifest.coverage.skipped,
             retrieval_code=manifest.retrieval.name if manifest.retrieval and tiered else "",
-            retrieval_candidates=options.retrieval_candidates if options and tiered else 0,
+            retrieval_candidates=options.retrieval_candidates if tiered else 0,
         )
 
 
@@ -242,6 +244,16 @@ class _Ranked:
     influence: np.ndarray
     cosine: np.ndarray
     exact: np.ndarray
+
+
+def _check_counts(query: Query) -> None:
+    """Refuse a top_k under 1 and a negative depth or lexical count, naming the field."""
+    if query.top_k < 1:
+        raise InvalidInputError(f"top_k must be at least 1, got {query.top_k}")
+    for name in ("rerank_depth", "lexical_candidates"):
+        value = getattr(query, name)
+        if value is not None and value < 0:
+            raise InvalidInputError(f"{name} must be 0 or more, got {value}")
 
 
 def _norms(example_ids: list[int], records: dict[int, ExampleRecord]) -> np.ndarray:
@@ -264,10 +276,18 @@ def _sketch_ranking(
     records: dict[int, ExampleRecord],
 ) -> _Ranked:
     """The search's `top_k` (`scores [depth]`, `ids [depth]`, -1: none), both scores estimated
-    from the sketch."""
+    from the sketch (an example without a gradient scores 0, below its search's noise)."""
     example_ids, score = _first(scores, ids, top_k)
     influence, cosine = space.both(score, _norms(example_ids, records))
-    return _Ranked(example_ids, score, influence, cosine, np.zeros(len(example_ids), bool))
+    score = cosine if space.kind == ScoreKind.COSINE else influence
+    order = np.argsort(-score, kind="stable")
+    return _Ranked(
+        [example_ids[k] for k in order],
+        score[order],
+        influence[order],
+        cosine[order],
+        np.zeros(len(example_ids), bool),
+    )
 
 
 def _exact_ranking(
@@ -366,13 +386,13 @@ class QueryEngine:
         self.version = path.name
         self.manifest = manifest
         self.options = options or EngineOptions()
-        self.info = IndexInfo.from_manifest(self.version, manifest, self.options)
+        self.searcher = index if searcher is None else searcher
+        self.info = IndexInfo.from_manifest(self.version, manifest, self.options, self.searcher)
         self.reranker = reranker
         self.lexical = lexical
         self._model = model
         self.curvature = curvature
         self.index = index
-        self.searcher = index if searcher is None else searcher
         self.metadata = metadata
         self.vectors = vectors
         self.sketcher = GradientSketcher(
@@ -452,6 +472,7 @@ class QueryEngine:
         problem (empty or too long, another score kind, a re-rank over the budget). The query
         is kept as asked (its defaults unresolved), so that another version prepares it again
         by its own defaults."""
+        _check_counts(query)
         kind = query.score_kind or self.info.score_kind
         if kind != self.info.score_kind:
             raise InvalidInputError(
@@ -550,6 +571,8 @@ class QueryEngine:
         stage starts no round that would end later, nor one after `abandoned[q]()` says that
         no client waits for the answer any more. `on_sketch(q, result)` receives each
         re-ranked query's sketch answer as soon as the index was searched."""
+        if not queries:
+            return []
         clock = _Clock()
         queries = [self.prepared(q) for q in queries]
         deadlines = deadlines or [None] * len(queries)
@@ -644,20 +667,24 @@ class QueryEngine:
         their exact scores (from the version's calibrated bound and their sketch ranks), lexical
         candidates first (they have no sketch rank to bound them by). Without a bound (or with
         early stopping off) every candidate's bound is infinite: all are scored, in sketch
-        order."""
-        ids, estimates = retrieved
-        bound = self.manifest.rerank_bound if self.options.rerank_early_stop else None
-        upper = np.full(len(ids), np.inf)
-        if bound is not None:
-            scale = space.cosine_scale(_norms(ids, records))
-            upper = bound.upper(estimates / scale, np.arange(len(ids))) * scale
-        extra = self._index_scores(space, lexical, records)
-        order = np.argsort(-np.concatenate([np.full(len(lexical), np.inf), upper]), kind="stable")
+        order. Their estimates are the bound's calibrated line (the sketch score without one),
+        so that a deadline's answer ranks them on the exact scores' scale."""
+        ids, scores = retrieved
         all_ids = lexical + ids
+        scores = np.concatenate([self._index_scores(space, lexical, records), scores])
+        norms = _norms(all_ids, records)
+        cosines, scale = space.cosine_units(scores, norms), space.cosine_scale(norms)
+        bound = self.manifest.rerank_bound
+        estimates = (cosines if bound is None else bound.estimate(cosines)) * scale
+        upper = np.full(len(all_ids), np.inf)
+        if bound is not None and self.options.rerank_early_stop:
+            sketched = slice(len(lexical), None)
+            upper[sketched] = bound.upper(cosines[sketched], np.arange(len(ids))) * scale[sketched]
+        order = np.argsort(-upper, kind="stable")
         return CandidateList(
             ids=[all_ids[k] for k in order],
-            estimates=np.concatenate([extra, estimates])[order],
-            upper=np.concatenate([np.full(len(lexical), np.inf), upper])[order],
+            estimates=estimates[order],
+            upper=upper[order],
             top_k=top_k,
             deadline=deadline,
             abandoned=abandoned,
@@ -696,7 +723,8 @@ class QueryEngine:
         asking = [row for row, tq in enumerate(queries) if tq.query.lexical_candidates]
         if not asking:
             return extra
-        texts = [f"{queries[r].query.prompt}{queries[r].query.completion}" for r in asking]
+        # A space keeps the prompt's last word and a completion's first apart, as BM25 needs.
+        texts = [f"{queries[r].query.prompt} {queries[r].query.completion}" for r in asking]
         k = max(queries[r].query.lexical_candidates for r in asking)
         for row, found in zip(asking, self.lexical.search(texts, k), strict=True):
             seen = set(candidates[row])

@@ -81,6 +81,11 @@ def tokenize_query(
     A text longer than `max_chars` (see `max_query_chars`) is refused before any tokenization,
     so a huge request costs nothing.
     """
+    for name in ("prompt", "completion"):
+        try:
+            getattr(query, name).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidInputError(f"{name} is not valid Unicode text ({e.reason})") from None
     chars = len(query.prompt) + len(query.completion)
     if max_chars is not None and chars > max_chars:
         raise InvalidInputError(

@@ -39,11 +39,20 @@ class ScoreSpace:
 
     def both(self, scores: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`(influence, cosine)` of index scores `[n, ...]` of examples whose norms `[n, ...]`
-        broadcast with them."""
-        scale = np.maximum(self.norm * norms, 1e-30)
+        broadcast with them. Where the example or the query has no gradient (norm 0) both are
+        0: its stored code decodes to quantisation noise, not to a score."""
+        scale = self.norm * norms
+        live = scale > 0
         if self.kind == ScoreKind.COSINE:
-            return scores * scale, scores
-        return scores, scores / scale
+            cosine = np.where(live, scores, 0.0)
+            return cosine * scale, cosine
+        influence = np.where(live, scores, 0.0)
+        return influence, influence / np.where(live, scale, 1.0)
+
+    def cosine_units(self, scores: np.ndarray, norms: np.ndarray) -> np.ndarray:
+        """Scores of this kind `[n]` (sketch or exact) divided by `cosine_scale(norms)`: the
+        units the re-rank bound compares them in; 0 where the scale is 0."""
+        return self.both(scores, norms)[1]
 
     def cosine_scale(self, norms: np.ndarray) -> np.ndarray:
         """What divides scores of this kind of examples with sketch norms `norms [n]` to put
@@ -51,7 +60,7 @@ class ScoreSpace:
         scores too: the bound compares both in these units)."""
         if self.kind == ScoreKind.COSINE:
             return np.ones_like(norms, dtype=np.float64)
-        return np.maximum(self.norm * norms, 1e-30)
+        return self.norm * norms
 
 
 @dataclass(frozen=True)

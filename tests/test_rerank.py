@@ -4,6 +4,7 @@ refused with the limit or the build flag they need."""
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,6 +127,80 @@ def test_a_due_deadline_gets_the_sketch_answer_marked_as_estimates(early: QueryE
     assert len(result.hits) == QUERY.top_k and not any(hit.exact for hit in result.hits)
     (sketch,) = early.query([replace(QUERY, rerank_depth=0)])
     assert [h.example_id for h in result.hits] == [h.example_id for h in sketch.hits]
+
+
+def test_a_deadline_ranks_what_it_did_not_reach_by_calibrated_estimates(
+    early: QueryEngine,
+) -> None:
+    """Exact scores and the sketch's are on different scales (a cosine index's calibrated
+    slope is about 0.4): an answer cut short by its deadline mixes exact hits with candidates it
+    did not reach, so those rank by the bound's line, the exact scores' expected value."""
+    bound = early.manifest.rerank_bound
+    tokenized = early.prepare(replace(QUERY, rerank_depth=50))
+    (result,) = early.answer([tokenized], deadlines=[time.monotonic()])
+    (sketch,) = early.query([replace(QUERY, top_k=50, rerank_depth=0)])
+    sketched = {h.example_id: h for h in sketch.hits}
+    for hit in result.hits:
+        cosine, influence = sketched[hit.example_id].cosine, sketched[hit.example_id].influence
+        scale = 1.0 if early.info.score_kind == ScoreKind.COSINE else influence / cosine
+        assert hit.score == pytest.approx(bound.estimate(np.array(cosine)) * scale, rel=1e-5)
+    assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
+
+
+def test_an_example_without_a_gradient_scores_zero_and_leaves_the_bound_sound(
+    tmp_path: Path, tiny_model_dir: Path, small_corpus_path: Path
+) -> None:
+    """A one-token example (no prefix token: nothing to predict) has norm 0, but its 8-bit code
+    decodes to noise: its cosine was that noise over 1e-30, and such pairs broke the build's fit
+    of the bound (a slope of -2e-30)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(small_corpus_path.read_text() + '{"id": "one-token", "text": "The"}\n')
+    config = tiny_config(tiny_model_dir, corpus, tmp_path / "root", score="influence")
+    build_index(replace(config, corpus=replace(config.corpus, prefix_tokens=())))
+    with closing(QueryEngine.open(tmp_path / "root")) as engine:
+        (record,) = [r for r in engine.metadata.lookup(
+            engine.metadata.ids_and_norms(np.arange(engine.info.n_examples))[0].tolist()
+        ).values() if r.doc_id == "one-token"]  # fmt: skip
+        assert len(record.token_ids) == 1 and record.norm == 0
+        assert engine.manifest.rerank_bound.slope > 0
+        (result,) = engine.query([replace(QUERY, top_k=engine.info.n_examples, rerank_depth=0)])
+        (hit,) = [h for h in result.hits if h.example_id == record.example_id]
+        assert hit.score == hit.influence == hit.cosine == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"top_k": 0}, "top_k must be at least 1, got 0"),
+        ({"top_k": -1}, "top_k must be at least 1, got -1"),
+        ({"rerank_depth": -5}, "rerank_depth must be 0 or more, got -5"),
+        ({"lexical_candidates": -1}, "lexical_candidates must be 0 or more, got -1"),
+        ({"prompt": "The \ud800 market"}, "prompt is not valid Unicode text"),
+    ],
+)
+def test_a_library_query_with_bad_counts_or_text_names_the_field(
+    early: QueryEngine, change: dict, message: str
+) -> None:
+    """The server checks top_k itself; a library caller (eval, a notebook) got 0 hits after a
+    whole exact stage for top_k 0, N−1 hits for top_k −1, and a TypeError for a surrogate."""
+    with pytest.raises(InvalidInputError, match=message):
+        early.query([replace(QUERY, **change)])
+
+
+def test_an_empty_batch_gets_no_answers(early: QueryEngine) -> None:
+    assert early.query([]) == []
+
+
+def test_lexical_search_sees_the_prompt_and_the_completion_as_separate_words(
+    early: QueryEngine, monkeypatch
+) -> None:
+    """A completion without a leading space was glued to the prompt's last word
+    ("market" + "was" searched as "marketwas", a word no document has)."""
+    searched: list[str] = []
+    search = early.lexical.search
+    monkeypatch.setattr(early.lexical, "search", lambda t, k: searched.extend(t) or search(t, k))
+    early.query([Query("The market", "was busy", top_k=3, rerank_depth=10, lexical_candidates=5)])
+    assert searched == ["The market was busy"]
 
 
 def test_the_sketch_answer_is_handed_over_before_the_candidates_are_looked_up(

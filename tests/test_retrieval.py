@@ -9,7 +9,7 @@ import pytest
 
 from indexer.build import build_index, compact_code
 from indexer.config import RETRIEVAL_MIN_EXAMPLES, CompactCode, Projection
-from indexer.engine import EngineOptions, QueryEngine
+from indexer.engine import EngineOptions, IndexInfo, QueryEngine
 from indexer.manifest import RETRIEVAL_FILE
 from indexer.publish import verify_version, version_dir
 from indexer.query import Query
@@ -191,6 +191,10 @@ def test_a_version_with_a_compact_code_answers_as_its_flat_index(
     )
     assert isinstance(flat_engine.searcher, CodeScan)  # 0: every stored code scanned
     assert (flat_engine.info.retrieval_code, flat_engine.info.retrieval_candidates) == ("", 0)
+    # asked for the tier but scanning the stored codes (on CUDA, or Milvus): no code is named
+    asked = EngineOptions(retrieval_candidates=summary.n_examples)
+    info = IndexInfo.from_manifest(summary.version, manifest, asked, flat_engine.searcher)
+    assert (info.retrieval_code, info.retrieval_candidates) == ("", 0)
     flat = flat_engine.query(queries)[0]
     flat_engine.close()
     engine.close()
