@@ -478,6 +478,8 @@ def build_index(config: BuildConfig) -> BuildSummary:
     if ranks.main:
         ensure_writable(root)
         pointers = open_pointers(root, config.backend)  # Milvus: fails early on a bad URI
+        if config.backend.backend == Backend.MILVUS:
+            pointers.claim_prefix()
     with build_lock(root) if ranks.main else nullcontext():
         version = new_version_id()
         version, staging = ranks.broadcast(
@@ -527,7 +529,9 @@ def _disk_full(error: BaseException) -> bool:
     """Whether `error` (or one it was raised from) reports a full disk or quota. FAISS, DuckDB
     and safetensors raise their own types, with the system's message in the text."""
     full = (errno.ENOSPC, errno.EDQUOT)
-    while error is not None:
+    seen = set()  # a chain may loop: pymilvus raises its errors `from` themselves
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         if isinstance(error, OSError) and error.errno in full:
             return True
         if any(os.strerror(code) in str(error) for code in full):
@@ -544,6 +548,7 @@ def _prepare(
     with _timed(seconds, "load"):
         loaded = load_model(config.model, config.device)
         max_length = _check_config(config, loaded)
+        config.backend.check_max_length(max_length)
         modules = tracked_modules(loaded.model, config.sketch.modules)
         tracked = coverage(loaded.model, modules)
         if ranks.main:
@@ -552,6 +557,8 @@ def _prepare(
         projections = _projections(modules, allocation, config.sketch.seed)
         staged = _scratch(staging, CORPUS_FILE, ranks.rank)
         corpus = stage_corpus(config.corpus, loaded.tokenizer, max_length, staged)
+        if config.backend.backend == Backend.MILVUS:
+            config.backend.check_text_bytes(corpus.longest_bytes(("doc_id", "text")))
     example_pass = ExamplePass(
         GradientSketcher(loaded.model, modules, projections),
         corpus,

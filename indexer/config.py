@@ -293,6 +293,8 @@ class Backend(str, Enum):
 # Milvus refuses vectors over its proxy's `proxy.maxDimension` (32,768 unless raised): the
 # default budget (DEFAULT_DIMS) is exactly that.
 MILVUS_MAX_DIMENSION = 32_768
+MILVUS_MAX_VARCHAR = 65_535  # bytes of a VARCHAR field (doc ids, texts)
+MILVUS_MAX_ARRAY = 4_096  # elements of an ARRAY field: tokens per example
 
 
 @dataclass(frozen=True)
@@ -330,6 +332,27 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", Backend(self.backend))
+
+    def check_max_length(self, max_length: int) -> None:
+        """InvalidInputError when Milvus could not hold `max_length` tokens per example (checked
+        before the corpus is read)."""
+        if self.backend == Backend.MILVUS and max_length > MILVUS_MAX_ARRAY:
+            raise InvalidInputError(
+                f"{max_length} tokens per example are over Milvus's {MILVUS_MAX_ARRAY} array "
+                f"elements: build with --max-length {MILVUS_MAX_ARRAY} or less"
+            )
+
+    def check_text_bytes(self, longest: dict[str, int]) -> None:
+        """InvalidInputError when a text field's longest value (bytes, by field name) is over
+        Milvus's VARCHAR limit (checked once the corpus is staged, before the passes)."""
+        if self.backend != Backend.MILVUS:
+            return
+        for name, size in longest.items():
+            if size > MILVUS_MAX_VARCHAR:
+                raise InvalidInputError(
+                    f"a {name} of {size} bytes is over Milvus's {MILVUS_MAX_VARCHAR}-byte text "
+                    f"field: shorten it (or build with a smaller --max-length, for texts)"
+                )
 
     def check_dimension(self, dim: int) -> None:
         """InvalidInputError when this backend would refuse vectors of `dim` dimensions (every

@@ -374,6 +374,12 @@ class ExampleTable:
         """A whole column `[N]` in row order (numbers: a few bytes per example)."""
         return self.con.execute(f'SELECT "{name}" FROM examples ORDER BY "row"').fetchnumpy()[name]
 
+    def longest_bytes(self, names: Sequence[str]) -> dict[str, int]:
+        """The longest value of each text column, in UTF-8 bytes."""
+        lengths = ", ".join(f'coalesce(max(strlen("{name}")), 0)' for name in names)
+        found = self.con.execute(f"SELECT {lengths} FROM examples").fetchone()
+        return dict(zip(names, (int(n) for n in found), strict=True))
+
     def texts(self) -> list[str]:
         """Every example's text, in row order (for the BM25 index, which holds them anyway)."""
         return [

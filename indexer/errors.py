@@ -24,3 +24,7 @@ class IndexVerificationError(InfluenceIndexError):
 class ResourceLimitError(InfluenceIndexError):
     """The requested computation would not fit in memory (e.g. exact EK-FAC factors), or its
     output on disk (a build on a full disk)."""
+
+
+class UnavailableError(InfluenceIndexError):
+    """A service the index lives in (Milvus) cannot be reached or failed. gRPC UNAVAILABLE."""

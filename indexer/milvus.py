@@ -18,21 +18,37 @@ would share any Milvus. Imported only with `--backend milvus` (pymilvus speaks g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import secrets
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.client.types import LoadState
 from tqdm import tqdm
 
-from indexer.config import BackendConfig
-from indexer.errors import IndexVerificationError, InvalidInputError, NotFoundError
+from indexer.config import MILVUS_MAX_VARCHAR, BackendConfig
+from indexer.errors import (
+    IndexVerificationError,
+    InvalidInputError,
+    NotFoundError,
+    UnavailableError,
+)
 from indexer.manifest import INDEX_FILE, METADATA_FILE, CollectionRecord, Manifest
-from indexer.publish import VERSIONS, list_versions, read_manifest
+from indexer.publish import (
+    CURRENT,
+    PINNED,
+    VERSIONS,
+    list_versions,
+    new_version_id,
+    read_manifest,
+)
 from indexer.scan import NO_SCORE
 from indexer.store import ExampleRecord, MetadataReader, StoredVectors, open_index
 
@@ -40,8 +56,7 @@ VECTOR = "vector"
 RECORD_FIELDS = ("id", "row", "doc_id", "chunk", "text", "token_ids", "norm", "exact_norm")
 INSERT_BYTES = 16 << 20  # vectors per insert request, well within gRPC's 64 MiB message limit
 READ_ROWS = 128  # rows per request when a collection is read back
-MAX_VARCHAR = 65_535  # bytes of a VARCHAR field (Milvus's limit)
-MAX_ARRAY = 4_096  # elements of an ARRAY field (Milvus's limit): tokens per example
+MAX_NAME = 255  # characters of a collection or alias name (Milvus's limit)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REMOTE = re.compile(r"(https?|tcp|unix)://")
 # Milvus Lite's gRPC server (in-process or `milvus-lite server`) keeps gRPC's default ping
@@ -49,6 +64,11 @@ _REMOTE = re.compile(r"(https?|tcp|unix)://")
 # insert ("too_many_pings").
 _KEEPALIVE = {"grpc.keepalive_time_ms": 300_000}
 _VERSION_SUFFIX = re.compile(r"\d{8}T\d{12}Z_[0-9a-f]{6}")  # `new_version_id`, '-' as '_'
+# Who wrote a collection: the random id of its ROOT, kept in ROOT/ROOT_ID_FILE. Roots that share
+# a Milvus (and a prefix) then never take each other's collections for their own.
+OWNER_PROPERTY = "influence_index.root"
+ROOT_ID_FILE = ".milvus-root-id"
+T = TypeVar("T")
 
 
 class MilvusBackend:
@@ -56,7 +76,7 @@ class MilvusBackend:
     `indexer.publish.Pointers` of ROOT: CURRENT and PINNED are aliases."""
 
     def __init__(self, client: MilvusClient, config: BackendConfig, root: Path):
-        self.client = client
+        self.client = _Client(client, config.milvus_uri)
         self.config = config
         self.root = Path(root)
         self.local = not _REMOTE.match(config.milvus_uri)  # a Milvus Lite file
@@ -74,6 +94,12 @@ class MilvusBackend:
             raise InvalidInputError(
                 f"--milvus-prefix {prefix!r}: letters, digits and underscores only, "
                 "not starting with a digit"
+            )
+        longest = MAX_NAME - len(cls.collection_of("", new_version_id()))
+        if len(prefix) > longest:
+            raise InvalidInputError(
+                f"--milvus-prefix is {len(prefix)} characters; with a version id a Milvus name "
+                f"has at most {MAX_NAME}, so the prefix at most {longest}"
             )
         if not _REMOTE.match(uri):
             if not uri.endswith(".db"):
@@ -93,8 +119,13 @@ class MilvusBackend:
         return cls(client, config, root)
 
     def collection(self, version_id: str) -> str:
-        """The name of a version's collection (Milvus names allow no '-')."""
-        return f"{self.config.collection_prefix}_{version_id.replace('-', '_')}"
+        """The name of a version's collection."""
+        return self.collection_of(self.config.collection_prefix, version_id)
+
+    @staticmethod
+    def collection_of(prefix: str, version_id: str) -> str:
+        """Milvus names allow no '-'."""
+        return f"{prefix}_{version_id.replace('-', '_')}"
 
     # -- CURRENT and PINNED (indexer.publish.Pointers) --------------------------------------
 
@@ -132,20 +163,53 @@ class MilvusBackend:
         """Drop a pruned version's collection."""
         self._drop(self.collection(version_id))
 
+    def claim_prefix(self) -> None:
+        """Refuse (InvalidInputError) to build where CURRENT's or PINNED's alias names a
+        collection of another ROOT: two roots with one prefix would move each other's aliases."""
+        ours = {self.collection(v) for v in list_versions(self.root)}
+        for name in (CURRENT, PINNED):
+            alias = self._alias(name)
+            if alias not in self._aliases():
+                continue
+            collection = self.client.describe_alias(alias)["collection_name"]
+            owner = self._owner(collection)
+            if owner == self.root_id() or (owner is None and collection in ours):
+                continue
+            raise InvalidInputError(
+                f"Milvus alias {alias} names {collection}, a collection of another index root: "
+                "give each root its own --milvus-prefix"
+            )
+
     def drop_orphans(self) -> list[str]:
-        """Drop this prefix's collections whose version is not in ROOT (a build killed before
+        """Drop this ROOT's collections whose version is not in ROOT (a build killed before
         it published, or after its version was pruned); returns their names."""
         kept = {self.collection(v) for v in list_versions(self.root)}
         prefix = self.config.collection_prefix + "_"
         ours = [
             c
             for c in self.client.list_collections()
-            if c.startswith(prefix) and _VERSION_SUFFIX.fullmatch(c[len(prefix) :])
+            if c.startswith(prefix)
+            and _VERSION_SUFFIX.fullmatch(c[len(prefix) :])
+            and self._owner(c) == self.root_id()
         ]
         orphans = [c for c in ours if c not in kept]
         for name in orphans:
             self._drop(name)
         return orphans
+
+    def root_id(self) -> str:
+        """This ROOT's id, made at its first Milvus build (`OWNER_PROPERTY`)."""
+        path = self.root / ROOT_ID_FILE
+        try:
+            with path.open("x") as f:
+                f.write(secrets.token_hex(8) + "\n")
+        except FileExistsError:
+            pass
+        return path.read_text().strip()
+
+    def _owner(self, collection: str) -> str | None:
+        """The id of the ROOT that wrote `collection` (None: written before ids were kept)."""
+        return self.client.describe_collection(collection)["properties"].get(OWNER_PROPERTY)
 
     def _drop(self, collection: str) -> None:
         if self.client.has_collection(collection):
@@ -182,13 +246,13 @@ class MilvusBackend:
         progress: bool,
     ) -> CollectionRecord:
         name = self.collection(version_id)
-        if max_length > MAX_ARRAY:
-            raise InvalidInputError(
-                f"{max_length} tokens per example are over Milvus's {MAX_ARRAY} array elements: "
-                f"build with --max-length {MAX_ARRAY} or less"
-            )
+        self.config.check_max_length(max_length)
         self._drop(name)
-        self.client.create_collection(name, schema=self._schema(vectors.shape[1], max_length))
+        self.client.create_collection(
+            name,
+            schema=self._schema(vectors.shape[1], max_length),
+            properties={OWNER_PROPERTY: self.root_id()},
+        )
         # Milvus Lite builds indexes at once and lacks the call pymilvus waits with.
         self.client.create_index(name, self._index(), sync=not self.local)
         digests: dict[int, bytes] = {}
@@ -267,9 +331,9 @@ class MilvusBackend:
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("row", DataType.INT64)
-        schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_VARCHAR)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=MILVUS_MAX_VARCHAR)
         schema.add_field("chunk", DataType.INT64)
-        schema.add_field("text", DataType.VARCHAR, max_length=MAX_VARCHAR)
+        schema.add_field("text", DataType.VARCHAR, max_length=MILVUS_MAX_VARCHAR)
         schema.add_field(
             "token_ids", DataType.ARRAY, element_type=DataType.INT64, max_capacity=max_length
         )
@@ -341,10 +405,44 @@ def _combined(digests: dict[int, bytes]) -> str:
     return h.hexdigest()
 
 
+class _Client:
+    """A MilvusClient whose calls raise Milvus's errors as UnavailableError, one line that names
+    the URI (a reloader reports it, the server answers UNAVAILABLE, the CLI exits 2)."""
+
+    def __init__(self, client: MilvusClient, uri: str):
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except MilvusException as e:
+                raise UnavailableError(f"Milvus at {self._uri}: {e.message}") from e
+
+        return call
+
+
+def _searchable(client: _Client, collection: str, call: Callable[[], T]) -> T:
+    """`call()`; when it fails because Milvus released the collection (as it does when it
+    restarts), the collection is loaded again and `call` tried once more."""
+    try:
+        return call()
+    except UnavailableError:
+        if client.get_load_state(collection)["state"] == LoadState.Loaded:
+            raise
+        client.load_collection(collection)
+        return call()
+
+
 class CollectionSearcher:
     """`indexer.scan.Searcher` over a collection: Milvus's FLAT inner-product search."""
 
-    def __init__(self, client: MilvusClient, collection: str):
+    def __init__(self, client: _Client, collection: str):
         self.client, self.collection = client, collection
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -353,13 +451,17 @@ class CollectionSearcher:
         last row)."""
         scores = np.full((len(queries), k), NO_SCORE, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
-        found = self.client.search(
+        found = _searchable(
+            self.client,
             self.collection,
-            data=[np.asarray(q, dtype=np.float32) for q in queries],
-            limit=k,
-            anns_field=VECTOR,
-            search_params={"metric_type": "IP"},
-            output_fields=["id"],  # no output fields means all of them, vectors too
+            lambda: self.client.search(
+                self.collection,
+                data=[np.asarray(q, dtype=np.float32) for q in queries],
+                limit=k,
+                anns_field=VECTOR,
+                search_params={"metric_type": "IP"},
+                output_fields=["id"],  # no output fields means all of them, vectors too
+            ),
         )
         for row, hits in enumerate(found):
             ids[row, : len(hits)] = [hit["id"] for hit in hits]
@@ -376,13 +478,17 @@ class CollectionRecords:
     def lookup(self, ids: list[int]) -> dict[int, ExampleRecord]:
         if not ids:
             return {}
-        found = self.backend.client.get(
-            self.collection, ids=list(ids), output_fields=list(RECORD_FIELDS)
+        client = self.backend.client
+        found = _searchable(
+            client,
+            self.collection,
+            lambda: client.get(self.collection, ids=list(ids), output_fields=list(RECORD_FIELDS)),
         )
         return {r["id"]: ExampleRecord(*(r[f] for f in RECORD_FIELDS)) for r in found}
 
     def count(self) -> int:
-        return self.backend.count(self.collection)
+        client = self.backend.client
+        return _searchable(client, self.collection, lambda: self.backend.count(self.collection))
 
     def close(self) -> None:
         """Nothing to release: the backend's client serves every version."""
@@ -392,7 +498,7 @@ class CollectionVectors:
     """The stored vectors `[N, D]` (float32) of a collection by metadata row, as
     `StoredVectors` gives them (`v[[r1, r2, ...]]`)."""
 
-    def __init__(self, client: MilvusClient, collection: str, shape: tuple[int, int]):
+    def __init__(self, client: _Client, collection: str, shape: tuple[int, int]):
         self.client, self.collection, self.shape = client, collection, shape
 
     def __len__(self) -> int:
@@ -403,8 +509,14 @@ class CollectionVectors:
         out = np.zeros((len(wanted), self.shape[1]), dtype=np.float32)
         if not wanted:
             return out
-        found = self.client.query(
-            self.collection, filter=f"row in {sorted(set(wanted))}", output_fields=["row", VECTOR]
+        found = _searchable(
+            self.client,
+            self.collection,
+            lambda: self.client.query(
+                self.collection,
+                filter=f"row in {sorted(set(wanted))}",
+                output_fields=["row", VECTOR],
+            ),
         )
         by_row = {r["row"]: r[VECTOR] for r in found}
         missing = [r for r in wanted if r not in by_row]

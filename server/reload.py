@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from indexer.errors import InfluenceIndexError
+from indexer.errors import InfluenceIndexError, UnavailableError
 from indexer.publish import (
     CURRENT,
     PINNED,
@@ -217,6 +217,9 @@ class Reloader:
         except OSError as exc:
             self._count_failure()
             self._report(f"cannot read index root {self._root}: {exc.strerror or exc}")
+        except UnavailableError as exc:
+            self._count_failure()
+            self._report(str(exc))
 
     def _check(self, forced: bool) -> None:
         wanted, source = self._wanted()

@@ -23,6 +23,7 @@ from indexer.errors import (
     NotFoundError,
     PreconditionError,
     ResourceLimitError,
+    UnavailableError,
 )
 from indexer.query import Query, TokenizedQuery
 from influence.v1 import influence_pb2 as pb
@@ -65,6 +66,7 @@ _STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NoEngineError, grpc.StatusCode.UNAVAILABLE),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (BatcherClosed, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (futures.CancelledError, grpc.StatusCode.CANCELLED),

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.build import build_index
+from indexer.build import _disk_full, build_index
 from indexer.config import BuildConfig, CorpusConfig, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
 from indexer.errors import InvalidInputError
@@ -367,6 +368,18 @@ def test_a_full_disk_is_one_line_and_leaves_current_serving(
         assert "disk full" in err and len(err.splitlines()) == 1, err
         assert not list((root / VERSIONS).glob(".staging-*"))
         assert _snapshot(root) == before
+
+
+def test_an_error_chain_that_loops_is_not_taken_for_a_full_disk() -> None:
+    """pymilvus raises its errors `from` themselves: following the chain never ended, and a
+    build that met any Milvus error hung at 100 % CPU, holding ROOT's build lock."""
+    error = RuntimeError("Milvus refused the insert")
+    error.__cause__ = error
+    answer: list[bool] = []
+    checker = threading.Thread(target=lambda: answer.append(_disk_full(error)), daemon=True)
+    checker.start()
+    checker.join(timeout=10)
+    assert answer == [False]
 
 
 def test_auto_stores_exact_factors_for_a_gpt2_small_shape(tmp_path, monkeypatch) -> None:

@@ -14,10 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pymilvus import MilvusClient, MilvusException
+from pymilvus.client.types import LoadState
+from transformers import AutoTokenizer
 
 from indexer.backend import open_pointers
 from indexer.build import build_index
 from indexer.config import Backend, BackendConfig, BuildConfig
+from indexer.demo.train import DemoTrainingConfig, build_model
 from indexer.engine import QueryEngine
 from indexer.errors import IndexVerificationError, InvalidInputError
 from indexer.manifest import INDEX_FILE, MANIFEST_FILE, METADATA_FILE
@@ -146,6 +150,58 @@ def test_the_server_searches_milvus_and_answers_as_faiss_does(tiny, serve) -> No
                 assert_same_hits(list(answer.influences), expected.hits, faiss)
     finally:
         faiss.close()
+
+
+def test_a_collection_milvus_released_is_loaded_again_on_the_next_query(
+    tiny, serve, milvus
+) -> None:
+    """Milvus releases its collections when it restarts; the server kept failing every query
+    (INTERNAL) until a new version was published."""
+    client = serve()
+    wait_for(lambda: client.info().serving)
+    collection = milvus.collection(client.info().version)
+    assert client.query("The market", " was busy", top_k=3, rerank_depth=0).influences
+    milvus.client.release_collection(collection)
+    assert client.query("The market", " was busy", top_k=3, rerank_depth=0).influences
+    assert milvus.client.get_load_state(collection)["state"] == LoadState.Loaded
+
+
+def test_a_milvus_outage_is_the_reload_status_not_a_traceback_a_poll(
+    tiny, serve, monkeypatch, caplog
+) -> None:
+    client = serve()
+    wait_for(lambda: client.info().serving)
+
+    def down(*_args: object, **_kwargs: object) -> None:
+        raise MilvusException(code=2, message="Fail connecting to server")
+
+    monkeypatch.setattr(MilvusClient, "list_aliases", down)
+    wait_for(lambda: "Fail connecting" in client.info().last_reload_error)
+    time.sleep(0.5)  # several polls
+    info = client.info()
+    monkeypatch.undo()
+    wait_for(lambda: client.info().last_reload_error == "")
+    assert info.last_reload_error.startswith(f"Milvus at {tiny['backend'].milvus_uri}: ")
+    assert info.serving
+    assert caplog.text.count("Fail connecting") == 1 and "Traceback" not in caplog.text
+
+
+def test_roots_sharing_a_milvus_prefix_never_take_each_others_collections(
+    tiny, tiny_model_dir, milvus, tmp_path
+) -> None:
+    """Every root's builds dropped the others' collections as orphans of their own, and moved
+    the same aliases."""
+    root, before = tiny["root"], read_current(tiny["root"], milvus)
+    (tmp_path / "other").mkdir()
+    other = open_pointers(tmp_path / "other", tiny["backend"])
+    foreign = new_version_id()
+    other.write_collection(foreign, version_dir(root, before), 64, unit=True)
+    assert milvus.drop_orphans() == []  # another root's, not an orphan of this one
+    with pytest.raises(InvalidInputError, match="another index root"):
+        build_index(milvus_config(tiny_model_dir, tiny["corpus"], other.root, tiny["backend"]))
+    assert read_current(root, milvus) == before
+    assert milvus.client.has_collection(milvus.collection(before))
+    assert other.drop_orphans() == [other.collection(foreign)]
 
 
 def test_the_server_reads_neither_the_faiss_index_nor_the_metadata(tiny, milvus) -> None:
@@ -277,6 +333,38 @@ def test_bad_uri_and_dimension_are_one_line_errors(
     assert read_current(tmp_path / "index", open_pointers(tmp_path / "index", backend)) is None
     with pytest.raises(InvalidInputError, match="--milvus-prefix"):
         MilvusBackend.connect(lite(tmp_path / "m.db", prefix="bad-prefix"), tmp_path)
+    with pytest.raises(InvalidInputError, match="so the prefix at most 225"):
+        MilvusBackend.connect(lite(tmp_path / "m.db", prefix="p" * 226), tmp_path)
+
+
+def test_what_milvus_cannot_hold_is_refused_before_the_passes(
+    tiny, tiny_model_dir, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A doc id over Milvus's 65,535-byte text field, and more tokens per example than its
+    4,096 array elements: one line and exit 2 before the curvature (it came after the whole
+    build, as a traceback, and the build then hung; the model here has 5,000 positions)."""
+    from indexer import build
+
+    def no_passes(*_args: object) -> None:
+        raise AssertionError("the passes ran")
+
+    monkeypatch.setattr(build, "_curvature", no_passes)
+    long_model = tmp_path / "long-model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = DemoTrainingConfig(n_embd=32, n_layer=2, n_head=2, n_positions=5000)
+    build_model(config, tokenizer).save_pretrained(long_model, safe_serialization=True)
+    tokenizer.save_pretrained(long_model)
+    corpus = write_jsonl(tmp_path / "long-id.jsonl", [{"id": "x" * 70_000, "text": "A river"}])
+    backend = ["--backend", "milvus", "--milvus-uri", str(tmp_path / "m.db")]
+    base = ["build", "-q", "--out", str(tmp_path / "index"), "--rank-in", "8", *backend]
+    for model, data, length, expected in [
+        (tiny_model_dir, corpus, 64, "a doc_id of 70000 bytes is over Milvus's 65535-byte"),
+        (long_model, tiny["corpus"], 5000, "5000 tokens per example are over Milvus's 4096"),
+    ]:
+        argv = ["--model", str(model), "--data", str(data), "--max-length", str(length)]
+        assert main([*base, *argv]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
 
 
 def test_demo_top_10_equals_faiss_for_every_demo_query(
