@@ -58,7 +58,9 @@ class ServerConfig:
         metadata={"help": "published index root", "flags": ("--index",), "metavar": "ROOT"}
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: all)"})
-    port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one"})
+    port: int = field(
+        default=50051, metadata={"help": "gRPC port; 0 picks a free one", "min": 0, "max": 65535}
+    )
     device: str = field(
         default="cpu", metadata={"help": "torch device for the query model: cpu, cuda, ..."}
     )
@@ -70,13 +72,20 @@ class ServerConfig:
         },
     )
     metrics_port: int | None = field(
-        default=None, metadata={"help": "serve Prometheus metrics over HTTP on this port"}
+        default=None,
+        metadata={
+            "help": "serve Prometheus metrics over HTTP on this port",
+            "min": 0,
+            "max": 65535,
+        },
     )
     health_port: int | None = field(
         default=None,
         metadata={
             "help": "also serve grpc.health.v1.Health alone, in plaintext (even with TLS), on "
-            "this port: service '' = ready (an index is loaded), 'liveness' = the process is up"
+            "this port: service '' = ready (an index is loaded), 'liveness' = the process is up",
+            "min": 0,
+            "max": 65535,
         },
     )
     batching: BatcherConfig = field(

@@ -160,6 +160,9 @@ def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
 
 def read_pem(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise InvalidInputError(f"cannot read TLS file {path}: {exc}") from exc
+    if b"-----BEGIN " not in data:
+        raise InvalidInputError(f"TLS file {path} is not PEM (no -----BEGIN line)")
+    return data

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from indexer.config import ScoreKind
+from indexer.errors import InvalidInputError
 from indexer.query import Query
 from influence.v1 import influence_pb2 as pb
 from influence.v1 import influence_pb2_grpc
@@ -43,7 +44,8 @@ class ClientOptions:
     tls_ca_file: Path | None = field(
         default=None,
         metadata={
-            "help": "CA (PEM) of the server certificate; turns TLS on",
+            "help": "CA (PEM) of the server certificate; turns TLS on (so does --tls-cert, "
+            "with the system's CAs)",
             "flags": ("--tls-ca",),
         },
     )
@@ -73,7 +75,8 @@ class ClientOptions:
 class InfluenceClient:
     """A channel to one server. Errors surface as grpc.RpcError (see .code(), .details()).
 
-    TLS when `tls_ca_file` is given; mutual TLS when a client cert and key are given too.
+    TLS when a CA or a client certificate is given (without a CA, the system's roots check the
+    server); mutual TLS when a client certificate and key are given.
     `tls_server_name` overrides the name checked against the server certificate.
     Timeouts are in seconds.
     """
@@ -94,13 +97,15 @@ class InfluenceClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        if tls_ca_file is None:
+        if (tls_cert_file is None) != (tls_key_file is None):
+            raise InvalidInputError("mutual TLS needs both a client certificate and its key")
+        if tls_ca_file is None and tls_cert_file is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             if tls_server_name is not None:
                 options.append(("grpc.ssl_target_name_override", tls_server_name))
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=read_pem(tls_ca_file),
+                root_certificates=read_pem(tls_ca_file) if tls_ca_file else None,
                 private_key=read_pem(tls_key_file) if tls_key_file else None,
                 certificate_chain=read_pem(tls_cert_file) if tls_cert_file else None,
             )
@@ -248,7 +253,7 @@ def format_query_table(response: pb.QueryResponse, *, excerpt_chars: int = 72) -
         )
     hits = response.influences
     groups = group_identical(hits)
-    docs = [f"{hits[g[0]].doc_id}#{hits[g[0]].chunk}" for g in groups]
+    docs = [f"{printable(hits[g[0]].doc_id)}#{hits[g[0]].chunk}" for g in groups]
     doc_width = max([len("doc id"), *map(len, docs)])
     lines.append(f"{'rank':>4}  {'score':>10}  {'doc id':<{doc_width}}  text")
     for group, doc in zip(groups, docs, strict=True):
@@ -278,13 +283,13 @@ def format_token_attribution(attribution: pb.TokenAttribution, *, color: bool = 
     lowers it); without, tokens reaching 20% are bracketed with their score.
     """
     header = (
-        f"example {attribution.example_id} (doc {attribution.doc_id}), "
+        f"example {attribution.example_id} (doc {printable(attribution.doc_id)}), "
         f"influence {attribution.total:+.4g} (sum over its tokens)"
     )
     peak = max((abs(s) for s in attribution.scores), default=0.0)
     mark = _shade if color else _bracket
     pieces = [
-        mark(token, score / peak if peak else 0.0, score)
+        mark(printable(token), score / peak if peak else 0.0, score)
         for token, score in zip(attribution.tokens, attribution.scores, strict=True)
     ]
     return f"{header}\n{''.join(pieces)}"
@@ -308,5 +313,13 @@ def _bracket(token: str, relative: float, score: float) -> str:
 
 
 def _excerpt(text: str, limit: int) -> str:
-    flat = " ".join(text.split())
+    flat = " ".join(printable(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (ESC, BEL, ...) shown as escapes: text from the index must
+    not drive the terminal."""
+    return "".join(
+        c if c.isprintable() or c in "\t\n" else c.encode("unicode_escape").decode() for c in text
+    )

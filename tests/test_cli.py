@@ -58,7 +58,10 @@ def test_build_defaults_come_from_the_config_dataclasses(capsys) -> None:
     assert (args.score, args.nprobe) == (StoreConfig().score, StoreConfig().nprobe)
     with pytest.raises(SystemExit):
         cli.main(["build", "--help"])
-    assert f"(default: {CurvatureConfig().fit_examples})" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"(default: {CurvatureConfig().fit_examples})" in shown
+    # A default said in words is not followed by argparse's "(default: None)".
+    assert "e.g. its BOS) (default: None)" not in " ".join(shown.split())
 
 
 def test_library_errors_are_one_line_with_exit_2(tmp_path, capsys) -> None:

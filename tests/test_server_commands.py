@@ -89,6 +89,85 @@ def test_query_command_without_a_server_fails_in_one_line(capsys: pytest.Capture
     assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["-k", "-1"], "argument -k/--top-k: must be at least 1 and at most 4294967295, got -1"),
+        (["--rerank-depth", "-1"], "argument --rerank-depth: must be at least 0"),
+        (["--lexical-candidates", "4294967296"], "must be at least 0 and at most 4294967295"),
+        (["--completion", "caf\udcff"], "argument --completion: not valid UTF-8 text"),
+    ],
+)
+def test_a_bad_count_or_text_is_a_usage_error_not_a_traceback(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture
+) -> None:
+    """They reached the request's uint32 fields (ValueError) or its UTF-8 encoding."""
+    with pytest.raises(SystemExit) as exit_info:
+        query("--target", "127.0.0.1:1", "--completion", " a", *argv)
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_a_usage_error(port: str, capsys: pytest.CaptureFixture) -> None:
+    """gRPC took 70000 as 4464 and -1 as 65535, and said it listened there."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--index", "/srv/index", "--port", port])
+    assert exit_info.value.code == 2
+    assert f"--port: must be at least 0 and at most 65535, got {port}" in capsys.readouterr().err
+
+
+def test_a_client_certificate_turns_tls_on(root: Path, tmp_path: Path, capsys) -> None:
+    """Without --tls-ca, --tls-cert and --tls-key were ignored: the query went in plaintext."""
+    pem = tmp_path / "client.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with running_server(root, FakeOpener()) as (server, _):
+        target = ["--target", f"127.0.0.1:{server.port}", "--completion", " sat", "--timeout", "5"]
+        assert query(*target, "--tls-cert", str(pem), "--tls-key", str(pem)) == 1
+        err = capsys.readouterr().err
+        assert query(*target, "--tls-cert", str(pem)) == 2
+        alone = capsys.readouterr().err
+        assert query(*target, "--tls-ca", str(REPO / "README.md")) == 2
+        not_pem = capsys.readouterr().err
+    assert err.startswith("error: UNAVAILABLE: ")  # a TLS handshake with a plaintext server
+    assert alone == "error: mutual TLS needs both a client certificate and its key\n"
+    assert not_pem.endswith("README.md is not PEM (no -----BEGIN line)\n")
+
+
+def test_what_the_user_can_fix_exits_2_what_may_pass_exits_1(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-of-at-least-sixteen\n")
+    with running_server(root, FakeOpener(), auth_token_file=token) as (server, _):
+        argv = ["--target", f"127.0.0.1:{server.port}", "--completion", " sat"]
+        assert query(*argv) == 2
+        unauthenticated = capsys.readouterr().err
+    assert unauthenticated.startswith("error: UNAUTHENTICATED: ")
+
+
+def test_a_file_where_the_index_root_should_be_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """NotADirectoryError and IsADirectoryError were tracebacks with exit 1."""
+    afile = tmp_path / "corpus.jsonl"
+    afile.write_text("{}\n")
+    (tmp_path / "root" / "CURRENT").mkdir(parents=True)
+    for index in (afile, tmp_path / "root"):
+        assert main(["info", "--index", str(index)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and str(index) in err
+
+
+def test_text_from_the_index_cannot_drive_the_terminal() -> None:
+    from influence.v1 import influence_pb2 as pb
+    from server.client import format_query_table
+
+    hit = pb.Influence(example_id=1, doc_id="d\x1b[2J", text="hello \x1b[31mFAKE\x07", score=1.0)
+    table = format_query_table(pb.QueryResponse(index_version="v", influences=[hit]))
+    assert "\x1b" not in table and "\x07" not in table
+    assert "d\\x1b[2J#0" in table and "hello \\x1b[31mFAKE\\x07" in table
+
+
 def test_serve_arguments_defaults() -> None:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)

@@ -72,9 +72,29 @@ COMMANDS = {
 }
 
 
+# A failed RPC whose cause the user can fix (the request, the token, the index) exits 2, like
+# bad input; one the server or the network may get over (UNAVAILABLE, DEADLINE_EXCEEDED,
+# RESOURCE_EXHAUSTED, INTERNAL) exits 1: worth a retry.
+_YOURS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default:" in text else super()._get_help_string(action)
+
+
 def cli_errors(handler: Handler) -> Callable[[argparse.Namespace], int]:
-    """Run `handler` and print its report; the one error handler: a library error or a failed
-    RPC becomes one line on stderr."""
+    """Run `handler` and print its report; the one error handler: a library error, a path
+    the system refuses or a failed RPC becomes one line on stderr."""
 
     @wraps(handler)
     def run(args: argparse.Namespace) -> int:
@@ -83,9 +103,13 @@ def cli_errors(handler: Handler) -> Callable[[argparse.Namespace], int]:
         except InfluenceIndexError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # a path that is not what it should be: a file for a directory
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+            return 2
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+            return 2 if exc.code() in _YOURS else 1
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
@@ -137,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=command.help,
             description=command.help,
             parents=[_global_options(True)],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         command.add_arguments(subparser)
         subparser.set_defaults(handler=cli_errors(command.run))

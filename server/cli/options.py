@@ -4,9 +4,10 @@ A field with `metadata["help"]` is an option `--field-name` (dest: the field's n
 configs add theirs) whose default is the field's, as `--help` shows. Metadata may also give
 `flags`, `metavar`, `action`, `nargs`, `const` (argparse's), `group` (a title; a nested
 config's fields inherit it), `unit` (shown in units of this many, stored as an int: MiB for
-bytes), and `choices` / `min` for a tuple's items. A bool False by default is a flag, other
-bools take on|off (and auto for None), an enum its values, a tuple a comma-separated list
-(unless its action appends). An option already added is shared (build's `--seed`).
+bytes), `min` / `max` for a number (for a tuple's items: `choices` / `min`). A bool False by
+default is a flag, other bools take on|off (and auto for None), an enum its values, a tuple a
+comma-separated list (unless its action appends). An option already added is shared
+(build's `--seed`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def _argument(f: dataclasses.Field, hint: Any) -> tuple[tuple[str, ...], dict[st
         kwargs["type"] = _comma_list(typing.get_args(base)[0], meta)
     elif "unit" in meta:
         kwargs.update(type=float, default=default / meta["unit"])
+    elif "min" in meta or "max" in meta:
+        kwargs["type"] = bounded(base, meta.get("min"), meta.get("max"))
     else:
         kwargs["type"] = base
         if isinstance(base, type) and issubclass(base, Enum):
@@ -104,6 +107,24 @@ def _stored(value: Any, f: dataclasses.Field, hint: Any) -> Any:
     if "unit" in f.metadata:
         return int(value * f.metadata["unit"])
     return tuple(value) if isinstance(value, list) else value
+
+
+def bounded(number: type[T], low: T | None = None, high: T | None = None) -> Callable[[str], T]:
+    """An argparse type: a `number` (int, float) within `[low, high]` (either may be None)."""
+    limits = (("at least", low), ("at most", high))
+    within = " and ".join(f"{word} {limit}" for word, limit in limits if limit is not None)
+
+    def parse(text: str) -> T:
+        try:
+            value = number(text)
+        except ValueError:
+            wanted = f"expected a {number.__name__}, got {text!r}"
+            raise argparse.ArgumentTypeError(wanted) from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {within}, got {text}")
+        return value
+
+    return parse
 
 
 def _comma_list(item: type, meta: Mapping[str, Any]) -> Callable[[str], tuple]:

@@ -11,7 +11,7 @@ from indexer.config import ScoreKind, default_of
 from indexer.query import Query
 from influence.v1 import influence_pb2 as pb
 from server.app import InfluenceServer, ServerConfig
-from server.cli.options import add_options, from_args
+from server.cli.options import add_options, bounded, from_args
 from server.client import (
     ClientOptions,
     InfluenceClient,
@@ -32,29 +32,50 @@ def run_serve(args: argparse.Namespace) -> None:
     InfluenceServer(from_args(ServerConfig, args)).serve_forever()
 
 
+# What a QueryRequest's uint32 fields hold.
+_COUNT = bounded(int, 0, 2**32 - 1)
+
+
+def _text(value: str) -> str:
+    """An argparse type: text that is valid Unicode (gRPC sends UTF-8; a byte that is not
+    UTF-8 reaches Python as a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text: {value!r}") from None
+    return value
+
+
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, ClientOptions)
-    parser.add_argument("--prompt", default="", help="context whose tokens carry no loss")
-    parser.add_argument("--completion", required=True, help="text whose probability is explained")
-    parser.add_argument("-k", "--top-k", type=int, default=default_of(Query, "top_k"), help="hits")
+    parser.add_argument(
+        "--prompt", type=_text, default="", help="context whose tokens carry no loss"
+    )
+    parser.add_argument(
+        "--completion", type=_text, required=True, help="text whose probability is explained"
+    )
+    parser.add_argument(
+        "-k", "--top-k", type=bounded(int, 1, 2**32 - 1), default=default_of(Query, "top_k"),
+        help="hits",
+    )  # fmt: skip
     parser.add_argument(
         "--score-kind", type=ScoreKind, choices=list(ScoreKind), help="default: the index's"
     )
     parser.add_argument(
         "--rerank-depth",
-        type=int,
+        type=_COUNT,
         help="most candidates re-ranked exactly (default: the server's; 0: off)",
     )
     parser.add_argument(
         "--lexical-candidates",
-        type=int,
+        type=_COUNT,
         default=default_of(Query, "lexical_candidates"),
         help="BM25 matches re-ranked with the index's candidates",
     )
     parser.add_argument("--stream", action="store_true", help="show the sketch answer first")
     parser.add_argument(
         "--attribute",
-        type=int,
+        type=_COUNT,
         default=1,
         metavar="RANK",
         help="show the token attribution of the hit at this rank (0: none; not with --json)",
