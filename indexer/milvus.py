@@ -209,7 +209,8 @@ class MilvusBackend:
 
     def _owner(self, collection: str) -> str | None:
         """The id of the ROOT that wrote `collection` (None: written before ids were kept)."""
-        return self.client.describe_collection(collection)["properties"].get(OWNER_PROPERTY)
+        properties = self.client.describe_collection(collection).get("properties") or {}
+        return properties.get(OWNER_PROPERTY)
 
     def _drop(self, collection: str) -> None:
         if self.client.has_collection(collection):
