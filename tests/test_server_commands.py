@@ -108,10 +108,14 @@ def test_a_bad_count_or_text_is_a_usage_error_not_a_traceback(
 
 
 @pytest.mark.parametrize("port", ["70000", "-1"])
-def test_a_port_out_of_range_is_a_usage_error(port: str, capsys: pytest.CaptureFixture) -> None:
-    """gRPC took 70000 as 4464 and -1 as 65535, and said it listened there."""
+@pytest.mark.parametrize("command", [["serve", "--index", "/srv/index"], ["ui"]])
+def test_a_port_out_of_range_is_a_usage_error(
+    command: list[str], port: str, capsys: pytest.CaptureFixture
+) -> None:
+    """gRPC took 70000 as 4464 and -1 as 65535, and said it listened there; the page's socket
+    raised OverflowError."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["serve", "--index", "/srv/index", "--port", port])
+        main([*command, "--port", port])
     assert exit_info.value.code == 2
     assert f"--port: must be at least 0 and at most 65535, got {port}" in capsys.readouterr().err
 

@@ -4,14 +4,19 @@ and of a tiny index whose documents hold HTML."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from server.cli import main
 from server.client import InfluenceClient
 from server.ui import PageServer, UiOptions
 from tests.browser import ask, chromium_page, missing, open_page, wait_for_answer
@@ -111,6 +116,65 @@ def test_bad_input_shows_the_service_message(demo, page, tmp_path: Path, fields,
     assert page.text_content("#error").startswith(message)
     assert page.locator("#hits li").count() == 0
     page.screenshot(path=tmp_path / "bad-input.png")
+
+
+def post(url: str, path: str, body: object) -> tuple[int, dict]:
+    """POST `body` as JSON to the page server: (the HTTP status, the answer's JSON)."""
+    request = urllib.request.Request(
+        url + path.lstrip("/"),
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.readline())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "named"),
+    [
+        ("/api/query", {"top_k": 2**32}, "k must be at most"),
+        ("/api/query", {"rerank_depth": 2**32}, "re-rank depth must be at most"),
+        ("/api/query", {"lexical_candidates": 2**32}, "lexical candidates must be at most"),
+        ("/api/query", {"score_kind": ["x"]}, "score kind must be one of"),
+        ("/api/attribute", {"example_ids": 5}, "example_ids must be a list"),
+        ("/api/attribute", {"example_ids": "6778285571938431734"}, "example_ids must be a list"),
+        ("/api/attribute", {"example_ids": [str(2**63)]}, "example ids must be 64-bit"),
+        ("/api/attribute", {"example_ids": [-(2**63) - 1]}, "example ids must be 64-bit"),
+    ],
+)
+def test_malformed_api_fields_are_400s_naming_the_field(demo, path, fields, named) -> None:
+    _, url = demo
+    status, answer = post(url, path, {"completion": " eggs", "top_k": 2} | fields)
+    assert status == 400, answer
+    assert answer["error"]["code"] == "INVALID_ARGUMENT"
+    assert answer["error"]["message"].startswith(named)
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port of 127.0.0.1 that another socket listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        yield taken.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--port={taken}"], "cannot serve the page on 127.0.0.1:{taken}: Address already in use"),
+        (["--host=no-such-host.invalid"], "cannot serve the page on no-such-host.invalid:8080: "),
+        (["--host=192.0.2.1", "--port=0"], "cannot serve the page on 192.0.2.1:0: "),
+    ],
+)
+def test_ui_that_cannot_serve_says_why_in_one_line(taken_port, capsys, options, message) -> None:
+    options = [o.format(taken=taken_port) for o in options]
+    assert main(["ui", "--target=127.0.0.1:1", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.format(taken=taken_port)), err
+    assert err.count("\n") == 1, err
 
 
 @pytest.fixture(scope="module")

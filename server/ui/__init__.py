@@ -39,6 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from indexer.config import ScoreKind
+from indexer.errors import InvalidInputError
 from server.client import InfluenceClient, group_identical
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+_MAX_UINT32 = 2**32 - 1  # top_k, rerank_depth, lexical_candidates in the request
+_INT64 = range(-(2**63), 2**63)  # example ids
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,10 @@ class UiOptions:
     host: str = field(
         default="127.0.0.1", metadata={"help": "address to serve the page on (all: 0.0.0.0)"}
     )
-    port: int = field(default=8080, metadata={"help": "HTTP port of the page (0: any free one)"})
+    port: int = field(
+        default=8080,
+        metadata={"help": "HTTP port of the page (0: any free one)", "min": 0, "max": 65535},
+    )
 
 
 class FormError(ValueError):
@@ -84,7 +90,8 @@ class PageQuery:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> PageQuery:
         kind = body.get("score_kind") or None
-        if kind is not None and kind not in set(ScoreKind):
+        # Not text (a list, ...) is no score kind either, and not hashable for `in set(...)`.
+        if kind is not None and (not isinstance(kind, str) or kind not in set(ScoreKind)):
             raise FormError(f"score kind must be one of {', '.join(ScoreKind)}, got {kind!r}")
         depth = body.get("rerank_depth")
         return cls(
@@ -134,7 +141,7 @@ def create_app(client: InfluenceClient) -> Starlette:
     async def attribute(request: Request) -> Response:
         try:
             body = await _json_object(request)
-            ids = [_example_id(i) for i in body.get("example_ids", [])]
+            ids = _example_ids(body.get("example_ids", []))
             answer = await run_in_threadpool(
                 client.attribute_tokens, _text(body, "prompt"), _text(body, "completion"), ids
             )
@@ -159,7 +166,14 @@ class PageServer:
     `stop`). Its socket is bound at construction, so `port` is known at once."""
 
     def __init__(self, client: InfluenceClient, options: UiOptions) -> None:
-        self._socket = socket.create_server((options.host, options.port))
+        try:
+            self._socket = socket.create_server((options.host, options.port))
+        except OSError as exc:  # the port is taken, the host unknown or not this machine's, ...
+            # create_server appends "(while attempting to bind on address ...)": said below.
+            reason = (exc.strerror or str(exc)).partition(" (while attempting")[0]
+            raise InvalidInputError(
+                f"cannot serve the page on {options.host}:{options.port}: {reason}"
+            ) from exc
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(create_app(client), log_config=None, lifespan="off")
         self._server = uvicorn.Server(config)
@@ -226,21 +240,35 @@ def _text(body: dict[str, Any], name: str) -> str:
 
 
 def _count(value: object, name: str) -> int:
-    """A whole number >= 0 from a form field (a JSON number or its text)."""
+    """A whole number 0 .. 2**32-1 (the request's uint32) from a form field (a JSON number or
+    its text); the service checks its own, lower limits."""
     try:
         number = int(str(value).strip())
     except ValueError:
         raise FormError(f"{name} must be a whole number, got {value!r}") from None
     if number < 0:
         raise FormError(f"{name} must not be negative, got {number}")
+    if number > _MAX_UINT32:
+        raise FormError(f"{name} must be at most {_MAX_UINT32}, got {number}")
     return number
+
+
+def _example_ids(value: object) -> list[int]:
+    """The request's int64 example ids from a JSON list of numbers or their text."""
+    # A string is iterable too: its characters would pass for ids.
+    if not isinstance(value, list):
+        raise FormError(f"example_ids must be a list, got {value!r}")
+    return [_example_id(i) for i in value]
 
 
 def _example_id(value: object) -> int:
     try:
-        return int(str(value))
+        number = int(str(value))
     except ValueError:
         raise FormError(f"example ids must be integers, got {value!r}") from None
+    if number not in _INT64:
+        raise FormError(f"example ids must be 64-bit integers, got {value!r}")
+    return number
 
 
 def _rpc_error(exc: grpc.RpcError) -> Response:
