@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import shutil
 import time
@@ -38,7 +37,8 @@ from indexer.config import (
     CompactCode,
     IncrementalMode,
     ScoreKind,
-    example_max_length,
+    check_batch_size,
+    checked_max_length,
 )
 from indexer.corpus import ExampleTable, stage_corpus
 from indexer.curvature import Curvature, FittedCurvature, fit_curvature, subsample
@@ -194,26 +194,16 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
     """Validate options against the model; return the max example length in tokens."""
     if config.store.score not in tuple(ScoreKind):
         raise InvalidInputError(f"--score must be one of {', '.join(map(str, ScoreKind))}")
-    if config.batch_size < 1:
-        raise InvalidInputError("--batch-size must be at least 1")
-    if not (math.isfinite(config.curvature.damping) and config.curvature.damping > 0):
-        raise InvalidInputError("--damping must be a positive number")
+    check_batch_size(config.batch_size)
+    config.curvature.check()
     if config.store.nprobe < 1:
         raise InvalidInputError("--nprobe must be at least 1")
     _check_calibration(config.calibration)
     if not config.incremental.refit_threshold >= 0:  # NaN too
         raise InvalidInputError("--refit-threshold must be at least 0")
-    if config.curvature.fit_examples < 1:
-        raise InvalidInputError("--fit-examples must be at least 1")
     if config.store.retrieval_dims < 0:
         raise InvalidInputError("--retrieval-dims must be 0 (every dimension) or positive")
-    max_length = example_max_length(config.corpus.max_length, loaded.context_length)
-    if not 2 <= max_length <= loaded.context_length:
-        raise InvalidInputError(
-            f"--max-length {max_length} must be between 2 and the model's context "
-            f"({loaded.context_length} tokens)"
-        )
-    return max_length
+    return checked_max_length(config.corpus.max_length, loaded.context_length)
 
 
 def _check_calibration(calibration: CalibrationConfig) -> None:

@@ -6,6 +6,7 @@ The command line is generated from these classes (`server.cli.options`): a field
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
@@ -52,6 +53,24 @@ def default_of(cls: type, name: str) -> object:
 def example_max_length(requested: int | None, context_length: int) -> int:
     """Tokens per example: `requested`, or the model's context capped at DEFAULT_MAX_LENGTH."""
     return min(context_length, DEFAULT_MAX_LENGTH) if requested is None else requested
+
+
+def checked_max_length(requested: int | None, context_length: int) -> int:
+    """`example_max_length`, refused (InvalidInputError) outside 2 (a token and its
+    prediction) to the model's context."""
+    max_length = example_max_length(requested, context_length)
+    if not 2 <= max_length <= context_length:
+        raise InvalidInputError(
+            f"--max-length {max_length} must be between 2 and the model's context "
+            f"({context_length} tokens)"
+        )
+    return max_length
+
+
+def check_batch_size(batch_size: int) -> None:
+    """InvalidInputError for a batch size under 1 (of any pass over examples)."""
+    if batch_size < 1:
+        raise InvalidInputError("--batch-size must be at least 1")
 
 
 class Autocast(str, Enum):
@@ -168,6 +187,14 @@ class CurvatureConfig:
     fit_examples: int = field(default=2000, metadata={"help": "EK-FAC fit subsample"})
     damping: float = field(default=0.1, metadata={"help": "lambda = damping * mean(Λ), per module"})
     seed: int = field(default=0, metadata={"help": "label sampling"})
+
+    def check(self) -> None:
+        """InvalidInputError for what cannot be fitted: no examples, or a damping that is not
+        positive (every score would be NaN)."""
+        if self.fit_examples < 1:
+            raise InvalidInputError("--fit-examples must be at least 1")
+        if not (math.isfinite(self.damping) and self.damping > 0):
+            raise InvalidInputError("--damping must be a positive number")
 
 
 @dataclass(frozen=True)

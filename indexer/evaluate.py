@@ -44,7 +44,7 @@ from indexer.baselines import (
     flat_gradients,
     stream_scores,
 )
-from indexer.config import CorpusConfig, ScoreKind
+from indexer.config import CorpusConfig, ScoreKind, check_batch_size
 from indexer.corpus import Example, document_batches, load_corpus
 from indexer.curvature import Curvature
 from indexer.engine import EngineOptions, QueryEngine
@@ -561,6 +561,7 @@ class _Session:
 def evaluate(config: EvalConfig) -> EvalReport:
     """Run every requested method on the queries and measure fidelity and fact tracing (and,
     with a retraining cache, the LDS: the cache is read and checked before any scoring)."""
+    check_batch_size(config.batch_size)  # used by the last methods: refused before the first
     retrained = lds.read_cache(config.lds) if config.lds is not None else None
     engine = QueryEngine.open(config.index, device=config.device, version=config.version)
     try:
@@ -668,12 +669,22 @@ def render_json(report: EvalReport) -> str:
 SCATTER_PER_PAGE = 16
 
 
+def make_plot_directory(directory: Path) -> None:
+    """Create `directory` for `write_plots`; InvalidInputError (one line) when it cannot be
+    (e.g. a file of that name). Called before an evaluation too, so that a bad path is refused
+    before the scoring rather than after it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidInputError(f"cannot make plot directory {directory}: {e.strerror}") from e
+
+
 def write_plots(report: EvalReport, directory: Path) -> list[Path]:
     """PNG figures: index vs exact scatter per query, fact-tracing and fidelity recall@k curves."""
     import matplotlib
 
     matplotlib.use("Agg")
-    directory.mkdir(parents=True, exist_ok=True)
+    make_plot_directory(directory)
     paths = [_plot_fact_recall(report, directory / "fact-recall.png")]
     if report.fidelity_curves:
         paths.append(_plot_fidelity_recall(report, directory / "fidelity-recall.png"))

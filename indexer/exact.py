@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import Tensor, nn
 
-from indexer.config import CurvatureConfig, ScoreKind
+from indexer.config import CurvatureConfig, ScoreKind, check_batch_size
 from indexer.corpus import Example
 from indexer.curvature import Curvature, fit_curvature, subsample
-from indexer.errors import ResourceLimitError
+from indexer.errors import InvalidInputError, ResourceLimitError
 from indexer.model import LoadedModel, module_shape, modules_named, tracked_modules
 from indexer.passes import ExamplePass
 from indexer.query import TokenizedQuery, query_vectors
@@ -43,6 +43,11 @@ class ExactConfig:
         },
     )
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse, before any pass, what a build refuses too."""
+        check_batch_size(self.batch_size)
+        self.curvature.check()
 
 
 def required_bytes(modules: dict, batch_size: int, n_queries: int) -> int:
@@ -245,6 +250,7 @@ def exact_top_hits(
 ) -> list[list[dict[str, object]]]:
     """Each query's `top_k` examples by exact EK-FAC influence over all of `examples`, best
     first, as `{example_id, doc_id, chunk, score}` (what `influence-index exact` reports)."""
+    check_top_k(top_k)
     scores = ExactScorer(loaded, examples, config).score(queries)
     return [
         [
@@ -258,3 +264,9 @@ def exact_top_hits(
         ]
         for row in scores
     ]
+
+
+def check_top_k(top_k: int) -> None:
+    """InvalidInputError for a `top_k` under 1 (a negative one would slice from the end)."""
+    if top_k < 1:
+        raise InvalidInputError(f"-k must be at least 1, got {top_k}")

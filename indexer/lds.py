@@ -31,6 +31,8 @@ from indexer.metrics import spearman
 from indexer.query import LabeledQuery
 
 CACHE_FORMAT = "influence-index-lds/1"
+# How every cache file starts (`RetrainCache.to_json`): a truncated one still does.
+CACHE_HEADER = json.dumps({"format": CACHE_FORMAT})[:-1]
 BOOTSTRAP_RESAMPLES = 2000
 MIN_SUBSETS = 10
 CONFIDENCE = 0.95
@@ -164,15 +166,23 @@ def write_cache(cache: RetrainCache, path: Path) -> None:
 
 
 def read_cache(path: Path) -> RetrainCache:
-    """The cache in `path`; InvalidInputError (one line) when it is unreadable or corrupt."""
+    """The cache in `path`; InvalidInputError (one line) when it is unreadable, not a cache
+    (some other file), or a corrupt cache."""
     try:
-        data = json.loads(Path(path).read_text())
+        text = Path(path).read_text(errors="replace")  # a binary file is no cache either
     except OSError as e:
         raise InvalidInputError(f"cannot read LDS cache {path}: {e.strerror}") from e
+    try:
+        data = json.loads(text)
     except ValueError as e:
-        raise _corrupt(path, f"not JSON: {e}") from e
+        if text.startswith(CACHE_HEADER):
+            raise _corrupt(path, f"not JSON: {e}") from e
+        data = None
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-        raise _corrupt(path, f"not a {CACHE_FORMAT} file")
+        # Not a file to delete: the path is likely a mistake (e.g. the corpus).
+        raise InvalidInputError(
+            f"{path} is not an LDS cache ({CACHE_FORMAT} JSON, as benchmarks/lds.py writes)"
+        )
     body = data.get("body")
     try:
         checksum_ok = data.get("sha256") == json_sha256(body)
@@ -228,11 +238,13 @@ def membership(
     """Boolean `[M, N]`: whether corpus row n's document lies in subset m.
 
     `row_docs [N]` is each scored row's document id (a chunked document has several rows);
-    InvalidInputError when the rows' documents are not the cache's documents.
+    InvalidInputError when a row's document is not one of the cache's. A cache's document
+    may have no rows: an empty text has no examples, so it adds nothing to any sum (that the
+    corpus is the cache's is `RetrainKey.corpus`'s to check).
     """
     index = {d: i for i, d in enumerate(doc_ids)}
-    if set(row_docs) != set(doc_ids):
-        unknown = sorted(set(row_docs) ^ set(doc_ids))
+    unknown = sorted(set(row_docs) - index.keys())
+    if unknown:
         raise InvalidInputError(
             f"the scored corpus and the LDS cache differ in {len(unknown)} documents "
             f"(e.g. {unknown[0]!r})"

@@ -12,6 +12,8 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from indexer.baselines import BM25Scorer
+from indexer.build import build_index
+from indexer.config import BuildConfig, CorpusConfig, SketchConfig
 from indexer.corpus import document_batches, load_corpus
 from indexer.errors import InvalidInputError
 from indexer.evaluate import EvalReport, MethodReport, QueryReport, render_json, render_table
@@ -19,6 +21,7 @@ from indexer.lds import membership, new_cache, random_subsets, subset_sums, writ
 from indexer.publish import read_manifest, version_dir
 from indexer.query import LabeledQuery, read_queries
 from server.cli import main
+from tests.conftest import write_jsonl
 
 N_QUERIES = 12
 
@@ -94,6 +97,51 @@ def test_report_renders_as_table_and_strict_json():
     assert json.loads(render_json(report))["fidelity"]["spearman"] is None  # NaN -> null
 
 
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--fit-examples", "0"], "--fit-examples must be at least 1"),
+        (["--max-length", "1000"], "--max-length 1000 must be between 2 and the model's context"),
+        (["--damping", "-1"], "--damping must be a positive number"),
+        (["--damping", "nan"], "--damping must be a positive number"),
+        (["-k", "-90"], "-k must be at least 1"),
+        (["-k", "0"], "-k must be at least 1"),
+    ],
+)
+def test_exact_refuses_what_build_refuses_in_one_line_exit_2(
+    tmp_path, capsys, tiny_model_dir, small_corpus_path, option, error
+):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "q0", "prompt": "The capital of", "completion": " X"}\n')
+    argv = ["-q", "exact", "--model", str(tiny_model_dir), "--data", str(small_corpus_path)]
+    assert main([*argv, "--queries", str(queries), "--json", *option]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {error}")
+    assert captured.err.count("\n") == 1
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        (["--baselines", "grad-cosine", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--plot", "a-file"], "cannot make plot directory"),
+    ],
+)
+def test_eval_refuses_bad_settings_before_any_work(tmp_path, capsys, option, error):
+    """Refused before the index is opened (it is absent here), not after the first methods."""
+    (tmp_path / "a-file").write_text("")
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "q0", "prompt": "p", "completion": " c"}\n')
+    argv = ["eval", "--index", str(tmp_path / "absent"), "--queries", str(queries)]
+    option = [str(tmp_path / o) if o == "a-file" else o for o in option]
+    assert main([*argv, *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {error}")
+    assert err.count("\n") == 1
+
+
 def bm25_cache(path: Path, root: Path, queries: list[LabeledQuery]) -> Path:
     """A cache for the index at `root` whose "retrained" losses are minus the BM25 scores (of
     the examples, as eval scores them) summed over each subset: an oracle for the bm25 method,
@@ -113,6 +161,38 @@ def bm25_cache(path: Path, root: Path, queries: list[LabeledQuery]) -> Path:
         cache.losses[(m, 0)] = losses.tolist()
     write_cache(cache, path)
     return path
+
+
+def test_eval_lds_over_a_corpus_with_an_empty_document(
+    tmp_path, capsys, tiny_model_dir, small_corpus
+):
+    """The cache lists every document (as `document_batches` and benchmarks/lds.py do), the
+    empty one too, which has no example to score: the cache is still the corpus's."""
+    documents = [*small_corpus[:40], {"id": "doc-empty", "text": ""}]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
+    root = tmp_path / "root"
+    build_index(
+        BuildConfig(
+            model=tiny_model_dir,
+            out=root,
+            corpus=CorpusConfig(str(corpus), max_length=64),
+            sketch=SketchConfig(rank_in=8, rank_out=8),
+            progress=False,
+        )
+    )
+    words = [d["text"].split() for d in documents[:3]]
+    rows = [
+        {"id": f"q{i}", "prompt": " ".join(w[:4]), "completion": f" {w[4]}"}
+        for i, w in enumerate(words)
+    ]
+    queries = write_jsonl(tmp_path / "q.jsonl", rows)
+    cache = bm25_cache(tmp_path / "lds.json", root, read_queries(queries))
+    argv = ["-q", "eval", "--index", str(root), "--queries", str(queries), "--json"]
+    argv += ["-k", "5", "--fact-k", "1", "--baselines", "bm25", "--lds", str(cache)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["lds_settings"]["documents"] == len(documents)
+    assert report["lds"]["bm25"]["mean"] == pytest.approx(1.0)  # the oracle, as on the demo
 
 
 @pytest.fixture(scope="session")

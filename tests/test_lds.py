@@ -81,6 +81,12 @@ def test_membership_refuses_other_documents():
         membership([[0]], ["a", "b"], ["a", "b", "z"])
 
 
+def test_membership_allows_a_cache_document_without_rows():
+    """An empty document is in the cache (its corpus) but has no example to score."""
+    in_subset = membership([[0, 1], [1, 2]], ["a", "empty", "b"], ["a", "b", "b"])
+    assert in_subset.tolist() == [[True, False, False], [False, True, True]]
+
+
 def test_random_subsets_are_seeded_halves():
     subsets = random_subsets(10, 4, 0.5, seed=3)
     assert subsets == random_subsets(10, 4, 0.5, seed=3) != random_subsets(10, 4, 0.5, seed=4)
@@ -130,15 +136,12 @@ def corrupt_variants(text: str) -> dict[str, tuple[str, str]]:
     return {
         "truncated": (text[: len(text) // 2], "not JSON"),
         "edited": (json.dumps(edited), "checksum mismatch"),
-        "other format": (json.dumps({**data, "format": "something/0"}), "not a"),
         "malformed": (json.dumps(malformed), "malformed"),
-        "not an object": ("[1, 2]", "not a"),
+        "other format": (json.dumps({**data, "format": "something/0"}), None),
     }
 
 
-@pytest.mark.parametrize(
-    "variant", ["truncated", "edited", "other format", "malformed", "not an object"]
-)
+@pytest.mark.parametrize("variant", ["truncated", "edited", "malformed"])
 def test_a_corrupt_cache_is_refused(tmp_path, variant):
     path = tmp_path / "lds.json"
     write_cache(small_cache(), path)
@@ -146,6 +149,26 @@ def test_a_corrupt_cache_is_refused(tmp_path, variant):
     path.write_text(text)
     with pytest.raises(InvalidInputError, match=f"LDS cache .* is corrupt \\({reason}"):
         read_cache(path)
+
+
+NOT_CACHES = {
+    "corpus": '{"id": "a", "text": "alpha"}\n{"id": "b", "text": "beta"}\n',
+    "one JSON object": '{"id": "a", "text": "alpha"}',
+    "JSON list": "[1, 2]",
+    "binary": "\x00\udcff PAR1",
+}
+
+
+@pytest.mark.parametrize("name", [*NOT_CACHES, "other format"])
+def test_a_file_that_is_no_cache_is_not_called_corrupt(tmp_path, name):
+    """Some other file (e.g. the corpus, passed by mistake): nothing advises deleting it."""
+    path = tmp_path / "lds.json"
+    write_cache(small_cache(), path)
+    text = NOT_CACHES.get(name) or corrupt_variants(path.read_text())[name][0]
+    path.write_text(text, errors="surrogateescape")
+    with pytest.raises(InvalidInputError, match="is not an LDS cache") as refused:
+        read_cache(path)
+    assert "delete" not in str(refused.value)
 
 
 def test_a_mismatched_cache_is_refused_naming_what_differs(tmp_path):
@@ -158,16 +181,23 @@ def test_a_mismatched_cache_is_refused_naming_what_differs(tmp_path):
     check_key(read_cache(path), cache.key, path)
 
 
-def test_eval_refuses_a_corrupt_cache_in_one_line_exit_2(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('{"format": "influence-index-lds/1", "sha256": "00", "body": {}}', "is corrupt (checksum"),
+        (NOT_CACHES["corpus"], "is not an LDS cache"),
+    ],
+)
+def test_eval_refuses_a_bad_cache_in_one_line_exit_2(tmp_path, capsys, text, error):
     """Read before anything else, so no index is even opened."""
     path = tmp_path / "lds.json"
-    path.write_text('{"format": "influence-index-lds/1", "sha256": "00", "body": {}}')
+    path.write_text(text)
     queries = tmp_path / "q.jsonl"
     queries.write_text('{"id": "q0", "prompt": "p", "completion": " c"}\n')
     argv = ["eval", "--index", str(tmp_path / "absent"), "--queries", str(queries)]
     assert main([*argv, "--lds", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: LDS cache {path} is corrupt (checksum mismatch)")
+    assert err.startswith("error: ") and f"{path} {error}" in err
     assert err.count("\n") == 1
 
 

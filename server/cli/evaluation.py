@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from indexer.config import BuildConfig, CorpusConfig, default_of, example_max_length
+from indexer.config import BuildConfig, CorpusConfig, checked_max_length, default_of
 from indexer.evaluate import EvalConfig
 from indexer.exact import ExactConfig
 from indexer.query import Query, read_queries
@@ -22,9 +22,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> tuple[object, str]:
-    from indexer.evaluate import evaluate, render_table, write_plots
+    from indexer.evaluate import evaluate, make_plot_directory, render_table, write_plots
 
     queries = tuple(read_queries(args.queries))
+    if args.plot:  # a bad path is refused now, not after the evaluation
+        make_plot_directory(args.plot)
     report = evaluate(from_args(EvalConfig, args, queries=queries, progress=not args.quiet))
     plots = write_plots(report, args.plot) if args.plot else []
     text = "\n".join([render_table(report), *(f"wrote {path}" for path in plots)])
@@ -44,13 +46,16 @@ def add_exact_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_exact(args: argparse.Namespace) -> tuple[object, str]:
     from indexer.corpus import framing, load_corpus
-    from indexer.exact import exact_top_hits
+    from indexer.exact import check_top_k, exact_top_hits
     from indexer.model import load_model
     from indexer.query import tokenize_query
 
+    # Bad settings are refused before the model and the corpus load.
+    config = from_args(ExactConfig, args, progress=not args.quiet)
+    check_top_k(args.top_k)
     loaded = load_model(args.model, args.device)
     corpus_config = from_args(CorpusConfig, args)
-    max_length = example_max_length(corpus_config.max_length, loaded.context_length)
+    max_length = checked_max_length(corpus_config.max_length, loaded.context_length)
     examples = load_corpus(corpus_config, loaded.tokenizer, max_length).examples
     prefix = framing(loaded.tokenizer, corpus_config).prefix
     queries = read_queries(args.queries)
@@ -58,7 +63,6 @@ def run_exact(args: argparse.Namespace) -> tuple[object, str]:
         tokenize_query(loaded.tokenizer, q.query, loaded.context_length, prefix=prefix)
         for q in queries
     ]
-    config = from_args(ExactConfig, args, progress=not args.quiet)
     hits = exact_top_hits(loaded, examples, tokenized, config, args.top_k)
     report = [
         {"id": q.id, "prompt": q.query.prompt, "hits": h}
