@@ -82,8 +82,8 @@ def stream_scores(
     for rows, capture in example_pass.run(list(range(n)), "data", desc):
         for name, target in targets.items():
             vectors = target.vectorize(capture).double()
-            out[name].dots[:, rows] = (queries[name] @ vectors.T).numpy()
-            out[name].norms[rows] = vectors.norm(dim=1).numpy()
+            out[name].dots[:, rows] = (queries[name] @ vectors.T).cpu().numpy()
+            out[name].norms[rows] = vectors.norm(dim=1).cpu().numpy()
     return out
 
 
@@ -125,4 +125,4 @@ class GradientCosine:
         q = flat_gradients(query_capture(self.sketcher, queries, self.pad_id), names)
         target = ScoreTarget(partial(flat_gradients, names=names), q)
         streamed = stream_scores(self.pass_, {"cosine": target}, "gradient cosine")["cosine"]
-        return streamed.cosine(q.double().norm(dim=1).numpy())
+        return streamed.cosine(q.double().norm(dim=1).cpu().numpy())

@@ -21,9 +21,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from indexer.distributed import Ranks
+from indexer.errors import InvalidInputError
 from indexer.hashing import int63
 from indexer.passes import ExamplePass
 from indexer.sketch import Capture, Projection
+
+# A module whose mean eigenvalue is under this share of the modules' average has no curvature
+# measured (`EigenvalueAccumulator.finish`): a dead expert's is 0, a router's rounding noise
+# 1e-14; real modules' spread 0.009-7 (demo), 0.08-8 (a 4-layer, 256-wide model).
+UNMEASURED = 1e-8
 
 
 def rotate(sketches: Tensor, eigvecs_a: Tensor, eigvecs_b: Tensor) -> Tensor:
@@ -297,11 +303,24 @@ class EigenvalueAccumulator:
         self.examples = ranks.sum_int(self.examples)
 
     def finish(self, projections: dict[str, Projection], damping: float) -> Curvature:
+        """λ = `damping` · mean(Λ) per module; one with no curvature measured (`UNMEASURED`:
+        an expert no fitted token was routed to, Λ = 0) takes the modules' average instead, as
+        a module of typical curvature: a damping of 0 made every example's vector NaN, and a
+        tiny one would let its few tokens outweigh every other module."""
+        eigvals = {n: (s / max(self.examples, 1)).float() for n, s in self.sums.items()}
+        means = {n: e.mean().item() for n, e in eigvals.items()}
+        average = sum(means.values()) / max(len(means), 1)
+        if average <= 0:
+            raise InvalidInputError(
+                "the curvature fit saw no gradient in any tracked module: its examples have no "
+                "token to predict"
+            )
         modules = {}
         for name, (eig_a, eig_b) in self.bases.items():
-            eigvals = (self.sums[name] / max(self.examples, 1)).float()
-            lam = damping * eigvals.mean().item()
-            modules[name] = ModuleCurvature(projections[name], eig_a, eig_b, eigvals, lam)
+            mean = means[name] if means[name] > UNMEASURED * average else average
+            modules[name] = ModuleCurvature(
+                projections[name], eig_a, eig_b, eigvals[name], damping * mean
+            )
         return Curvature(modules)
 
 

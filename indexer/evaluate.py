@@ -432,7 +432,7 @@ class _Session:
         else:  # cosine needs every example's preconditioned norm, so precondition each one
             target = ScoreTarget(curvature.vectors, q)
         streamed = stream_scores(scorer.pass_, {"exact": target}, "exact EK-FAC")["exact"]
-        return in_kind(streamed, q.double().norm(dim=1).numpy(), self.report.score_kind)
+        return in_kind(streamed, q.double().norm(dim=1).cpu().numpy(), self.report.score_kind)
 
     def _baseline(self, name: str, examples: list[Example]) -> np.ndarray:
         if name == "bm25":
@@ -454,9 +454,13 @@ class _Session:
         module's columns times `sqrt(Λ + λ)` (the eigenbasis rotation keeps inner products), in
         the index's kind: for cosine, TrackStar without its curvature."""
         curvature = self.engine.curvature
-        scale = torch.cat(
-            [(m.eigvals + m.damping).sqrt().flatten() for m in curvature.modules.values()]
-        ).numpy()
+        scale = (
+            torch.cat(
+                [(m.eigvals + m.damping).sqrt().flatten() for m in curvature.modules.values()]
+            )
+            .cpu()
+            .numpy()
+        )
         q = self.engine.query_vectors(self.tokenized["index"])
         streamed = sketch_scores(self.engine.vectors.preconditioned, q, scale)
         return in_kind(streamed, np.linalg.norm(q * scale, axis=1), self.report.score_kind)

@@ -123,7 +123,7 @@ class ExactScorer:
         column = {row: i for i, row in enumerate(rows)}
         scores = np.zeros((len(queries), len(rows)), dtype=np.float64)
         for batch_rows, capture in self.pass_.run(rows, "data", "exact scores"):
-            block = (q @ curvature.vectors(capture).T).double().numpy()
+            block = (q @ curvature.vectors(capture).T).double().cpu().numpy()
             scores[:, [column[r] for r in batch_rows]] = block
         return scores
 

@@ -3,6 +3,7 @@ absent."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -55,3 +56,19 @@ def test_cuda_engine_scans_the_codes_on_the_gpu(tmp_path, tiny_model_dir, small_
     found = cuda.query([query])[0].hits
     # the GPU's float32 query gradient differs from the CPU's in the last bits
     assert_same_search(as_search(expected), as_search(found), rtol=1e-3)
+
+
+def test_cuda_exact_scores_match_cpu(tmp_path, capsys, tiny_model_dir, small_corpus_path):
+    """`influence-index exact --device cuda` turned CUDA scores into numpy without a copy."""
+    from server.cli import main
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "q0", "prompt": "The capital of", "completion": " the"}\n')
+    argv = ["-q", "exact", "--model", str(tiny_model_dir), "--data", str(small_corpus_path)]
+    argv += ["--queries", str(queries), "-k", "5", "--json"]
+    scores = {}
+    for device in ("cpu", "cuda"):
+        assert main([*argv, "--device", device]) == 0
+        hits = json.loads(capsys.readouterr().out)[0]["hits"]
+        scores[device] = [h["score"] for h in hits]
+    assert scores["cuda"] == pytest.approx(scores["cpu"], rel=1e-3)

@@ -42,13 +42,7 @@ def test_expert_and_router_sketches_equal_autograd_gradients(architecture: str) 
 
 def test_an_expert_no_token_reaches_has_a_zero_gradient() -> None:
     model = tiny_causal_lm("mixtral", width=16)
-    router = model.model.layers[0].mlp.gate
-
-    def to_experts_0_and_1(_module, _inputs, output):
-        logits, weights, indices = output
-        return logits, weights, torch.arange(2).expand_as(indices)
-
-    router.register_forward_hook(to_experts_0_and_1)
+    _route_to_experts_0_and_1(model.model.layers[0].mlp.gate)
     modules = tracked_modules(model)
     identity = {n: Projection(None, None) for n in modules}
     tokens = random_sequences([6])[0]
@@ -60,6 +54,38 @@ def test_an_expert_no_token_reaches_has_a_zero_gradient() -> None:
             name = f"model.layers.0.mlp.experts.{parameter}.{e}"
             assert (sketches[name].abs().max() > 0) == (e < 2)
             torch.testing.assert_close(sketches[name][0], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_an_expert_no_fitted_token_reaches_is_damped_not_divided_by_zero() -> None:
+    """Its Λ is 0, so was its damping (0.1 · mean Λ): every example's vector was NaN, those
+    of examples that never reach the expert too."""
+    model = tiny_causal_lm("mixtral", width=8)
+    for layer in model.model.layers:
+        _route_to_experts_0_and_1(layer.mlp.gate)
+    examples = examples_from(random_sequences([9, 6, 12, 4, 10, 7], seed=1))
+    modules = tracked_modules(model)
+    projections = {n: gaussian_projection(n, m, 3, 4, seed=5) for n, m in modules.items()}
+    example_pass = ExamplePass(
+        GradientSketcher(model, modules, projections), examples, 0, 3, seed=SEED, progress=False
+    )
+    curvature = fit_curvature(example_pass, list(range(len(examples))), damping=0.1).sketch
+    dead = curvature.modules["model.layers.0.mlp.experts.down_proj.3"]
+    live = curvature.modules["model.layers.0.mlp.experts.down_proj.0"]
+    average = sum(m.eigvals.mean().item() for m in curvature.modules.values())
+    average /= len(curvature.modules)
+    assert dead.eigvals.abs().max() == 0
+    assert dead.damping == pytest.approx(0.1 * average)
+    assert live.damping == pytest.approx(0.1 * live.eigvals.mean().item())
+    for _, capture in example_pass.run(list(range(len(examples))), "data", "vectors"):
+        assert torch.isfinite(curvature.vectors(capture)).all()
+
+
+def _route_to_experts_0_and_1(router: torch.nn.Module) -> None:
+    def hook(_module, _inputs, output):
+        logits, weights, indices = output
+        return logits, weights, torch.arange(2).expand_as(indices)
+
+    router.register_forward_hook(hook)
 
 
 def test_coverage_counts_experts_and_names_what_is_skipped() -> None:
