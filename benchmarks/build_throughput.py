@@ -4,11 +4,11 @@
     python -m benchmarks.build_throughput --setting mid [--out results.json]
 
 The bare pass is what training costs: the model with parameter gradients, summed-NLL loss,
-backward, same batches (same length-sorted order, batch size, float32), over every example
-and, apart, over the curvature fit's subsample (the fit passes over it twice). The build runs
-as a subprocess of the real CLI so its peak RSS is its own. Settings: `synthetic` (the demo
-model over `--documents` demo-generator documents) or `mid` / `large` (`benchmarks.rerank`'s
-models and corpora, framed as in training). Ratios (issue 13's targets):
+backward, same batches (length-sorted within the build's windows, batch size, float32), over
+every example and, apart, over the curvature fit's subsample (the fit passes over it twice).
+The build runs as a subprocess of the real CLI so its peak RSS is its own. Settings:
+`synthetic` (the demo model over `--documents` demo-generator documents) or `mid` / `large`
+(`benchmarks.rerank`'s models and corpora, framed as in training). Ratios (issue 13's targets):
 
 - main pass: bare seconds / the build's `sketch` phase (≥ 0.8); the exact norms a cosine
   index stores are computed in the same pass and reported as their own phase (with the
@@ -53,6 +53,7 @@ from indexer.config import (
 from indexer.corpus import load_corpus
 from indexer.curvature import subsample
 from indexer.model import load_model
+from indexer.passes import WINDOW_ROWS
 from indexer.sketch import AUTOCAST_DTYPES, make_batch, summed_nll
 
 
@@ -75,7 +76,12 @@ def bare_forward_backward_seconds(
     if fit_examples is not None:
         rows = subsample((e.example_id for e in examples), fit_examples, CurvatureConfig().seed)
         examples = [examples[r] for r in rows]
-    ordered = sorted(examples, key=lambda e: len(e.token_ids))
+    # Length-sorted within the build's windows, as its passes batch them (`indexer.passes`).
+    ordered = [
+        e
+        for start in range(0, len(examples), WINDOW_ROWS)
+        for e in sorted(examples[start : start + WINDOW_ROWS], key=lambda e: len(e.token_ids))
+    ]
     pad, dtype = loaded.tokenizer.pad_token_id, AUTOCAST_DTYPES.get(autocast)
 
     def step(chunk: list) -> None:

@@ -95,8 +95,11 @@ def measure_kind(setting: Setting, root: Path, reference: Reference) -> dict:
     for name, (engine, _) in modes.items():
         timed(engine, prepared[name][0])  # warm-up, not counted
     runs: dict[str, list[tuple[QueryResult, float, float | None, float]]] = {m: [] for m in modes}
+    names = list(modes)
     for i in range(len(setting.queries)):
-        for name, (engine, _) in modes.items():
+        # Each mode leads in turn: no mode always runs right after another's identical passes.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            engine = modes[name][0]
             result, ms, first_ms = timed(engine, prepared[name][i])
             runs[name].append((result, ms, first_ms, agreement(engine, exact[i], result)))
     out = {"score": kind, "bound": asdict(adaptive.manifest.rerank_bound)}

@@ -22,7 +22,6 @@ run on a machine other processes share: each setting records the load average.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -41,8 +40,9 @@ from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, SketchConfig, StoreConfig
 from indexer.demo.corpus import generate_corpus
 from indexer.engine import QueryEngine
+from indexer.incremental import built_with
 from indexer.manifest import INDEX_FILE
-from indexer.publish import read_current
+from indexer.publish import read_current, read_manifest, version_dir
 from indexer.query import Query
 
 log = logging.getLogger(__name__)
@@ -66,17 +66,18 @@ def ensure_version(
     work: Path, documents: int, threads: int, sketch: SketchConfig = SKETCH
 ) -> dict | None:
     """A version of `documents` synthetic documents under `work/root` with `sketch`'s
-    dimensions: built (its summary returned) unless CURRENT already holds them (None)."""
+    dimensions: built (its summary returned) unless CURRENT already holds them, built with
+    these settings (None; a version of other dimensions is built again, not measured)."""
     root = work / "root"
-    current = read_current(root)
-    if current is not None:
-        manifest = json.loads((root / "versions" / current / "manifest.json").read_text())
-        if manifest["counts"]["documents"] == documents:
+    config = _build_config(demo_artifacts().model_dir, work / "corpus.jsonl", root, sketch)
+    if read_current(root) is not None:
+        manifest = read_manifest(version_dir(root))
+        if manifest.counts.documents == documents and built_with(manifest, config):
             return None
     torch.set_num_threads(threads)
-    corpus = synthetic_corpus(work / "corpus.jsonl", documents)
+    synthetic_corpus(work / "corpus.jsonl", documents)
     start = time.perf_counter()
-    summary = build_index(_build_config(demo_artifacts().model_dir, corpus, root, sketch))
+    summary = build_index(config)
     return {"wall_seconds": time.perf_counter() - start, **summary.to_dict()}
 
 

@@ -134,7 +134,10 @@ def main() -> None:
     parser.add_argument("--index", type=Path, help="serve this index ROOT instead of building")
     parser.add_argument("--clients", type=comma_ints, default=(1, 8, 32))
     parser.add_argument(
-        "--rerank-depth", type=int, help="the server's default depth (0: the search path alone)"
+        "--rerank-depth",
+        type=int,
+        default=0,
+        help="the server's default depth (0: the search path alone, the work the floor times)",
     )
     parser.add_argument("--single", type=int, default=200, help="sequential single-client queries")
     parser.add_argument("--per-client", type=int, default=60, help="queries per concurrent client")
@@ -148,8 +151,7 @@ def main() -> None:
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--index", str(root),
                "--port", str(port)]  # fmt: skip
-    if args.rerank_depth is not None:
-        command += ["--rerank-depth", str(args.rerank_depth)]
+    command += ["--rerank-depth", str(args.rerank_depth)]
     server = subprocess.Popen(
         command,
         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},

@@ -79,11 +79,13 @@ def top10_agreement(
     (None without queries)."""
     if not len(scan_ids):
         return None
-    found = 0
+    found = wanted = 0
     for mine, theirs, their_scores in zip(scan_ids[:, :10], faiss_ids, scores, strict=True):
-        tied = set(theirs[their_scores >= their_scores[9]].tolist())
-        found += len(set(mine.tolist()) & (set(theirs[:10].tolist()) | tied))
-    return found / (10 * len(scan_ids))
+        real = theirs[theirs >= 0]  # -1: no result, in an index of fewer than 10 rows
+        tied = set(real[their_scores[theirs >= 0] >= their_scores[: len(real)][-1]].tolist())
+        found += len(set(mine.tolist()) & (set(real[:10].tolist()) | tied))
+        wanted += min(len(real), 10)
+    return found / wanted
 
 
 def main(argv: list[str] | None = None) -> int:

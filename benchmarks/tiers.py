@@ -78,10 +78,13 @@ def parse_code(text: str) -> CompactCode:
 
 
 def recall(found: np.ndarray, wanted: np.ndarray) -> float:
-    """Mean share of each row of `wanted [Q, k]` within the same row of `found [Q, ≥k]`."""
-    return float(
-        np.mean([len(set(f) & set(w)) / len(w) for f, w in zip(found, wanted, strict=True)])
-    )
+    """Mean share of each row of `wanted [Q, k]` within the same row of `found [Q, ≥k]` (-1,
+    no result, is not wanted)."""
+    shares = [
+        len(set(f) & set(w[w >= 0])) / max(int((w >= 0).sum()), 1)
+        for f, w in zip(found, wanted, strict=True)
+    ]
+    return float(np.mean(shares))
 
 
 def _recall_with_ties(found_scores: np.ndarray, tenth: np.ndarray) -> float:
