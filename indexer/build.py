@@ -485,7 +485,10 @@ def build_index(config: BuildConfig) -> BuildSummary:
             summary = _write_version(state, plan, staging, version)
             if ranks.main:
                 with _timed(state.seconds, "publish"):
+                    previous = read_current(root, pointers)
                     publish(root, staging, version, config.store.keep_versions, pointers)
+                    if state.milvus is not None:
+                        _release_unserved(state.milvus, previous)
             summary = ranks.broadcast(summary)
         except BaseException as e:
             removed = ranks.main and discard_unpublished(root, staging, version, pointers)
@@ -504,6 +507,15 @@ def build_index(config: BuildConfig) -> BuildSummary:
     if ranks.main:
         log.info("published %s: %d examples, dim %d", version, summary.n_examples, summary.dim)
     return summary
+
+
+def _release_unserved(milvus: MilvusBackend, previous: str | None) -> None:
+    """Release older versions' collections after a publish; a failure is a warning (the new
+    version is published, and Milvus only holds more in memory)."""
+    try:
+        milvus.release_unserved(previous)
+    except Exception as e:
+        log.warning("could not release older versions' collections: %s", e)
 
 
 def _drop_collection(milvus: MilvusBackend, version: str) -> None:

@@ -197,6 +197,22 @@ class MilvusBackend:
             self._drop(name)
         return orphans
 
+    def release_unserved(self, previous: str | None) -> list[str]:
+        """Release the loaded collections of this ROOT's versions no server should search: all
+        but CURRENT's, PINNED's and `previous` (the version servers are moving from); returns
+        their names. Loaded collections live in the query nodes' memory; a server that opens
+        a released one (a rollback) loads it again."""
+        keep = {self.read(CURRENT), self.read(PINNED), previous}
+        released = []
+        for version in list_versions(self.root):
+            name = self.collection(version)
+            if version in keep or not self.client.has_collection(name):
+                continue
+            if self.client.get_load_state(name)["state"] == LoadState.Loaded:
+                self.client.release_collection(name)
+                released.append(name)
+        return released
+
     def root_id(self) -> str:
         """This ROOT's id, made at its first Milvus build (`OWNER_PROPERTY`)."""
         path = self.root / ROOT_ID_FILE

@@ -401,6 +401,26 @@ def test_demo_top_10_equals_faiss_for_every_demo_query(
             engine.close()
 
 
+def test_only_the_served_and_the_previous_versions_stay_loaded(
+    tiny, tiny_model_dir, tmp_path
+) -> None:
+    """Every build loaded its collection and none was released: Milvus held every kept
+    version in its query nodes' memory, not the two the deploy files size them for."""
+    root, backend = tmp_path / "index", lite(tmp_path / "milvus.db")
+    config = milvus_config(tiny_model_dir, tiny["corpus"], root, backend)
+    config = replace(config, incremental=replace(config.incremental, mode="off"))
+    versions = [build_index(config).version for _ in range(3)]
+    milvus = open_pointers(root, backend)
+    try:
+        loaded = {
+            v: milvus.client.get_load_state(milvus.collection(v))["state"] == LoadState.Loaded
+            for v in versions
+        }
+    finally:
+        milvus.close()
+    assert loaded == {versions[0]: False, versions[1]: True, versions[2]: True}
+
+
 def test_pruned_versions_drop_their_collections(tiny, tiny_model_dir, tmp_path) -> None:
     """On a Milvus Lite file of its own: it prunes every version but the last."""
     root, backend = tmp_path / "index", lite(tmp_path / "milvus.db")
