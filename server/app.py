@@ -144,6 +144,16 @@ class ServerConfig:
         default_factory=BackendConfig, metadata={"group": "vector engine"}
     )
 
+    def __post_init__(self) -> None:
+        # A QueryBatch queues all its queries at once: a larger one than the queue holds would
+        # get RESOURCE_EXHAUSTED, a retryable error, however long its client retried.
+        batch, queue = self.limits.max_queries_per_batch, self.batching.max_queue
+        if batch > queue:
+            raise InvalidInputError(
+                f"--max-queries-per-batch {batch} is over --max-queue {queue}: such a batch "
+                "could never be queued"
+            )
+
 
 def open_engine(
     root: Path,
@@ -309,6 +319,8 @@ class InfluenceServer:
         grace = self.config.grace_seconds if grace_s is None else grace_s
         until = time.monotonic() + grace
         self._health.enter_graceful_shutdown()
+        if self._reloader is not None:
+            self._reloader.stop(timeout_s=0)  # no new version loads while the queries drain
         server.stop(grace).wait()
         if self._health_server is not None:
             self._health_server.stop(0).wait()
@@ -317,6 +329,7 @@ class InfluenceServer:
         if self._batcher is not None:
             self._batcher.close(timeout_s=max(0.0, until - time.monotonic()))
         self._holder.swap(None)
+        self._serving.clear()
         if self._milvus is not None:
             self._milvus.close()
         self.metrics.stop_http()

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from indexer.errors import InvalidInputError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -81,8 +83,11 @@ class BatcherConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_wait_ms < 0:
-            raise ValueError(f"invalid batcher limits: {self}")
+        if self.max_batch_size < 1 or self.max_queue < 1 or not self.max_wait_ms >= 0:
+            raise InvalidInputError(
+                "--max-batch-size and --max-queue must be at least 1 and --max-wait-ms at "
+                f"least 0 (got {self.max_batch_size}, {self.max_queue}, {self.max_wait_ms})"
+            )
 
 
 @dataclass
@@ -110,8 +115,9 @@ class MicroBatcher(Generic[T, R]):
 
     @property
     def depth(self) -> int:
-        """Number of items waiting in the queue."""
+        """Number of items waiting in the queue (their RPCs still live)."""
         with self._cond:
+            self._drop_cancelled()
             return self._depth
 
     def submit(self, items: Sequence[T], deadline: float | None = None) -> Future[list[R]]:
@@ -126,6 +132,7 @@ class MicroBatcher(Generic[T, R]):
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the server is shutting down")
+            self._drop_cancelled()
             if self._depth + len(job.items) > self._config.max_queue:
                 raise Overloaded(
                     f"server queue is full ({self._depth} of {self._config.max_queue} "
@@ -166,6 +173,14 @@ class MicroBatcher(Generic[T, R]):
                     break
                 self._cond.wait(remaining)
             return self._take_jobs()
+
+    def _drop_cancelled(self) -> None:
+        """Forget queued jobs whose caller cancelled them (their RPC ended: a client gone, a
+        deadline passed), so that they no longer count against `max_queue`."""
+        if any(job.future.cancelled() for job in self._jobs):
+            kept = deque(job for job in self._jobs if not job.future.cancelled())
+            self._depth = sum(len(job.items) for job in kept)
+            self._jobs = kept
 
     def _take_jobs(self) -> list[_Job[T, R]]:
         jobs = [self._jobs.popleft()]

@@ -99,8 +99,8 @@ def _answer(
     engine: QueryEngine, work: list[QueryWork], started: float
 ) -> list[ServedQuery | Exception]:
     """The batch's answers, in one engine.answer call. A query prepared by a version that has
-    been replaced since is prepared again first, and one that this version refuses fails
-    alone."""
+    been replaced since is prepared again first, and one that this version refuses, or that
+    makes the engine fail, fails alone."""
     outcomes: dict[int, ServedQuery | Exception] = {}
     prepared: dict[int, TokenizedQuery] = {}
     for row, item in enumerate(work):
@@ -108,25 +108,36 @@ def _answer(
             prepared[row] = engine.prepared(item.query)
         except Exception as exc:
             outcomes[row] = exc
-    rows = list(prepared)
+    sketched: set[int] = set()
 
     def served(row: int, result: QueryResult) -> ServedQuery:
         return ServedQuery(engine.version, result, int((started - work[row].submitted) * 1e6))
 
-    def on_sketch(position: int, result: QueryResult) -> None:
-        row = rows[position]
-        if work[row].on_sketch is not None:
-            work[row].on_sketch(served(row, result))
+    def answer(rows: list[int]) -> None:
+        """Answer `rows` together; when that fails, each alone, so that one query that
+        breaks the engine fails only its own RPC."""
 
-    if rows:
+        def on_sketch(position: int, result: QueryResult) -> None:
+            row = rows[position]
+            if work[row].on_sketch is not None and row not in sketched:
+                sketched.add(row)  # a row answered again sends its first answer once
+                work[row].on_sketch(served(row, result))
+
         try:
             results = engine.answer(
-                list(prepared.values()),
+                [prepared[row] for row in rows],
                 deadlines=[work[row].deadline for row in rows],
                 abandoned=[work[row].abandoned for row in rows],
                 on_sketch=on_sketch,
             )
-            outcomes |= {row: served(row, r) for row, r in zip(rows, results, strict=True)}
+            outcomes.update({row: served(row, r) for row, r in zip(rows, results, strict=True)})
         except Exception as exc:
-            outcomes |= dict.fromkeys(rows, exc)
+            if len(rows) == 1:
+                outcomes[rows[0]] = exc
+                return
+            for row in rows:
+                answer([row])
+
+    if prepared:
+        answer(list(prepared))
     return [outcomes[row] for row in range(len(work))]

@@ -191,8 +191,10 @@ class Reloader:
         self._wake.set()
 
     def stop(self, timeout_s: float | None = None) -> None:
-        """Stop watching; waits for a load in progress (seconds)."""
-        self._stopping = True
+        """Stop watching; waits for a load in progress (seconds; 0: only ask it to stop).
+        A load that ends after this is closed, never served."""
+        with self._status_lock:
+            self._stopping = True
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
@@ -310,11 +312,11 @@ class Reloader:
             self._set_status(replace(self.status(), pending_version=""))
         seconds = time.monotonic() - start
         self._refused.pop(version, None)
-        if self._stopping:
-            # The server stopped while this version loaded: it must not be served after.
-            _close(engine)
-            return
-        with self._status_lock:
+        with self._status_lock:  # `stop` sets `_stopping` under it: no swap after a stop
+            if self._stopping:
+                # The server stopped while this version loaded: it must not be served after.
+                _close(engine)
+                return
             self._holder.swap(engine)
             self._status = replace(self._status, last_error=error_when_served)
         log.info("now serving index version %s (loaded in %.2f s)", version, seconds)

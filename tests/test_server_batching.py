@@ -139,3 +139,27 @@ def test_close_drains_queued_jobs_then_refuses() -> None:
     assert [f.result(0) for f in futures] == [[0], [2], [4]]
     with pytest.raises(BatcherClosed):
         batcher.submit([9])
+
+
+def test_jobs_whose_rpcs_ended_stop_counting_against_the_queue() -> None:
+    """They counted until the worker reached them: live queries got RESOURCE_EXHAUSTED from
+    a queue of dead ones."""
+    gate = threading.Event()
+
+    def held(items: list[int]) -> list[int]:
+        gate.wait(30)
+        return items
+
+    batcher = MicroBatcher(held, BatcherConfig(max_batch_size=1, max_wait_ms=0, max_queue=2))
+    first = batcher.submit([0])
+    deadline = time.monotonic() + 30
+    while batcher.depth and time.monotonic() < deadline:  # the worker holds the first job
+        time.sleep(0.01)
+    ended = [batcher.submit([1]), batcher.submit([2])]
+    for future in ended:
+        future.cancel()  # what the servicer does when their RPCs end
+    live = batcher.submit([3])
+    assert batcher.depth == 1
+    gate.set()
+    assert first.result(30) == [0] and live.result(30) == [3]
+    batcher.close(30)

@@ -140,6 +140,61 @@ def test_engine_bug_is_internal_without_traceback_and_spares_other_jobs(root: Pa
     assert "Traceback" not in error.details() and "simulated" not in error.details()
 
 
+def test_a_query_that_breaks_the_engine_fails_alone_in_its_batch(root: Path) -> None:
+    """Another client's query in the same forward/backward pass got INTERNAL too."""
+    gate = threading.Event()
+    opener = FakeOpener(gate=gate)
+    with running_server(root, opener) as (server, client), ThreadPoolExecutor(3) as pool:
+        held = pool.submit(client.query, "hold", " a")
+        assert wait_until(opener.engines[0].busy.is_set)
+        bad = pool.submit(_code_of, lambda: client.query("The cat", EXPLODE))
+        good = pool.submit(_code_of, lambda: client.query("The cat", " sat"))
+        assert wait_until(lambda: server._batcher.depth == 2)  # both behind the held batch
+        gate.set()
+        outcomes = held.result(), bad.result(30), good.result(30)
+    assert outcomes[1:] == (grpc.StatusCode.INTERNAL, grpc.StatusCode.OK)
+    assert 2 in opener.engines[0].batches  # they were answered together first
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_batch_larger_than_the_queue_is_refused_at_start() -> None:
+    """Such a QueryBatch got RESOURCE_EXHAUSTED, which its client retries, forever."""
+    with pytest.raises(InvalidInputError, match="could never be queued"):
+        ServerConfig(index_root=Path("/srv"), **_limits(max_queue=8))
+
+
+def _limits(**batching: int) -> dict:
+    from server.batching import BatcherConfig
+
+    return {"batching": BatcherConfig(**batching)}
+
+
+def test_stop_asks_the_reloader_to_stop_before_the_drain(root: Path) -> None:
+    """A version published while in-flight queries drained was loaded (model, warm-up) beside
+    them, then closed unused."""
+    gate = threading.Event()
+    opener = FakeOpener(gate=gate)
+    with running_server(root, opener) as (server, client), ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(client.query, "a", " b")
+        assert wait_until(opener.engines[0].busy.is_set)
+        stopping = threading.Thread(target=server.stop, kwargs={"grace_s": 5})
+        stopping.start()
+        publish(root, "v2")
+        time.sleep(0.5)  # many reload polls (0.05 s)
+        gate.set()
+        stopping.join()
+        assert in_flight.result(30).influences
+    assert [e.version for e in opener.engines] == ["v1"]
+
+
 def test_concurrent_queries_share_forward_backward_passes(root: Path) -> None:
     opener = FakeOpener(delay_s=0.02)
     with running_server(root, opener, max_wait_ms=20) as (_, client), ThreadPoolExecutor(8) as pool:
@@ -151,7 +206,7 @@ def test_concurrent_queries_share_forward_backward_passes(root: Path) -> None:
 
 def test_full_queue_is_resource_exhausted(root: Path) -> None:
     opener = FakeOpener(delay_s=0.3)
-    limits = {"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 2}
+    limits = {"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 2, "max_queries_per_batch": 2}
     with running_server(root, opener, **limits) as (_, client), ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(lambda i: _code_of(lambda: client.query(f"q{i}", " a")), range(8)))
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes
@@ -361,6 +416,29 @@ def test_a_version_loading_when_the_server_stops_is_closed_not_served(root: Path
     release.set()
     wait_for(lambda: bool(opener.engines) and opener.engines[0].closed)
     assert not server.wait_until_serving(0.2)
+
+
+def test_a_load_that_ends_as_the_server_stops_is_never_served_after(root: Path) -> None:
+    """The reloader checked that the server was not stopping, then swapped the version in: a
+    stop between the two left it served after stop() returned, and never closed."""
+    opener = FakeOpener()
+    server = InfluenceServer(ServerConfig(index_root=root, port=0), opener=opener)
+    swapping, stopped = threading.Event(), threading.Event()
+    swap = server._holder.swap
+
+    def slow_swap(engine: FakeEngine | None) -> None:
+        if engine is not None and threading.current_thread().name == "index-reloader":
+            swapping.set()
+            stopped.wait(1)  # the reloader is descheduled between its check and its swap
+        swap(engine)
+
+    server._holder.swap = slow_swap
+    server.start()
+    assert swapping.wait(30)
+    server.stop(grace_s=0)
+    stopped.set()
+    wait_for(lambda: opener.engines[0].closed)
+    assert server._holder.current is None and not server.wait_until_serving(0.2)
 
 
 def test_a_stream_the_client_cancels_is_counted(root: Path) -> None:
