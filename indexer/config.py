@@ -207,7 +207,7 @@ class StoreConfig:
         default=None,
         metadata={
             "help": "FAISS factory string; the index is the only copy of the vectors, so it must "
-            "reconstruct them (default: by corpus size, 8-bit codes for small corpora)"
+            "reconstruct them (default: IDMap,SQ8, 8-bit codes all scanned, at any size)"
         },
     )
     nprobe: int = field(default=32, metadata={"help": "IVF lists scanned per query"})

@@ -112,10 +112,12 @@ class MilvusBackend:
         try:
             client = MilvusClient(uri=uri, timeout=30, grpc_options=_KEEPALIVE)
         except MilvusException as e:
-            detail = e.message
-            if not _REMOTE.match(uri):
-                detail += " (is another process using this Milvus Lite file?)"
-            raise InvalidInputError(f"cannot open Milvus at {uri}: {detail}") from e
+            if _REMOTE.match(uri):  # a server that may be back later: worth a retry
+                raise UnavailableError(f"cannot reach Milvus at {uri}: {e.message}") from e
+            raise InvalidInputError(
+                f"cannot open Milvus at {uri}: {e.message} (is another process using this "
+                "Milvus Lite file?)"
+            ) from e
         return cls(client, config, root)
 
     def collection(self, version_id: str) -> str:

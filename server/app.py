@@ -404,6 +404,7 @@ class InfluenceServer:
         query_bytes = config.max_query_bytes
         max_request_bytes = {
             "Query": query_bytes,
+            "QueryStream": query_bytes,
             "AttributeTokens": query_bytes,
             "QueryBatch": query_bytes * config.limits.max_queries_per_batch,
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -335,6 +336,18 @@ def test_bad_uri_and_dimension_are_one_line_errors(
         MilvusBackend.connect(lite(tmp_path / "m.db", prefix="bad-prefix"), tmp_path)
     with pytest.raises(InvalidInputError, match="so the prefix at most 225"):
         MilvusBackend.connect(lite(tmp_path / "m.db", prefix="p" * 226), tmp_path)
+
+
+def test_a_milvus_that_cannot_be_reached_exits_1_worth_a_retry(tmp_path: Path, capsys) -> None:
+    """Like an RPC the network may yet answer (README); it exited 2, as bad input does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    uri = f"http://127.0.0.1:{port}"
+    argv = ["info", "--index", str(tmp_path), "--backend", "milvus", "--milvus-uri", uri]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach Milvus at {uri}: ") and err.count("\n") == 1
 
 
 def test_what_milvus_cannot_hold_is_refused_before_the_passes(

@@ -384,8 +384,11 @@ def test_a_request_over_the_byte_limit_is_refused_before_it_is_parsed(root: Path
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         error = rpc_error(lambda: channel.unary_unary(SERVICE + "Query")(invalid, timeout=5))
+        stream = channel.unary_stream(SERVICE + "QueryStream")  # it was parsed up to 16 MiB
+        streamed = rpc_error(lambda: list(stream(invalid, timeout=5)))
         batch = client.query_batch([("a", " b")] * 3)  # the batch limit is 1024 per query
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"is {len(invalid)} bytes, more than the 1024" in error.details()
-    assert "--max-query-mb" in error.details()
+    for refused in (error, streamed):
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"is {len(invalid)} bytes, more than the 1024" in refused.details()
+        assert "--max-query-mb" in refused.details()
     assert len(batch.responses) == 3

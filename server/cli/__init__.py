@@ -19,7 +19,7 @@ from functools import wraps
 import grpc
 
 from indexer import __version__
-from indexer.errors import InfluenceIndexError
+from indexer.errors import InfluenceIndexError, UnavailableError
 from server.cli import evaluation, index, serving
 from server.logs import LOG_FORMATS, configure_logging
 
@@ -100,6 +100,9 @@ def cli_errors(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             report = handler(args)
+        except UnavailableError as exc:  # Milvus down: like an RPC the network may yet answer
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except InfluenceIndexError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
