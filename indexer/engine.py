@@ -676,6 +676,7 @@ class QueryEngine:
         cosines, scale = space.cosine_units(scores, norms), space.cosine_scale(norms)
         bound = self.manifest.rerank_bound
         estimates = (cosines if bound is None else bound.estimate(cosines)) * scale
+        estimates[space.norm * norms <= 0] = 0.0  # no gradient: its exact score is 0 too
         upper = np.full(len(all_ids), np.inf)
         if bound is not None and self.options.rerank_early_stop:
             sketched = slice(len(lexical), None)

@@ -28,3 +28,7 @@ class ResourceLimitError(InfluenceIndexError):
 
 class UnavailableError(InfluenceIndexError):
     """A service the index lives in (Milvus) cannot be reached or failed. gRPC UNAVAILABLE."""
+
+
+class BackendError(InfluenceIndexError):
+    """The vector engine (Milvus) refused a request for good (a retry would not help)."""

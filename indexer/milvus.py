@@ -30,11 +30,13 @@ from typing import TypeVar
 import duckdb
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
-from pymilvus.client.types import LoadState
+from pymilvus.client.types import LoadState, Status
+from pymilvus.exceptions import ConnectError, ErrorCode, MilvusUnavailableException
 from tqdm import tqdm
 
 from indexer.config import MILVUS_MAX_VARCHAR, BackendConfig
 from indexer.errors import (
+    BackendError,
     IndexVerificationError,
     InvalidInputError,
     NotFoundError,
@@ -179,7 +181,8 @@ class MilvusBackend:
                 continue
             raise InvalidInputError(
                 f"Milvus alias {alias} names {collection}, a collection of another index root: "
-                "give each root its own --milvus-prefix"
+                "give each root its own --milvus-prefix (a root made anew in the same place has "
+                f"a new id, {ROOT_ID_FILE}: drop the alias to let it take the prefix over)"
             )
 
     def drop_orphans(self) -> list[str]:
@@ -425,8 +428,9 @@ def _combined(digests: dict[int, bytes]) -> str:
 
 
 class _Client:
-    """A MilvusClient whose calls raise Milvus's errors as UnavailableError, one line that names
-    the URI (a reloader reports it, the server answers UNAVAILABLE, the CLI exits 2)."""
+    """A MilvusClient whose calls raise Milvus's errors as one line that names the URI:
+    UnavailableError when Milvus cannot be reached or is overloaded (a reloader reports it,
+    the server answers UNAVAILABLE, the CLI exits 1: worth a retry), BackendError otherwise."""
 
     def __init__(self, client: MilvusClient, uri: str):
         self._client, self._uri = client, uri
@@ -440,10 +444,32 @@ class _Client:
         def call(*args, **kwargs):
             try:
                 return method(*args, **kwargs)
-            except MilvusException as e:
-                raise UnavailableError(f"Milvus at {self._uri}: {e.message}") from e
+            except Exception as e:
+                if not isinstance(e, MilvusException) and not _is_rpc_error(e):
+                    raise
+                message = getattr(e, "message", None) or str(e)
+                error = UnavailableError if _transient(e) else BackendError
+                raise error(f"Milvus at {self._uri}: {message}") from e
 
         return call
+
+
+# What a retry may get over: Milvus unreachable, overloaded or slow (pymilvus passes gRPC's
+# status codes on, or raises gRPC's own errors).
+_TRANSIENT_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+
+
+def _is_rpc_error(error: Exception) -> bool:
+    return type(error).__module__.startswith("grpc")
+
+
+def _transient(error: Exception) -> bool:
+    if isinstance(error, MilvusUnavailableException | ConnectError):
+        return True
+    code = error.code() if _is_rpc_error(error) else getattr(error, "code", None)
+    if getattr(code, "name", None) in _TRANSIENT_CODES:
+        return True
+    return code in (Status.CONNECT_FAILED, ErrorCode.RATE_LIMIT)
 
 
 def _searchable(client: _Client, collection: str, call: Callable[[], T]) -> T:
@@ -451,7 +477,7 @@ def _searchable(client: _Client, collection: str, call: Callable[[], T]) -> T:
     restarts), the collection is loaded again and `call` tried once more."""
     try:
         return call()
-    except UnavailableError:
+    except (UnavailableError, BackendError):
         if client.get_load_state(collection)["state"] == LoadState.Loaded:
             raise
         client.load_collection(collection)

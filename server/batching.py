@@ -160,19 +160,21 @@ class MicroBatcher(Generic[T, R]):
     def _next_batch(self) -> list[_Job[T, R]]:
         """Block until a batch is ready; an empty list means closed and drained."""
         with self._cond:
-            while not self._jobs and not self._closed:
-                self._cond.wait()
-            if not self._jobs:
-                return []
-            # The oldest job's wait counts from when it was queued, not from when the worker
-            # got free: after a long batch, the jobs that queued up meanwhile go at once.
-            collect_until = self._jobs[0].enqueued + self._config.max_wait_ms / 1000
-            while self._depth < self._config.max_batch_size and not self._closed:
-                remaining = collect_until - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            return self._take_jobs()
+            while True:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:
+                    return []
+                # The oldest job's wait counts from when it was queued, not from when the
+                # worker got free: after a long batch, the jobs queued meanwhile go at once.
+                collect_until = self._jobs[0].enqueued + self._config.max_wait_ms / 1000
+                while self._depth < self._config.max_batch_size and not self._closed:
+                    remaining = collect_until - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._jobs:  # cancelled jobs may have been dropped while it waited
+                    return self._take_jobs()
 
     def _drop_cancelled(self) -> None:
         """Forget queued jobs whose caller cancelled them (their RPC ended: a client gone, a

@@ -313,7 +313,7 @@ def _bracket(token: str, relative: float, score: float) -> str:
 
 
 def _excerpt(text: str, limit: int) -> str:
-    flat = " ".join(printable(text).split())
+    flat = printable(" ".join(text.split()))
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 

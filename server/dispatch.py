@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from indexer.engine import QueryResult, TokenAttribution
+from indexer.errors import ResourceLimitError, UnavailableError
 from indexer.query import TokenizedQuery
 from server.metrics import ServerMetrics
 from server.reload import EngineHolder
@@ -95,6 +96,17 @@ def _attribute(engine: QueryEngine, item: AttributionWork) -> ServedAttribution 
         return exc
 
 
+# Failures no query causes alone (Milvus down, memory): a batch that meets one is not
+# answered again query by query.
+SERVICE_WIDE = (UnavailableError, ResourceLimitError)
+
+
+def _live(item: QueryWork) -> bool:
+    """Whether a client still waits for the query's answer, in time."""
+    expired = item.deadline is not None and item.deadline <= time.monotonic()
+    return not expired and not (item.abandoned is not None and item.abandoned())
+
+
 def _answer(
     engine: QueryEngine, work: list[QueryWork], started: float
 ) -> list[ServedQuery | Exception]:
@@ -132,11 +144,14 @@ def _answer(
             )
             outcomes.update({row: served(row, r) for row, r in zip(rows, results, strict=True)})
         except Exception as exc:
-            if len(rows) == 1:
-                outcomes[rows[0]] = exc
+            if len(rows) == 1 or isinstance(exc, SERVICE_WIDE):
+                outcomes.update(dict.fromkeys(rows, exc))
                 return
             for row in rows:
-                answer([row])
+                if _live(work[row]):
+                    answer([row])
+                else:
+                    outcomes[row] = exc
 
     if prepared:
         answer(list(prepared))

@@ -338,6 +338,25 @@ def test_bad_uri_and_dimension_are_one_line_errors(
         MilvusBackend.connect(lite(tmp_path / "m.db", prefix="p" * 226), tmp_path)
 
 
+def test_milvus_errors_are_retryable_only_when_a_retry_may_help() -> None:
+    """Every Milvus error was UNAVAILABLE (retried by clients, exit 1), a refusal for good
+    (a collection that does not exist) too."""
+    from indexer.errors import BackendError, UnavailableError
+    from indexer.milvus import _Client
+
+    class Refusing:
+        def __init__(self, code: int) -> None:
+            self.code = code
+
+        def list_aliases(self) -> None:
+            raise MilvusException(code=self.code, message="refused")
+
+    with pytest.raises(UnavailableError):
+        _Client(Refusing(2), "uri").list_aliases()  # CONNECT_FAILED
+    with pytest.raises(BackendError):
+        _Client(Refusing(100), "uri").list_aliases()  # COLLECTION_NOT_FOUND
+
+
 def test_a_milvus_that_cannot_be_reached_exits_1_worth_a_retry(tmp_path: Path, capsys) -> None:
     """Like an RPC the network may yet answer (README); it exited 2, as bad input does."""
     with socket.socket() as s:

@@ -147,15 +147,16 @@ def test_a_deadline_ranks_what_it_did_not_reach_by_calibrated_estimates(
     assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
 
 
+@pytest.mark.parametrize("kind", list(ScoreKind))
 def test_an_example_without_a_gradient_scores_zero_and_leaves_the_bound_sound(
-    tmp_path: Path, tiny_model_dir: Path, small_corpus_path: Path
+    tmp_path: Path, tiny_model_dir: Path, small_corpus_path: Path, kind: ScoreKind
 ) -> None:
     """A one-token example (no prefix token: nothing to predict) has norm 0, but its 8-bit code
     decodes to noise: its cosine was that noise over 1e-30, and such pairs broke the build's fit
-    of the bound (a slope of -2e-30)."""
+    of the bound (a slope of -2e-30); a deadline's estimate of it was the bound's intercept."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(small_corpus_path.read_text() + '{"id": "one-token", "text": "The"}\n')
-    config = tiny_config(tiny_model_dir, corpus, tmp_path / "root", score="influence")
+    config = tiny_config(tiny_model_dir, corpus, tmp_path / "root", score=kind)
     build_index(replace(config, corpus=replace(config.corpus, prefix_tokens=())))
     with closing(QueryEngine.open(tmp_path / "root")) as engine:
         (record,) = [r for r in engine.metadata.lookup(
@@ -163,9 +164,13 @@ def test_an_example_without_a_gradient_scores_zero_and_leaves_the_bound_sound(
         ).values() if r.doc_id == "one-token"]  # fmt: skip
         assert len(record.token_ids) == 1 and record.norm == 0
         assert engine.manifest.rerank_bound.slope > 0
-        (result,) = engine.query([replace(QUERY, top_k=engine.info.n_examples, rerank_depth=0)])
-        (hit,) = [h for h in result.hits if h.example_id == record.example_id]
-        assert hit.score == hit.influence == hit.cosine == 0
+        every = replace(QUERY, top_k=engine.info.n_examples)
+        (result,) = engine.query([replace(every, rerank_depth=0)])
+        tokenized = engine.prepare(replace(every, rerank_depth=engine.info.n_examples))
+        (due,) = engine.answer([tokenized], deadlines=[time.monotonic()])
+        for answer in (result, due):
+            (hit,) = [h for h in answer.hits if h.example_id == record.example_id]
+            assert hit.score == hit.influence == hit.cosine == 0
 
 
 @pytest.mark.parametrize(

@@ -163,3 +163,16 @@ def test_jobs_whose_rpcs_ended_stop_counting_against_the_queue() -> None:
     gate.set()
     assert first.result(30) == [0] and live.result(30) == [3]
     batcher.close(30)
+
+
+def test_a_job_cancelled_while_its_batch_is_collected_leaves_the_worker_alive() -> None:
+    """Dropping it emptied the queue under the collecting worker, which then popped an empty
+    queue and died: no query was answered again."""
+    batcher = MicroBatcher(lambda items: items, BatcherConfig(max_wait_ms=300))
+    cancelled = batcher.submit([1])
+    time.sleep(0.1)  # the worker now collects the batch (it waits 300 ms for more)
+    cancelled.cancel()
+    assert batcher.depth == 0  # drops it while the worker waits for more items
+    time.sleep(0.5)  # past the worker's wait: it takes its batch from the emptied queue
+    assert batcher.submit([2]).result(10) == [2]
+    batcher.close(30)

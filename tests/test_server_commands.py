@@ -162,6 +162,12 @@ def test_a_file_where_the_index_root_should_be_is_one_line(
         assert err.startswith("error: ") and err.count("\n") == 1 and str(index) in err
 
 
+def test_an_excerpt_shows_line_breaks_and_odd_spaces_as_spaces() -> None:
+    from server.client import _excerpt
+
+    assert _excerpt("line one\r\nline\xa0two\u2028three", 72) == "line one line two three"
+
+
 def test_text_from_the_index_cannot_drive_the_terminal() -> None:
     from influence.v1 import influence_pb2 as pb
     from server.client import format_query_table

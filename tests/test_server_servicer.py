@@ -165,6 +165,35 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> bool:
     return True
 
 
+def test_a_batch_is_not_answered_again_query_by_query_for_nothing() -> None:
+    """After a failed batch each query was answered again alone: also when the failure was the
+    service's (Milvus down: N+1 calls, each as slow), and for queries no client waited for."""
+    from indexer.errors import UnavailableError
+    from server.dispatch import _answer
+
+    class Failing:
+        version = "v1"
+
+        def __init__(self, error: Exception) -> None:
+            self.error, self.calls = error, 0
+
+        def prepared(self, query: TokenizedQuery) -> TokenizedQuery:
+            return query
+
+        def answer(self, queries, **_options) -> None:
+            self.calls += 1
+            raise self.error
+
+    query = TokenizedQuery(Query("a", " b"), [1, 2], 1, "v1")
+    down = Failing(UnavailableError("Milvus at uri: down"))
+    assert all(isinstance(o, UnavailableError) for o in _answer(down, [QueryWork(query)] * 3, 0))
+    assert down.calls == 1
+    bug = Failing(RuntimeError("one query breaks the engine"))
+    expired = QueryWork(query, deadline=time.monotonic() - 1)
+    _answer(bug, [QueryWork(query), expired, QueryWork(query)], 0)
+    assert bug.calls == 1 + 2  # the batch, then the two live queries alone
+
+
 def test_a_batch_larger_than_the_queue_is_refused_at_start() -> None:
     """Such a QueryBatch got RESOURCE_EXHAUSTED, which its client retries, forever."""
     with pytest.raises(InvalidInputError, match="could never be queued"):

@@ -144,6 +144,8 @@ def post(url: str, path: str, body: object) -> tuple[int, dict]:
         ("/api/attribute", {"example_ids": "6778285571938431734"}, "example_ids must be a list"),
         ("/api/attribute", {"example_ids": [str(2**63)]}, "example ids must be 64-bit"),
         ("/api/attribute", {"example_ids": [-(2**63) - 1]}, "example ids must be 64-bit"),
+        ("/api/query", {"prompt": "\ud800"}, "prompt is not valid Unicode text"),
+        ("/api/attribute", {"completion": "a\udfff", "example_ids": [1]}, "completion is not"),
     ],
 )
 def test_malformed_api_fields_are_400s_naming_the_field(demo, path, fields, named) -> None:

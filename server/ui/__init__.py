@@ -236,6 +236,10 @@ def _text(body: dict[str, Any], name: str) -> str:
     value = body.get(name, "")
     if not isinstance(value, str):
         raise FormError(f"{name} must be text")
+    try:
+        value.encode("utf-8")  # JSON may carry a lone surrogate ("\ud800"); gRPC sends UTF-8
+    except UnicodeEncodeError:
+        raise FormError(f"{name} is not valid Unicode text") from None
     return value
 
 
