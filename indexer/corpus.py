@@ -72,7 +72,12 @@ def content_hash(token_ids: list[int]) -> int:
 
 
 def _matching_files(pattern: str) -> list[Path]:
-    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    """The corpus files: `pattern` itself when it names a file (whose name may hold glob
+    characters, `[1]`), else the files its glob matches."""
+    if Path(pattern).is_file():
+        files = [Path(pattern)]
+    else:
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not files:
         raise InvalidInputError(f"corpus path matches no files: {pattern}")
     unknown = sorted({f.suffix for f in files if f.suffix.lower() not in _READERS})

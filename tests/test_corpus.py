@@ -119,6 +119,12 @@ def test_ids_of_mixed_types_are_their_text(tmp_path, tokenizer):
         load_corpus(CorpusConfig(str(tmp_path / "same.jsonl")), tokenizer, 64)
 
 
+def test_a_file_whose_name_holds_glob_characters_is_read(tmp_path, tokenizer):
+    """`corpus[1].jsonl` was read as a pattern matching `corpus1.jsonl`: "matches no files"."""
+    path = write_jsonl(tmp_path / "corpus[1].jsonl", [{"id": "a", "text": "x y"}])
+    assert [e.doc_id for e in load_corpus(CorpusConfig(str(path)), tokenizer, 64).examples] == ["a"]
+
+
 def test_path_matching_nothing(tmp_path, tokenizer):
     with pytest.raises(InvalidInputError, match="matches no files"):
         load_corpus(CorpusConfig(str(tmp_path / "none-*.jsonl")), tokenizer, 64)
