@@ -65,6 +65,15 @@ def max_query_chars(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
     return max_length * longest * _CHARS_PER_TOKEN_SLACK
 
 
+def check_unicode(name: str, text: str) -> None:
+    """InvalidInputError unless `text` encodes as UTF-8 (what gRPC sends): a lone surrogate, from
+    JSON's "\\ud800" or a command-line byte that is not UTF-8, does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"{name} is not valid Unicode text ({e.reason})") from None
+
+
 def tokenize_query(
     tokenizer: PreTrainedTokenizerBase,
     query: Query,
@@ -82,10 +91,7 @@ def tokenize_query(
     so a huge request costs nothing.
     """
     for name in ("prompt", "completion"):
-        try:
-            getattr(query, name).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidInputError(f"{name} is not valid Unicode text ({e.reason})") from None
+        check_unicode(name, getattr(query, name))
     chars = len(query.prompt) + len(query.completion)
     if max_chars is not None and chars > max_chars:
         raise InvalidInputError(

@@ -100,15 +100,12 @@ def cli_errors(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             report = handler(args)
-        except UnavailableError as exc:  # Milvus down: like an RPC the network may yet answer
+        except (UnavailableError, TimeoutError, ConnectionError) as exc:  # worth a retry
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except InfluenceIndexError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except (TimeoutError, ConnectionError) as exc:  # the network: worth a retry
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
         except OSError as exc:  # a path that is not what it should be: a file for a directory
             where = f": {exc.filename}" if exc.filename else ""
             print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -8,7 +8,8 @@ import argparse
 from google.protobuf.json_format import MessageToDict
 
 from indexer.config import ScoreKind, default_of
-from indexer.query import Query
+from indexer.errors import InvalidInputError
+from indexer.query import Query, check_unicode
 from influence.v1 import influence_pb2 as pb
 from server.app import InfluenceServer, ServerConfig
 from server.cli.options import add_options, bounded, from_args
@@ -40,8 +41,8 @@ def _text(value: str) -> str:
     """An argparse type: text that is valid Unicode (gRPC sends UTF-8; a byte that is not
     UTF-8 reaches Python as a lone surrogate)."""
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
+        check_unicode("text", value)
+    except InvalidInputError:
         raise argparse.ArgumentTypeError(f"not valid UTF-8 text: {value!r}") from None
     return value
 

@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles
 
 from indexer.config import ScoreKind
 from indexer.errors import InvalidInputError
+from indexer.query import check_unicode
 from server.client import InfluenceClient, group_identical
 
 log = logging.getLogger(__name__)
@@ -237,9 +238,9 @@ def _text(body: dict[str, Any], name: str) -> str:
     if not isinstance(value, str):
         raise FormError(f"{name} must be text")
     try:
-        value.encode("utf-8")  # JSON may carry a lone surrogate ("\ud800"); gRPC sends UTF-8
-    except UnicodeEncodeError:
-        raise FormError(f"{name} is not valid Unicode text") from None
+        check_unicode(name, value)
+    except InvalidInputError as e:
+        raise FormError(str(e)) from None
     return value
 
 
