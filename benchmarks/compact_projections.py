@@ -32,10 +32,13 @@ from benchmarks.tiers import DEPTH, TOP, recall, recall_exact, setting_queries
 from indexer.engine import QueryEngine
 from indexer.retrieval import (
     TieredSearcher,
-    project_and_quantize,
+    encode_rows,
+    linear_transform,
+    pre_transformed,
     random_directions,
     training_sample,
 )
+from indexer.store import new_index
 
 
 def principal_directions(sample: np.ndarray, dims: int) -> np.ndarray:
@@ -97,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.projections:
         start = time.perf_counter()
         directions = projection(kind, sample, args.dims, seed=0)
-        compact = project_and_quantize(stored, directions, args.quantizer, sample)
+        quantizer = new_index(args.dims, args.quantizer)
+        compact = pre_transformed([linear_transform(directions)], quantizer)
+        compact = encode_rows(stored, compact, sample)
         row = {"projection": kind, "build_seconds": time.perf_counter() - start, "candidates": []}
         for candidates in args.candidates:
             tiered = TieredSearcher(compact, stored, candidates)

@@ -52,7 +52,7 @@ import torch
 from benchmarks.common import comma_ints, comma_list, emit, start_run
 from benchmarks.rerank import ensure_build, exact_reference, load_setting, p50
 from benchmarks.retrieval import ensure_version, fact_queries, unit_query_vectors
-from indexer.config import CompactCode, ScoreKind, SketchConfig, StoreConfig
+from indexer.config import CompactCode, Projection, ScoreKind, SketchConfig, StoreConfig
 from indexer.engine import QueryEngine
 from indexer.query import Query
 from indexer.retrieval import (
@@ -60,8 +60,10 @@ from indexer.retrieval import (
     RowSplitSearcher,
     TieredSearcher,
     build_compact_index,
+    code_transforms,
+    pre_transformed,
 )
-from indexer.scan import device_searcher
+from indexer.scan import CodeScan, device_searcher
 
 log = logging.getLogger("tiers")
 
@@ -71,10 +73,15 @@ BATCHES = (1, 8, 32)
 
 
 def parse_code(text: str) -> CompactCode:
-    """`1024:SQ8` -> CompactCode(1024, "SQ8") (a random projection); `RaBitQ` -> the stored
-    vectors' every dimension coded by `RaBitQ` (no projection)."""
-    dims, quantizer = text.split(":", 1) if ":" in text else ("0", text)
-    return StoreConfig(retrieval_dims=int(dims), retrieval_quantizer=quantizer).compact_code()
+    """`1024:SQ8` -> CompactCode(1024, "SQ8") (a random projection); `hr16384:RaBitQ` -> the
+    first 16,384 dimensions of the Hadamard rotation (`hr:RaBitQ`: all of them) coded by
+    `RaBitQ`; `RaBitQ` -> the stored vectors' every dimension (no projection)."""
+    if ":" not in text:
+        return CompactCode(0, text, Projection.NONE)
+    dims, quantizer = text.split(":", 1)
+    if dims.lower().startswith("hr"):
+        return CompactCode(int(dims[2:] or 0), quantizer, Projection.HADAMARD)
+    return CompactCode(int(dims), quantizer, Projection.RANDOM)
 
 
 def recall(found: np.ndarray, wanted: np.ndarray) -> float:
@@ -180,6 +187,31 @@ def setting_queries(
     return vectors, tops
 
 
+def recall_within_first_rows(
+    stored: faiss.Index, compact: faiss.Index, queries: np.ndarray, args: argparse.Namespace
+) -> list[dict]:
+    """How the K″ a code needs grows with the corpus: for each N of `args.first_rows`, the
+    tier's recall of the flat top-10 (ties counted) when only the first N rows exist, at each
+    K″ of `args.candidates` (the compact scan restricted to the rows by a range selector, its
+    candidates re-scored on the stored codes, as `TieredSearcher` does)."""
+    scan = CodeScan.from_index(stored, "cpu")
+    points = []
+    for n in args.first_rows:
+        every_row = np.broadcast_to(np.arange(n, dtype=np.int64), (len(queries), n))
+        tenth = scan.search_rows(queries, np.ascontiguousarray(every_row), TOP)[0][:, -1]
+        in_range = faiss.SearchParameters(sel=faiss.IDSelectorRange(0, n))
+        params = in_range
+        if isinstance(compact, faiss.IndexPreTransform):
+            params = faiss.SearchParametersPreTransform(index_params=in_range)
+        for candidates in args.candidates:
+            rows = compact.search(queries, min(candidates, n), params=params)[1]
+            scores = scan.search_rows(queries, rows, TOP)[0]
+            point = {"rows": n, "candidates": candidates}
+            point["recall_flat_top10_ties"] = _recall_with_ties(scores, tenth)
+            points.append(point)
+    return points
+
+
 def measure_code(
     stored: faiss.Index,
     code: CompactCode,
@@ -191,6 +223,7 @@ def measure_code(
     """One compact code's build cost, size and sweep over K″ (`flat`: the flat index's scores
     and ids `[Q, DEPTH]`)."""
     flat_scores, flat_ids = flat
+    code = code.over(stored.d)
     start = time.perf_counter()
     compact = build_compact_index(stored, code)
     built = time.perf_counter() - start
@@ -219,6 +252,8 @@ def measure_code(
             point["recall_exact_top10_within_depth"] = recall_exact(depth_ids, exact)
         log.info("%s K''=%d: %s", code.name, candidates, point)
         row["candidates"].append(point)
+    if args.first_rows:
+        row["recall_within_first_rows"] = recall_within_first_rows(stored, compact, queries, args)
     best = TieredSearcher(compact, stored, args.throughput_candidates)
     row["throughput_qps"] = {t: _throughput(best, queries, DEPTH, t) for t in (1, 2)} | {
         "candidates": args.throughput_candidates,
@@ -240,7 +275,10 @@ def measure_scan_at(n: int, code: CompactCode, args: argparse.Namespace) -> dict
     block = max(1, min(100_000, 2**28 // code.dims))  # ≤ 1 GiB of float32 rows at a time
     for start in range(0, n, block):
         index.add(rng.standard_normal((min(block, n - start), code.dims), dtype=np.float32))
-    queries = rng.standard_normal((args.timed, code.dims), dtype=np.float32)
+    transforms = code_transforms(code, args.dim, seed=0)
+    if transforms:  # the rows are the code's already; each query goes through its transforms
+        index = pre_transformed(transforms, index)
+    queries = rng.standard_normal((args.timed, args.dim), dtype=np.float32)
     searcher = RowSplitSearcher(index)
     return {
         "code": code.name,
@@ -274,11 +312,19 @@ def main(argv: list[str] | None = None) -> int:
         "--codes",
         type=comma_list(parse_code),
         default=(StoreConfig().compact_code(), CompactCode(1024, "PQ512x4fs")),
-        help="compact codes, comma-separated: dims:quantizer (a random projection) or "
-        "quantizer (every stored dimension)",
+        help="compact codes, comma-separated: dims:quantizer (a random projection), "
+        "hrDIMS:quantizer (the first DIMS of the Hadamard rotation; hr: all) or quantizer "
+        "(every stored dimension)",
     )
     parser.add_argument("--candidates", type=comma_ints, default=(1000, 2000, 3000, 4000))
     parser.add_argument("--throughput-candidates", type=int, default=RETRIEVAL_CANDIDATES)
+    parser.add_argument(
+        "--first-rows",
+        type=comma_ints,
+        default=(),
+        help="also each code's recall at each K″ when only the first N rows exist, for each N "
+        "(how the K″ a code needs grows with the corpus)",
+    )
     parser.add_argument(
         "--exact",
         action=argparse.BooleanOptionalAction,

@@ -201,8 +201,7 @@ def _check_config(config: BuildConfig, loaded: LoadedModel) -> int:
     _check_calibration(config.calibration)
     if not config.incremental.refit_threshold >= 0:  # NaN too
         raise InvalidInputError("--refit-threshold must be at least 0")
-    if config.store.retrieval_dims < 0:
-        raise InvalidInputError("--retrieval-dims must be 0 (every dimension) or positive")
+    config.store.check_retrieval()
     return checked_max_length(config.corpus.max_length, loaded.context_length)
 
 
@@ -350,7 +349,7 @@ def compact_code(config: BuildConfig, n: int, factory: str, dim: int) -> Compact
         )
     if not code.fits(dim):
         raise InvalidInputError(
-            f"--retrieval-dims must be 0 (every dimension) or under {dim:,}, not {code.dims:,}"
+            f"--retrieval-dims of a random projection must be under {dim:,}, not {code.dims:,}"
         )
     return code
 

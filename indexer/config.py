@@ -197,6 +197,22 @@ class CurvatureConfig:
             raise InvalidInputError("--damping must be a positive number")
 
 
+class Projection(str, Enum):
+    """How a compact code projects the stored vectors: not at all (it codes every stored
+    dimension), a seeded randomized Hadamard rotation (sign flips, then the Walsh-Hadamard
+    transform of the vector padded to a power of 2; its first `dims` outputs when fewer), a
+    seeded random orthonormal map, or principal directions (format-8 versions built before
+    random maps)."""
+
+    NONE = "none"
+    HADAMARD = "hadamard"
+    RANDOM = "random"
+    PCA = "pca"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """How vectors are indexed and kept."""
@@ -236,40 +252,44 @@ class StoreConfig:
             "it finds 0.95 of the flat top-10 for the build's pseudo-queries)"
         },
     )
-    # 0: a 1-bit code of every stored dimension, no projection. At 100k examples it keeps 0.95
-    # of the flat top-10 within K″ = 3,000, where a random projection to 1,024 dimensions kept
-    # 0.58 within 1,000 (RESULTS.md, issue 14).
-    retrieval_dims: int = field(
-        default=0,
-        metadata={
-            "help": "dimensions of the compact retrieval code: 0 codes every stored dimension, "
-            "N > 0 a random projection to N"
-        },
-    )
-    # RaBitQ: 1 bit a dimension plus two floats, the query in 4 bits (FAISS's default `qb`);
-    # 21 ms of one core over 100k examples of 32,412 dimensions (RESULTS.md, issue 14).
+    # RaBitQ: 1 bit a dimension plus two floats, the query in 4 bits (FAISS's default `qb`).
     retrieval_quantizer: str = field(
         default="RaBitQ",
         metadata={"help": "FAISS factory string of the compact code's own index"},
     )
+    # A seeded randomized Hadamard rotation first, as RaBitQ's error bound assumes, and half of
+    # its 32,768 dimensions at the default budget (2 KB an example). At 100k examples the
+    # 1-bit code of 16,384 rotated dimensions kept 0.99 of the flat top-10 within K″ = 3,000,
+    # all 32,768 kept 1.00 within 1,000, the vectors as stored 0.97 within 3,000; at 1M the
+    # half code's scan reads half the bytes (RESULTS.md, issue 14, stop 29).
+    retrieval_projection: Projection = field(
+        default=Projection.HADAMARD,
+        metadata={
+            "help": "how the compact code sees the stored vectors: rotated (hadamard), as "
+            "stored (none) or through a random orthonormal projection (random)",
+            "choices": [Projection.HADAMARD, Projection.NONE, Projection.RANDOM],
+        },
+    )
+    retrieval_dims: int = field(
+        default=16_384,
+        metadata={
+            "help": "dimensions of the compact retrieval code: with hadamard the first N of the "
+            "rotation (at most all of it; 0: all), with random a projection to N < D; "
+            "ignored with none"
+        },
+    )
+
+    def check_retrieval(self) -> None:
+        """InvalidInputError for a compact code that cannot be asked for: negative dimensions,
+        or a random projection to none."""
+        if self.retrieval_dims < 0:
+            raise InvalidInputError("--retrieval-dims must be 0 (every dimension) or positive")
+        if self.retrieval_projection == Projection.RANDOM and not self.retrieval_dims:
+            raise InvalidInputError("--retrieval-projection random needs --retrieval-dims N > 0")
 
     def compact_code(self) -> CompactCode:
-        """The asked-for code; its `dims` are 0 (every stored one) until `CompactCode.over`."""
-        projection = Projection.RANDOM if self.retrieval_dims else Projection.NONE
-        return CompactCode(self.retrieval_dims, self.retrieval_quantizer, projection)
-
-
-class Projection(str, Enum):
-    """How a compact code projects the stored vectors: not at all (it codes every stored
-    dimension), a seeded random orthonormal map, or principal directions (format-8 versions
-    built before random maps)."""
-
-    NONE = "none"
-    RANDOM = "random"
-    PCA = "pca"
-
-    def __str__(self) -> str:
-        return self.value
+        """The asked-for code; its `dims` are 0 (every one) until `CompactCode.over`."""
+        return CompactCode(self.retrieval_dims, self.retrieval_quantizer, self.retrieval_projection)
 
 
 @dataclass(frozen=True)
@@ -283,11 +303,11 @@ class CompactCode:
 
     @property
     def name(self) -> str:
-        """As FAISS would spell the pipeline: e.g. `RR1024,SQ8` (random rotation), `RaBitQ`
-        (no projection)."""
+        """As FAISS would spell the pipeline: e.g. `HR32768,RaBitQ` (Hadamard rotation),
+        `RR1024,SQ8` (random rotation), `RaBitQ` (no projection)."""
         if self.projection == Projection.NONE:
             return self.quantizer
-        prefix = "RR" if self.projection == Projection.RANDOM else "PCA"
+        prefix = {Projection.HADAMARD: "HR", Projection.RANDOM: "RR"}.get(self.projection, "PCA")
         return f"{prefix}{self.dims},{self.quantizer}"
 
     @property
@@ -296,14 +316,24 @@ class CompactCode:
         return self.projection != Projection.NONE
 
     def fits(self, dim: int) -> bool:
-        """Whether the code can stand for stored vectors of `dim` dimensions: a projection must
-        have fewer."""
-        return not self.projected or self.dims < dim
+        """Whether the code can stand for stored vectors of `dim` dimensions: a random
+        projection must have fewer (a rotation keeps at most its own, `over`)."""
+        return self.projection != Projection.RANDOM or self.dims < dim
 
     def over(self, dim: int) -> CompactCode:
         """This code for stored vectors of `dim` dimensions: a code without projection has
-        them all."""
-        return self if self.projected else replace(self, dims=dim)
+        them all, a rotation at most its own (`rotated_dims`; 0 asks for them all)."""
+        if self.projection == Projection.NONE:
+            return replace(self, dims=dim)
+        if self.projection == Projection.HADAMARD:
+            rotated = rotated_dims(dim)
+            return replace(self, dims=min(self.dims or rotated, rotated))
+        return self
+
+
+def rotated_dims(dim: int) -> int:
+    """The dimensions of a Hadamard rotation of `dim`: the next power of 2 (FAISS pads)."""
+    return 1 << max(0, dim - 1).bit_length()
 
 
 class Backend(str, Enum):

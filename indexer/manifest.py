@@ -30,7 +30,9 @@ from indexer.scores import RerankBound
 # 8: a compact retrieval code (RETRIEVAL_FILE) scanned before the stored codes; with Milvus,
 # the collection that holds the vectors; the code's projection recorded since random projections
 # replaced principal directions (a record without one is PCA's); how the build's compact code
-# searched its pseudo-queries (`retrieval_check`, absent before: none recorded).
+# searched its pseudo-queries (`retrieval_check`, absent before: none recorded); a Hadamard
+# rotation among the projections (`hadamard`, the default since stop 29: code readers before
+# it call such a manifest malformed).
 FORMAT_VERSION = 8
 
 MANIFEST_FILE = "manifest.json"

@@ -2,16 +2,19 @@
 
 A flat scan reads every stored byte (D bytes an example: 3.2 GB at 100k examples), and the
 gradient vectors do not cluster, so an inverted file must scan most lists to find the flat
-top-10. The compact code is every stored dimension again in 1 bit (RaBitQ: the signs of the
-vector less the corpus mean, a scale per vector; the query in 4 bits), D/8 bytes an example;
-a search scans the compact codes for the top K″ and re-scores those on the stored 8-bit
-codes, read by row from the memory-mapped index, so the scores it returns are the flat
-index's own. Its error on an inner product is ≈ ‖q‖‖x‖/√D, where a projection to d
-dimensions errs by ≈ ‖q‖‖x‖/√d: at 100k examples a random projection to 1,024 dimensions
-kept 0.58 of the flat top-10 within K″ = 1,000, the 1-bit code of all 32,412 dimensions 0.95
-within 3,000 (RESULTS.md, issue 14). A projected code (`Projection.RANDOM`, a seeded random
-orthonormal map `c = Vᵀ x`, `V [D, d]`, then any FAISS quantizer) is there on request; format-8
-versions built before random maps hold principal directions.
+top-10. The compact code is a 1-bit code (RaBitQ: the signs of the vector less the corpus
+mean, a scale per vector; the query in 4 bits) of the stored vector's randomized Hadamard
+rotation, its first 16,384 dimensions by default (2 KB an example); a search scans the compact
+codes for the top K″ and re-scores those on the stored 8-bit codes, read by row from the
+memory-mapped index, so the scores it returns are the flat index's own. RaBitQ's error bound
+assumes a random rotation: the stored coordinates' scales differ from module to module, and
+their signs alone weigh a small coordinate as much as a large one. At 100k examples the code
+of the stored vectors as they are kept 0.97 of the flat top-10 within K″ = 3,000; rotated, all
+32,768 dimensions kept 0.98 within 100 and the first 16,384 0.99 within 3,000, at half the
+bytes a scan reads; a random projection to 1,024 dimensions kept 0.58 within 1,000
+(RESULTS.md, issue 14). A random projection (`Projection.RANDOM`, a seeded orthonormal map
+`c = Vᵀ x`, `V [D, d]`, then any FAISS quantizer) is there on request; format-8 versions built
+before random maps hold principal directions.
 
 The code lives in the version as `retrieval.faiss`, a FAISS index (behind an
 `IndexPreTransform` when projected) whose rows are the stored index's rows. Whether it pays
@@ -36,8 +39,9 @@ from indexer.store import ADD_CHUNK_ROWS, decode_rows, new_index, open_index
 
 SAMPLE_ROWS = 4096  # stored rows the code's quantizer is trained on
 # K″, the compact code's candidates re-scored per search: at 100k examples the default code
-# (RaBitQ) kept 0.93 / 0.95 / 0.96 of the flat top-10 within 2,000 / 3,000 / 4,000, in 38 / 45 /
-# 56 ms of one core (RESULTS.md, issue 14).
+# (HR16384,RaBitQ) kept 0.97 / 0.99 / 0.995 of the flat top-10 (ties counted) within 300 /
+# 1,000 / 3,000, in 22 / 28 / 44 ms of one core; 3,000 keeps ≥ 0.95 at 1M even if the K″ a
+# code needs grows as fast as the corpus (RESULTS.md, issue 14, stop 29).
 RETRIEVAL_CANDIDATES = 3000
 # What an `auto` code must keep of the flat top-10 on the build's pseudo-queries (issue 14's
 # bar for a search that does not scan every code).
@@ -86,30 +90,50 @@ def encode_rows(stored: faiss.Index, compact: faiss.Index, sample: np.ndarray) -
     return compact
 
 
-def project_and_quantize(
-    stored: faiss.Index, directions: np.ndarray, quantizer: str, sample: np.ndarray
-) -> faiss.Index:
-    """The compact codes of every row of `stored` under `directions [D, d]`: an
-    `IndexPreTransform` whose `quantizer` index is trained on `sample`'s projections."""
-    compact = faiss.IndexPreTransform(
-        linear_transform(directions), new_index(directions.shape[1], quantizer)
-    )
-    return encode_rows(stored, compact, sample)
+def hadamard_rotation(dim: int, dims: int, seed: int) -> list[faiss.VectorTransform]:
+    """FAISS's seeded randomized Hadamard rotation of `dim` dimensions (`rotated_dims(dim)`
+    out: the vector is padded), then its first `dims` outputs when fewer."""
+    rotation = faiss.HadamardRotation(dim, seed)
+    if dims == rotation.d_out:
+        return [rotation]
+    return [rotation, faiss.RemapDimensionsTransform(rotation.d_out, dims, False)]
+
+
+def pre_transformed(
+    transforms: list[faiss.VectorTransform], index: faiss.Index
+) -> faiss.IndexPreTransform:
+    """`index` behind `transforms`, applied in their order."""
+    combined = faiss.IndexPreTransform(transforms[-1], index)
+    for transform in reversed(transforms[:-1]):
+        combined.prepend_transform(transform)
+    return combined
+
+
+def code_transforms(code: CompactCode, dim: int, seed: int) -> list[faiss.VectorTransform]:
+    """What `code` (its `dims` set, `CompactCode.over`) applies to a vector of `dim` dimensions
+    before quantising it: nothing, a Hadamard rotation or a random projection; ValueError for a
+    code that does not fit them or is not built any more (principal directions)."""
+    if not code.fits(dim):
+        raise ValueError(f"a compact code of {code.dims} dimensions is not smaller than {dim}")
+    if code.projection == Projection.NONE:
+        return []
+    if code.projection == Projection.HADAMARD:
+        return hadamard_rotation(dim, code.dims, seed)
+    if code.projection == Projection.RANDOM:
+        return [linear_transform(random_directions(dim, code.dims, seed))]
+    raise ValueError(f"a build makes rotations and random projections, not {code.projection}")
 
 
 def build_compact_index(stored: faiss.Index, code: CompactCode, seed: int = 0) -> faiss.Index:
     """The compact codes of every row of a flat `stored` index (`IDMap,…`), trained on a
-    sample of its decoded rows: the rows themselves quantised again (`Projection.NONE`), or
-    their random projection quantised."""
-    sample = training_sample(stored, seed)
-    if code.projection == Projection.NONE:
-        return encode_rows(stored, new_index(stored.d, code.quantizer), sample)
-    if code.dims >= stored.d:
-        raise ValueError(f"a compact code of {code.dims} dimensions is not smaller than {stored.d}")
-    if code.projection != Projection.RANDOM:
-        raise ValueError(f"a build makes random projections, not {code.projection}")
-    directions = random_directions(stored.d, code.dims, seed)
-    return project_and_quantize(stored, directions, code.quantizer, sample)
+    sample of its decoded rows: the rows themselves quantised again, or their Hadamard
+    rotation or random projection quantised (`code_transforms`)."""
+    code = code.over(stored.d)
+    transforms = code_transforms(code, stored.d, seed)
+    compact = new_index(code.dims, code.quantizer)
+    if transforms:
+        compact = pre_transformed(transforms, compact)
+    return encode_rows(stored, compact, training_sample(stored, seed))
 
 
 def write_compact_index(stored_path: Path, path: Path, code: CompactCode, seed: int = 0) -> None:

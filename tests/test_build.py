@@ -203,11 +203,19 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
             "--retrieval-code",
             "on",
         ],
-        "--retrieval-dims must be 0 (every dimension) or under ": [
+        "--retrieval-dims of a random projection must be under ": [
             "--retrieval-code",
             "on",
+            "--retrieval-projection",
+            "random",
             "--retrieval-dims",
             "10240",
+        ],
+        "--retrieval-projection random needs --retrieval-dims N > 0": [
+            "--retrieval-projection",
+            "random",
+            "--retrieval-dims",
+            "0",
         ],
         "--retrieval-dims must be 0 (every dimension) or positive": ["--retrieval-dims", "-1"],
         "--max-length 4096": ["--max-length", "4096"],

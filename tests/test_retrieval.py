@@ -62,6 +62,8 @@ def test_a_code_recorded_without_its_projection_is_read_as_principal_directions(
     assert _compact_code({"dims": 8, "quantizer": "RaBitQ", "projection": "none"}) == CompactCode(
         8, "RaBitQ", Projection.NONE
     )
+    rotated = {"dims": 16_384, "quantizer": "RaBitQ", "projection": "hadamard"}
+    assert _compact_code(rotated) == CompactCode(16_384, "RaBitQ", Projection.HADAMARD)
     assert _compact_code(None) is None
 
 
@@ -79,13 +81,17 @@ def test_all_candidates_give_the_flat_index_answer():
 
 @pytest.mark.parametrize(
     "code",
-    [CompactCode(128, "SQ8"), CompactCode(256, "RaBitQ", Projection.NONE)],
-    ids=["random-half-8-bit", "every-dimension-1-bit"],
+    [
+        CompactCode(128, "SQ8"),
+        CompactCode(256, "RaBitQ", Projection.NONE),
+        CompactCode(0, "RaBitQ", Projection.HADAMARD),
+    ],
+    ids=["random-half-8-bit", "every-dimension-1-bit", "rotated-1-bit"],
 )
 def test_few_candidates_find_the_flat_top_ten_and_score_them_as_the_flat_index(code):
     # Vectors that do not cluster (as gradients), each query the sum of ten of them: its flat
-    # top-10. A random code of half the dimensions in 8 bits, or every dimension in 1 bit,
-    # finds them among 5 % of the rows.
+    # top-10. A random code of half the dimensions in 8 bits, or every dimension in 1 bit
+    # (rotated or not), finds them among 5 % of the rows.
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4000, 256)).astype(np.float32)
     faiss.normalize_L2(x)
@@ -104,10 +110,34 @@ def test_few_candidates_find_the_flat_top_ten_and_score_them_as_the_flat_index(c
                 assert s == pytest.approx(found[q, i], rel=1e-5, abs=1e-6)
 
 
+def test_a_rotated_code_finds_the_flat_top_ten_where_unequal_coordinates_hide_it():
+    # As a sketch's modules do, a few coordinates carry most of each vector. The signs of the
+    # vector as stored weigh the small coordinates as much as the large, and miss much of the
+    # flat top-10 within K″ = 100; the Hadamard rotation spreads every coordinate over all.
+    rng = np.random.default_rng(3)
+    scales = np.r_[np.full(16, 10.0), np.full(240, 0.3)].astype(np.float32)
+    x = rng.standard_normal((4000, 256)).astype(np.float32) * scales
+    faiss.normalize_L2(x)
+    flat = _flat(x)
+    queries = np.stack([x[rng.choice(len(x), 10, replace=False)].sum(axis=0) for _ in range(20)])
+    flat_ids = flat.search(queries, 10)[1]
+
+    def recall(code: CompactCode) -> float:
+        ids = TieredSearcher(build_compact_index(flat, code), flat, 100).search(queries, 10)[1]
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, flat_ids, strict=True)])
+
+    assert recall(CompactCode(0, "RaBitQ", Projection.HADAMARD)) >= 0.95
+    assert recall(CompactCode(0, "RaBitQ", Projection.NONE)) <= 0.8
+
+
 @pytest.mark.parametrize(
     "code",
-    [CompactCode(64, "RaBitQ", Projection.NONE), CompactCode(16, "SQ8", Projection.RANDOM)],
-    ids=["1-bit", "projected"],
+    [
+        CompactCode(64, "RaBitQ", Projection.NONE),
+        CompactCode(16, "SQ8", Projection.RANDOM),
+        CompactCode(32, "RaBitQ", Projection.HADAMARD),
+    ],
+    ids=["1-bit", "projected", "rotated-half"],
 )
 def test_a_search_split_across_threads_answers_as_the_whole_index(code, monkeypatch):
     rng = np.random.default_rng(5)
@@ -159,8 +189,19 @@ def test_a_code_no_smaller_than_the_vectors_is_refused():
 
 @pytest.mark.parametrize(
     ("options", "name"),
-    [({"retrieval_dims": 24, "retrieval_quantizer": "SQ8"}, "RR24,SQ8"), ({}, "RaBitQ")],
-    ids=["random-24-dims", "default"],
+    [
+        (
+            {
+                "retrieval_dims": 24,
+                "retrieval_quantizer": "SQ8",
+                "retrieval_projection": Projection.RANDOM,
+            },
+            "RR24,SQ8",
+        ),
+        ({"retrieval_projection": Projection.NONE}, "RaBitQ"),
+        ({}, "HR512,RaBitQ"),  # the tiny model's 386 dimensions, rotated: padded to 512
+    ],
+    ids=["random-24-dims", "as-stored", "default"],
 )
 def test_a_version_with_a_compact_code_answers_as_its_flat_index(
     tmp_path, tiny_model_dir, small_corpus_path, options, name
@@ -213,11 +254,25 @@ def test_auto_stores_no_compact_code_for_a_small_corpus(
     )
     big = RETRIEVAL_MIN_EXAMPLES
     config = tiny_config(tiny_model_dir, small_corpus_path, tmp_path)
-    every_dimension = CompactCode(32_768, "RaBitQ", Projection.NONE)
-    assert compact_code(config, big, FLAT_FACTORY, 32_768) == every_dimension
-    assert every_dimension.name == "RaBitQ" and not every_dimension.projected
+    half_rotated = CompactCode(16_384, "RaBitQ", Projection.HADAMARD)
+    assert compact_code(config, big, FLAT_FACTORY, 32_412) == half_rotated
+    assert half_rotated.name == "HR16384,RaBitQ"
+    # a smaller vector keeps its whole rotation, padded to a power of 2
+    assert compact_code(config, big, FLAT_FACTORY, 5_000).name == "HR8192,RaBitQ"
     assert compact_code(config, big, "IVF100,SQ8", 32_768) is None
-    projected = tiny_config(tiny_model_dir, small_corpus_path, tmp_path, retrieval_dims=1024)
+    as_stored = tiny_config(
+        tiny_model_dir, small_corpus_path, tmp_path, retrieval_projection=Projection.NONE
+    )
+    every_dimension = CompactCode(32_768, "RaBitQ", Projection.NONE)
+    assert compact_code(as_stored, big, FLAT_FACTORY, 32_768) == every_dimension
+    assert every_dimension.name == "RaBitQ" and not every_dimension.projected
+    projected = tiny_config(
+        tiny_model_dir,
+        small_corpus_path,
+        tmp_path,
+        retrieval_dims=1024,
+        retrieval_projection=Projection.RANDOM,
+    )
     assert compact_code(projected, big, FLAT_FACTORY, 4096) == CompactCode(1024, "RaBitQ")
     assert compact_code(projected, big, FLAT_FACTORY, 1024) is None
 
