@@ -199,7 +199,7 @@ def test_a_code_no_smaller_than_the_vectors_is_refused():
             "RR24,SQ8",
         ),
         ({"retrieval_projection": Projection.NONE}, "RaBitQ"),
-        ({}, "HR512,RaBitQ"),  # the tiny model's 386 dimensions, rotated: padded to 512
+        ({}, "HR512,RaBitQ"),  # the tiny model's dimensions, rotated: padded to 512
     ],
     ids=["random-24-dims", "as-stored", "default"],
 )
