@@ -190,9 +190,10 @@ def setting_queries(
 def recall_within_first_rows(
     stored: faiss.Index, compact: faiss.Index, queries: np.ndarray, args: argparse.Namespace
 ) -> list[dict]:
-    """How the K″ a code needs grows with the corpus: for each N of `args.first_rows`, the
-    tier's recall of the flat top-10 (ties counted) when only the first N rows exist, at each
-    K″ of `args.candidates` (the compact scan restricted to the rows by a range selector, its
+    """How the K″ a code needs grows with the corpus (for a code whose search takes a range of
+    rows: not PQ or fast-scan codes): for each N of `args.first_rows`, the tier's recall of the
+    flat top-10 (ties counted) when only the first N rows exist, at each K″ of
+    `args.candidates` (the compact scan restricted to the rows by a range selector, its
     candidates re-scored on the stored codes, as `TieredSearcher` does)."""
     scan = CodeScan.from_index(stored, "cpu")
     points = []
@@ -252,7 +253,7 @@ def measure_code(
             point["recall_exact_top10_within_depth"] = recall_exact(depth_ids, exact)
         log.info("%s K''=%d: %s", code.name, candidates, point)
         row["candidates"].append(point)
-    if args.first_rows:
+    if args.first_rows and compact_scan.splits:  # searches a range of rows
         row["recall_within_first_rows"] = recall_within_first_rows(stored, compact, queries, args)
     best = TieredSearcher(compact, stored, args.throughput_candidates)
     row["throughput_qps"] = {t: _throughput(best, queries, DEPTH, t) for t in (1, 2)} | {
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         type=comma_ints,
         default=(),
         help="also each code's recall at each K″ when only the first N rows exist, for each N "
-        "(how the K″ a code needs grows with the corpus)",
+        "(how the K″ a code needs grows with the corpus; codes that search a range of rows)",
     )
     parser.add_argument(
         "--exact",

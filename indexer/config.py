@@ -22,6 +22,8 @@ DEFAULT_DIMS = 32_768
 # From this many examples on, a compact code is scanned first: the flat scan reads D bytes an
 # example (0.33 GB at 10k examples of 32,768 dimensions; 0.69 GB took 0.4-2.4 s, RESULTS.md).
 RETRIEVAL_MIN_EXAMPLES = 10_000
+# The default compact code's dimensions: half of the rotation at the default budget (32,768).
+ROTATED_CODE_DIMS = 16_384
 
 
 class ScoreKind(str, Enum):
@@ -267,30 +269,37 @@ class StoreConfig:
         default=Projection.HADAMARD,
         metadata={
             "help": "how the compact code sees the stored vectors: rotated (hadamard), as "
-            "stored (none) or through a random orthonormal projection (random)",
-            "choices": [Projection.HADAMARD, Projection.NONE, Projection.RANDOM],
+            "stored (none) or through a random orthonormal projection (random)"
         },
     )
-    retrieval_dims: int = field(
-        default=16_384,
+    retrieval_dims: int | None = field(
+        default=None,
         metadata={
             "help": "dimensions of the compact retrieval code: with hadamard the first N of the "
-            "rotation (at most all of it; 0: all), with random a projection to N < D; "
-            "ignored with none"
+            f"rotation (at most all of it; 0: all; default {ROTATED_CODE_DIMS:,}), with random "
+            "a projection to N < D (no default); ignored with none"
         },
     )
 
     def check_retrieval(self) -> None:
         """InvalidInputError for a compact code that cannot be asked for: negative dimensions,
         or a random projection to none."""
-        if self.retrieval_dims < 0:
+        if self.retrieval_dims is not None and self.retrieval_dims < 0:
             raise InvalidInputError("--retrieval-dims must be 0 (every dimension) or positive")
         if self.retrieval_projection == Projection.RANDOM and not self.retrieval_dims:
             raise InvalidInputError("--retrieval-projection random needs --retrieval-dims N > 0")
+        if self.retrieval_projection == Projection.PCA:
+            raise InvalidInputError(
+                "--retrieval-projection pca is not built any more (format-8 versions built "
+                "before random maps hold it); use hadamard, none or random"
+            )
 
     def compact_code(self) -> CompactCode:
         """The asked-for code; its `dims` are 0 (every one) until `CompactCode.over`."""
-        return CompactCode(self.retrieval_dims, self.retrieval_quantizer, self.retrieval_projection)
+        dims = self.retrieval_dims
+        if dims is None:
+            dims = ROTATED_CODE_DIMS if self.retrieval_projection == Projection.HADAMARD else 0
+        return CompactCode(dims, self.retrieval_quantizer, self.retrieval_projection)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ their signs alone weigh a small coordinate as much as a large one. At 100k examp
 of the stored vectors as they are kept 0.97 of the flat top-10 within K″ = 3,000 (ties
 counted); rotated, all 32,768 dimensions kept 1.00 within 1,000 and the first 16,384 0.995
 within 3,000, at half the bytes a scan reads; a random projection to 1,024 dimensions kept 0.58
-within 1,000 (RESULTS.md, issue 14). A random projection (`Projection.RANDOM`, a seeded orthonormal map
-`c = Vᵀ x`, `V [D, d]`, then any FAISS quantizer) is there on request; format-8 versions built
-before random maps hold principal directions.
+within 1,000 (RESULTS.md, issue 14). A random projection (`Projection.RANDOM`, a seeded
+orthonormal map `c = Vᵀ x`, `V [D, d]`, then any FAISS quantizer) is there on request;
+format-8 versions built before random maps hold principal directions.
 
 The code lives in the version as `retrieval.faiss`, a FAISS index (behind an
 `IndexPreTransform` when projected) whose rows are the stored index's rows. Whether it pays

@@ -214,9 +214,8 @@ def _bad_inputs(tmp: Path, model: Path, corpus: Path) -> dict[str, list[str]]:
         "--retrieval-projection random needs --retrieval-dims N > 0": [
             "--retrieval-projection",
             "random",
-            "--retrieval-dims",
-            "0",
         ],
+        "--retrieval-projection pca is not built any more": ["--retrieval-projection", "pca"],
         "--retrieval-dims must be 0 (every dimension) or positive": ["--retrieval-dims", "-1"],
         "--max-length 4096": ["--max-length", "4096"],
         "--damping must be a positive number": ["--damping", "inf"],

@@ -93,7 +93,7 @@ def _argument(f: dataclasses.Field, hint: Any) -> tuple[tuple[str, ...], dict[st
     else:
         kwargs["type"] = base
         if isinstance(base, type) and issubclass(base, Enum):
-            kwargs["choices"] = meta.get("choices", list(base))
+            kwargs["choices"] = list(base)
     kwargs.update({key: meta[key] for key in _PASSED if key in meta})
     if "choices" not in kwargs and kwargs.get("action") != "store_true":
         kwargs.setdefault("metavar", flags[-1].lstrip("-").replace("-", "_").upper())
