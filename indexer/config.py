@@ -283,7 +283,7 @@ class StoreConfig:
 
     def check_retrieval(self) -> None:
         """InvalidInputError for a compact code that cannot be asked for: negative dimensions,
-        or a random projection to none."""
+        a random projection to none, or principal directions (no longer built)."""
         if self.retrieval_dims is not None and self.retrieval_dims < 0:
             raise InvalidInputError("--retrieval-dims must be 0 (every dimension) or positive")
         if self.retrieval_projection == Projection.RANDOM and not self.retrieval_dims:
