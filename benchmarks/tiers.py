@@ -62,6 +62,7 @@ from indexer.retrieval import (
     build_compact_index,
     code_transforms,
     pre_transformed,
+    search_range,
 )
 from indexer.scan import CodeScan, device_searcher
 
@@ -200,12 +201,8 @@ def recall_within_first_rows(
     for n in args.first_rows:
         every_row = np.broadcast_to(np.arange(n, dtype=np.int64), (len(queries), n))
         tenth = scan.search_rows(queries, np.ascontiguousarray(every_row), TOP)[0][:, -1]
-        in_range = faiss.SearchParameters(sel=faiss.IDSelectorRange(0, n))
-        params = in_range
-        if isinstance(compact, faiss.IndexPreTransform):
-            params = faiss.SearchParametersPreTransform(index_params=in_range)
         for candidates in args.candidates:
-            rows = compact.search(queries, min(candidates, n), params=params)[1]
+            rows = search_range(compact, queries, candidates, 0, n)[1]
             scores = scan.search_rows(queries, rows, TOP)[0]
             point = {"rows": n, "candidates": candidates}
             point["recall_flat_top10_ties"] = _recall_with_ties(scores, tenth)

@@ -176,14 +176,22 @@ class RowSplitSearcher:
     def _search_range(
         self, queries: np.ndarray, k: int, start: int, stop: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        # Each SWIG object stays referenced here until the search returns: the parameters hold
-        # raw pointers to the selector and to each other.
-        selector = faiss.IDSelectorRange(start, stop, True)
-        in_range = faiss.SearchParameters(sel=selector)
-        params = in_range
-        if isinstance(self.index, faiss.IndexPreTransform):
-            params = faiss.SearchParametersPreTransform(index_params=in_range)
-        return self.index.search(queries, min(k, stop - start), params=params)
+        return search_range(self.index, queries, k, start, stop)
+
+
+def search_range(
+    index: faiss.Index, queries: np.ndarray, k: int, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` over its rows `[start, stop)` only (an index that honours a range
+    selector: `_searches_a_range`): scores and rows `[n_queries, ≤ k]`."""
+    # Each SWIG object stays referenced here until the search returns: the parameters hold
+    # raw pointers to the selector and to each other.
+    selector = faiss.IDSelectorRange(start, stop, True)
+    in_range = faiss.SearchParameters(sel=selector)
+    params = in_range
+    if isinstance(index, faiss.IndexPreTransform):
+        params = faiss.SearchParametersPreTransform(index_params=in_range)
+    return index.search(queries, min(k, stop - start), params=params)
 
 
 def _searches_a_range(index: faiss.Index) -> bool:
