@@ -137,14 +137,14 @@ def quantile_sweep(
     ids = engine.metadata.ids_and_norms(np.arange(engine.info.n_examples))[0]
     calibration = CalibrationConfig()
     seed = engine.manifest.sketch.seed
-    cosines, exact_pairs = calibrator.pairs(ids, calibration.queries, calibration.depth, seed)
+    pairs = calibrator.pairs(ids, calibration.queries, calibration.depth, seed)
     exact = reference.scores[str(engine.info.score_kind)]
     prepared = [
         engine.prepare(replace(q.query, top_k=TOP, rerank_depth=DEPTH)) for q in setting.queries
     ]
     rows = []
     for quantile in quantiles:
-        bound = fit_rerank_bound(cosines, exact_pairs, quantile)
+        bound = fit_rerank_bound(pairs.cosines, pairs.exact, quantile, corpus=pairs.corpus)
         engine.manifest = replace(engine.manifest, rerank_bound=bound)
         results = [engine.answer([t])[0] for t in prepared]
         rows.append(

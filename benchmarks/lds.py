@@ -80,6 +80,7 @@ TOP_K = default_of(Query, "top_k")
 # The targets: the served answer against the exact scorer, both against the baselines.
 PAIRED = (
     ("index+rerank", "exact"),
+    ("index+rerank hits", "exact"),
     ("index", "exact"),
     ("exact", "bm25"),
     ("exact", "grad-cosine"),

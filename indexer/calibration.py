@@ -9,6 +9,11 @@ The pseudo-queries' examples are chosen by a hash of their ids, so the build kno
 its main pass: where it pays (`main_pass_queries`), the main pass scores every example it
 sketches on them exactly, and the calibration reads those scores (`KnownScores`) instead of
 passing over the candidates again; the rest are scored by passes over their candidates.
+
+The first pseudo-queries are also scored on a uniform sample of the corpus (`BULK_SAMPLE`
+examples), whose sketch errors measure the sketch's noise away from the top of a ranking: what
+the estimates of the examples an answer does not name are shrunk by
+(`fit_corpus_noise`, `RerankBound.corpus_estimates`).
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ import torch
 
 from indexer.config import ScoreKind
 from indexer.curvature import Curvature
-from indexer.exact import ExactReranker, exact_scores
+from indexer.exact import ExactReranker, ExactScores, exact_scores
 from indexer.hashing import int63
 from indexer.scan import device_searcher
-from indexer.scores import RerankBound, ScoreSpace, fit_rerank_bound
+from indexer.scores import RerankBound, ScoreSpace, fit_corpus_noise, fit_rerank_bound
 from indexer.sketch import Capture, GradientSketcher, TokenBatch, make_batch
-from indexer.store import MetadataReader
+from indexer.store import MetadataReader, StoredVectors
 
 if TYPE_CHECKING:
     from indexer.engine import QueryEngine
@@ -47,6 +52,12 @@ _QUERY_TARGET_BYTES = 4 << 30
 # example's gradient and its contraction. Measured on the mid setting (RESULTS.md, "Build cost
 # (issue 13)").
 _MAIN_PASS_COST = {ScoreKind.COSINE: 0.5, ScoreKind.INFLUENCE: 0.6}
+# Examples drawn uniformly that the first pseudo-queries are scored on apart from their
+# candidates: 8 queries x 256 examples estimate the noise variance to about 3 % (its relative
+# error is sqrt(2 / n)). The first queries only: where the main pass did not score the sample,
+# each pass over candidates would pass over it again (a forward/backward per example).
+BULK_SAMPLE = 256
+BULK_QUERIES = 8
 
 
 @dataclass(frozen=True)
@@ -69,10 +80,13 @@ def pseudo_query(token_ids: list[int], key: int) -> PseudoQuery | None:
     return PseudoQuery(token_ids[: cut + completion], cut)
 
 
-def choose_examples(example_ids: np.ndarray, count: int, seed: int) -> list[int]:
-    """Ids of `count` examples chosen by a hash of their ids (stable across rebuilds)."""
+def choose_examples(
+    example_ids: np.ndarray, count: int, seed: int, purpose: str = "cal"
+) -> list[int]:
+    """Ids of `count` examples chosen by a hash of their ids and `purpose` (stable across
+    rebuilds; another purpose draws another sample)."""
     return heapq.nsmallest(
-        count, (int(i) for i in example_ids), key=lambda i: int63("cal", seed, i)
+        count, (int(i) for i in example_ids), key=lambda i: int63(purpose, seed, i)
     )
 
 
@@ -143,6 +157,29 @@ class KnownScores:
 
 
 @dataclass
+class CalibrationPairs:
+    """Per pseudo-query: its candidates' sketch cosines and exact scores in cosine units,
+    `[depth]` each in sketch order; and for the first `BULK_QUERIES` of them the same on the
+    uniform sample of the corpus, `bulk_cosines` and `bulk_exact` `[BULK_SAMPLE]` each."""
+
+    cosines: list[np.ndarray]
+    exact: list[np.ndarray]
+    bulk_cosines: list[np.ndarray]
+    bulk_exact: list[np.ndarray]
+
+    @property
+    def corpus(self) -> tuple[float, float] | None:
+        """`(corpus_scale, noise_variance)` of the uniform sample (`fit_corpus_noise`)."""
+        return fit_corpus_noise(self.bulk_cosines, self.bulk_exact)
+
+    def extend(self, other: CalibrationPairs) -> None:
+        self.cosines += other.cosines
+        self.exact += other.exact
+        self.bulk_cosines += other.bulk_cosines
+        self.bulk_exact += other.bulk_exact
+
+
+@dataclass
 class Calibrator:
     """What a version answers with: the build's sketcher and factors, its index and metadata."""
 
@@ -174,9 +211,10 @@ class Calibrator:
         seed: int,
         known: KnownScores | None = None,
     ) -> RerankBound:
-        """Fit the bound on `queries` pseudo-queries and their top `depth` candidates."""
-        cosines, exact = self.pairs(example_ids, queries, depth, seed, known)
-        return fit_rerank_bound(cosines, exact, quantile)
+        """Fit the bound on `queries` pseudo-queries and their top `depth` candidates, and the
+        corpus's noise model on the uniform sample."""
+        pairs = self.pairs(example_ids, queries, depth, seed, known)
+        return fit_rerank_bound(pairs.cosines, pairs.exact, quantile, corpus=pairs.corpus)
 
     def pairs(
         self,
@@ -185,33 +223,40 @@ class Calibrator:
         depth: int,
         seed: int,
         known: KnownScores | None = None,
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    ) -> CalibrationPairs:
         """Per pseudo-query cut from `queries` of the examples (chosen by `seed`): its top
-        `depth` candidates' sketch cosines and exact scores in cosine units, in sketch order.
-        `known`: the main pass's exact scores of the first queries (the rest, and the
-        candidates it did not sketch, are scored by passes over the candidates)."""
+        `depth` candidates' sketch cosines and exact scores in cosine units, in sketch order,
+        and for the first `BULK_QUERIES` the same on `BULK_SAMPLE` examples drawn uniformly.
+        `known`: the main pass's exact scores of the first queries (the rest, and the examples
+        it did not sketch, are scored by passes over them)."""
         pseudo = cut_queries(example_ids, queries, seed, self._tokens)
+        bulk = _bulk_sample(example_ids, seed, known)
         main = 0 if known is None else known.n_queries
         per_pass = max(1, _QUERY_TARGET_BYTES // (8 * self.reranker.curvature.dim))
-        cosines, exact = [], []
+        pairs = CalibrationPairs([], [], [], [])
         for first, last, scored in ((0, main, known), (main, len(pseudo), None)):
             for start in range(first, last, per_pass):
                 stop = min(start + per_pass, last)
                 part = None if scored is None else scored.select(start, stop)
-                x, y = self._pairs(pseudo[start:stop], depth, part)
-                cosines += x
-                exact += y
-        return cosines, exact
+                sampled = max(0, min(stop, BULK_QUERIES) - start)
+                sample = bulk if sampled else []
+                pairs.extend(self._pairs(pseudo[start:stop], depth, sample, sampled, part))
+        return pairs
 
     def _tokens(self, ids: list[int]) -> dict[int, list[int]]:
         return {i: r.token_ids for i, r in self.metadata.lookup(ids).items()}
 
     def _pairs(
-        self, queries: list[PseudoQuery], depth: int, known: KnownScores | None
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per query: its candidates' sketch cosines and exact scores in cosine units, both
-        `[depth]`, in sketch order; `known`: the queries' exact scores of the examples the
-        main pass sketched (the other candidates are passed over here)."""
+        self,
+        queries: list[PseudoQuery],
+        depth: int,
+        bulk: list[int],
+        sampled: int,
+        known: KnownScores | None,
+    ) -> CalibrationPairs:
+        """`pairs` of these queries, the first `sampled` of them with their pairs on the
+        uniform sample's ids `bulk`; `known`: the queries' exact scores of the examples the
+        main pass sketched (the other candidates and sampled examples are passed over here)."""
         batch = query_batch(queries, self.pad_id)
         capture = self.sketcher.run(batch, "data", keep_unprojected=True)
         spaces = score_spaces(self.sketch, capture, self.kind)
@@ -220,7 +265,7 @@ class Calibrator:
         searcher = device_searcher(self.index, "cpu")
         scores, ids = searcher.search(search, min(depth, self.index.ntotal))
         candidates = [[int(i) for i in row if i >= 0] for row in ids]
-        records = self.metadata.lookup(sorted({i for row in candidates for i in row}))
+        records = self.metadata.lookup(sorted({i for row in candidates for i in row} | set(bulk)))
         dots, query_norms = {}, None
         if known is not None:
             scored = [i for i, r in records.items() if known.slot[r.row] >= 0]
@@ -235,12 +280,32 @@ class Calibrator:
             query_norms = targets.norms
         exact_norms = {i: r.exact_norm for i, r in records.items()}
         found = exact_scores(dots, candidates, query_norms, exact_norms, self.kind)
-        cosines, exact_units = [], []
-        for space, exact, row_scores, row_ids in zip(
-            spaces, found, scores, candidates, strict=True
-        ):
+        found_bulk = exact_scores(dots, [bulk] * len(queries), query_norms, exact_norms, self.kind)
+        bulk_rows = np.array([records[i].row for i in bulk], dtype=np.int64)
+        stored = StoredVectors(self.index, self.metadata, unit=self.kind == ScoreKind.COSINE)
+        bulk_scores = search @ stored[bulk_rows].T
+        bulk_norms = np.array([records[i].norm for i in bulk], dtype=np.float64)
+        pairs = CalibrationPairs([], [], [], [])
+        for q, (space, exact, row_ids) in enumerate(zip(spaces, found, candidates, strict=True)):
             norms = np.array([records[i].norm for i in row_ids], dtype=np.float64)
-            cosines.append(space.cosine_units(row_scores[: len(row_ids)], norms))
-            in_kind = exact.influence if exact.cosine is None else exact.cosine
-            exact_units.append(space.cosine_units(np.asarray(in_kind), norms))
-        return cosines, exact_units
+            pairs.cosines.append(space.cosine_units(scores[q, : len(row_ids)], norms))
+            pairs.exact.append(space.cosine_units(_in_kind(exact), norms))
+            if q < sampled:
+                sketch = bulk_scores[q].astype(np.float64)
+                pairs.bulk_cosines.append(space.cosine_units(sketch, bulk_norms))
+                pairs.bulk_exact.append(space.cosine_units(_in_kind(found_bulk[q]), bulk_norms))
+        return pairs
+
+
+def _bulk_sample(example_ids: np.ndarray, seed: int, known: KnownScores | None) -> list[int]:
+    """`BULK_SAMPLE` of `example_ids` (in corpus row order) drawn uniformly by a hash of their
+    ids: among those the main pass scored (`known`) when there are as many, so that none needs
+    a pass (an incremental build sketches only the changed examples)."""
+    if known is not None and np.count_nonzero(known.slot >= 0) >= BULK_SAMPLE:
+        example_ids = example_ids[known.slot >= 0]
+    return choose_examples(example_ids, BULK_SAMPLE, seed, purpose="bulk")
+
+
+def _in_kind(scores: ExactScores) -> np.ndarray:
+    """Exact scores in the index's kind: cosine where the kind asked for it, else influence."""
+    return np.asarray(scores.influence if scores.cosine is None else scores.cosine)

@@ -260,13 +260,13 @@ class _IndexRun:
 def sketch_estimates(
     streamed: StreamedScores, query_norms: np.ndarray, kind: ScoreKind, bound: RerankBound | None
 ) -> np.ndarray:
-    """The sketch's estimates `[Q, N]` of exact scores in `kind`: the version's calibrated line
-    (`RerankBound.estimate`, in cosine units, scaled back to `kind`), or without one the sketch
-    scores themselves."""
+    """The sketch's estimates `[Q, N]` of exact scores in `kind` over the whole corpus: the
+    version's calibrated estimates (`RerankBound.corpus_estimates`, in cosine units, scaled
+    back to `kind`), or without a bound the sketch scores themselves."""
     if bound is None:
         return in_kind(streamed, query_norms, kind)
     scale = 1.0 if kind == ScoreKind.COSINE else np.outer(query_norms, streamed.norms)
-    return bound.estimate(streamed.cosine(query_norms)) * scale
+    return bound.corpus_estimates(streamed.cosine(query_norms)) * scale
 
 
 def served_scores(estimates: np.ndarray, run: _IndexRun) -> np.ndarray:
@@ -278,6 +278,16 @@ def served_scores(estimates: np.ndarray, run: _IndexRun) -> np.ndarray:
     ):
         kept = np.asarray(exact, dtype=bool)
         scores[q, np.asarray(rows, dtype=np.int64)[kept]] = np.asarray(hit_scores)[kept]
+    return scores
+
+
+def hits_only_scores(estimates: np.ndarray, run: _IndexRun) -> np.ndarray:
+    """A served answer's hits alone `[Q, N]`: the hits as `served_scores` gives them, every
+    other example at the query's mean estimate (no say about the examples it does not name)."""
+    served = served_scores(estimates, run)
+    scores = np.repeat(estimates.mean(axis=1, keepdims=True), estimates.shape[1], axis=1)
+    for q, rows in enumerate(run.rows):
+        scores[q, rows] = served[q, rows]
     return scores
 
 
@@ -471,18 +481,17 @@ class _Session:
         """Each method's LDS against the retrained `losses [M, Q]`: per query, and its mean
         with a bootstrap interval over the queries. `index` is the stored sketches' scores of
         every example; a re-ranked method is its served answer (exact hits) with the sketch's
-        estimates for every other example."""
+        estimates for every other example, and `<method> hits` its hits alone."""
         cache = self.retrained
         used, seeds = cache.usable()
         in_subset = lds.membership(
             [cache.subsets[m] for m in used], cache.doc_ids, [e.doc_id for e in examples]
         )
         scored = {"index": self.report.scores["index-sketch"]}
-        scored |= {
-            method: served_scores(self.estimates, run)
-            for method, run in runs.items()
-            if method != "index"
-        }
+        for method, run in runs.items():
+            if method != "index":
+                scored[method] = served_scores(self.estimates, run)
+                scored[f"{method} hits"] = hits_only_scores(self.estimates, run)
         scored |= {m: s for m, s in self.report.scores.items() if m != "index-sketch"}
         for method, scores in scored.items():
             per_query = lds.lds_per_query(scores, in_subset, losses)
@@ -533,7 +542,8 @@ class _Session:
         """Per-query and mean fidelity: recall curves (k = 1..depth) of the exact top-k in the
         stored sketches' top-k ("sketch"), of the sketches' top-k in FAISS's ("ann"), of the
         exact top-k in FAISS's ("end_to_end") and in what the re-ranked methods return
-        ("rerank", "lexical_rerank"); Spearman over all examples."""
+        ("rerank", "lexical_rerank"); Spearman over all examples; and how far the sketch's
+        estimates of exact scores are from them (`estimate_error`, relative squared error)."""
         report, ks = self.report, range(1, self.config.depth + 1)
         curves: dict[str, list[list[float]]] = {}
         returned = {
@@ -550,6 +560,9 @@ class _Session:
                     if method in runs:
                         compared[name] = (exact[i], runs[method].rows[i])
                 query.fidelity["spearman"] = metrics.spearman(sketch[i], exact[i])
+                query.fidelity["estimate_error"] = metrics.relative_squared_error(
+                    self.estimates[i], exact[i]
+                )
             for name, (reference, predicted) in compared.items():
                 curve = metrics.recall_curve(reference, predicted, ks)
                 curves.setdefault(name, []).append(curve)

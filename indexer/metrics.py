@@ -94,6 +94,17 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def relative_squared_error(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """Mean squared error of `estimate [N]` against `reference [N]` over the reference's
+    variance: 0 exact, 1 no better than the reference's mean everywhere; NaN for a constant
+    reference."""
+    reference = np.asarray(reference, dtype=np.float64)
+    spread = reference.var()
+    if spread == 0:
+        return math.nan
+    return float(np.mean((np.asarray(estimate, dtype=np.float64) - reference) ** 2) / spread)
+
+
 def mean(values: Iterable[float]) -> float:
     """Mean ignoring NaN (undefined per-query values); NaN when nothing is defined."""
     finite = [v for v in values if not math.isnan(v)]

@@ -70,7 +70,10 @@ class RerankBound:
     `rank_edges[b]` starts band b of sketch ranks (0-based; the last band is open-ended);
     `residuals[b]` is the `quantile` of `exact − (slope·x + intercept)` (cosine units) over
     the calibration pairs in that band: errors are larger at the top of a ranking, where the
-    scores are."""
+    scores are. The line is fitted on candidates, the top of rankings. For the rest of the
+    corpus, examples drawn uniformly from it fit `x − x̄ = (y − ȳ) / corpus_scale + noise`
+    per query, noise of variance `noise_variance` (`fit_corpus_noise`; both None in versions
+    built before they were measured)."""
 
     slope: float
     intercept: float
@@ -79,6 +82,8 @@ class RerankBound:
     quantile: float
     n_queries: int
     n_pairs: int
+    corpus_scale: float | None = None
+    noise_variance: float | None = None
 
     def __post_init__(self) -> None:
         # JSON gives lists; tuples keep the manifest hashable and comparable.
@@ -90,15 +95,34 @@ class RerankBound:
             f"ranks {start}+: {residual:+.3g}"
             for start, residual in zip(self.rank_edges, self.residuals, strict=True)
         )
+        noise = (
+            ""
+            if self.noise_variance is None or self.corpus_scale is None
+            else f"; corpus: exact ≈ {self.corpus_scale:.3g}·(cosine − noise σ² "
+            f"{self.noise_variance:.3g})"
+        )
         return (
             f"exact (cosine units) ≤ {self.slope:.3g}·cosine {self.intercept:+.3g} + ({bands}) "
             f"with probability {self.quantile} ({self.n_pairs} pairs of {self.n_queries} "
-            "pseudo-queries)"
+            f"pseudo-queries{noise})"
         )
 
     def estimate(self, cosines: np.ndarray) -> np.ndarray:
         """Calibrated estimates `[n]` of exact scores in cosine units."""
         return self.slope * cosines + self.intercept
+
+    def corpus_estimates(self, cosines: np.ndarray) -> np.ndarray:
+        """Estimates `[Q, N]` of the exact scores (cosine units) of a whole corpus from each
+        query's sketch cosines on it `[Q, N]`: shrunk towards the query's mean cosine by the
+        share of their variance that is not the sketch's noise, then scaled by
+        `corpus_scale`, the least-squares estimate under the corpus's noise model (the
+        candidates' line overstates the many small scores). Without one, the line."""
+        if self.noise_variance is None or self.corpus_scale is None:
+            return self.estimate(cosines)
+        mean = cosines.mean(axis=1, keepdims=True)
+        spread = np.maximum(cosines.var(axis=1, keepdims=True), 1e-30)
+        signal_share = np.clip(1.0 - self.noise_variance / spread, 0.0, 1.0)
+        return self.corpus_scale * (mean + signal_share * (cosines - mean))
 
     def upper(self, cosines: np.ndarray, ranks: np.ndarray) -> np.ndarray:
         """Upper bounds `[n]` (cosine units) of the exact scores of candidates with sketch
@@ -112,10 +136,12 @@ def fit_rerank_bound(
     exact: Sequence[np.ndarray],
     quantile: float,
     rank_edges: Sequence[int] = DEFAULT_RANK_EDGES,
+    corpus: tuple[float, float] | None = None,
 ) -> RerankBound:
     """Fit the bound on pseudo-queries: `cosines[q] [n_q]` are query q's candidates' sketch
     cosines in sketch order (rank 0 first), `exact[q] [n_q]` their exact scores in cosine
-    units. A band no pair reaches takes the residual of the band above it."""
+    units. A band no pair reaches takes the residual of the band above it. `corpus`: the
+    `(corpus_scale, noise_variance)` that `fit_corpus_noise` measured, recorded as they are."""
     x = np.concatenate(cosines).astype(np.float64)
     y = np.concatenate(exact).astype(np.float64)
     if x.size < 2:
@@ -136,4 +162,22 @@ def fit_rerank_bound(
         quantile=quantile,
         n_queries=len(cosines),
         n_pairs=int(x.size),
+        corpus_scale=None if corpus is None else corpus[0],
+        noise_variance=None if corpus is None else corpus[1],
     )
+
+
+def fit_corpus_noise(
+    sketch: Sequence[np.ndarray], exact: Sequence[np.ndarray]
+) -> tuple[float, float] | None:
+    """`(corpus_scale, noise_variance)` from pseudo-queries' sketch cosines `sketch[q] [n]`
+    and exact scores `exact[q] [n]` (cosine units) on examples drawn uniformly: each query's
+    sketch cosines, centred, regressed on its exact scores, centred, all queries pooled:
+    `x = y / corpus_scale + noise`. An influence sketch's cosine units are not exact influence's
+    (its norms are the sketch's), hence the scale. None without a positive relation."""
+    x = np.concatenate([np.zeros(0), *(s - s.mean() for s in sketch if s.size)])
+    y = np.concatenate([np.zeros(0), *(e - e.mean() for e in exact if e.size)])
+    slope = float(x @ y) / float(y @ y) if y.size and y @ y > 0 else 0.0
+    if slope <= 0:
+        return None
+    return 1.0 / slope, float(np.mean((x - slope * y) ** 2))

@@ -11,15 +11,19 @@ import pytest
 
 import indexer.calibration
 from indexer.build import build_index
-from indexer.calibration import MAX_COMPLETION_TOKENS, Calibrator, main_pass_queries, pseudo_query
+from indexer.calibration import (
+    MAX_COMPLETION_TOKENS,
+    CalibrationPairs,
+    Calibrator,
+    main_pass_queries,
+    pseudo_query,
+)
 from indexer.config import CalibrationConfig, ScoreKind
 from indexer.engine import QueryEngine
 from indexer.exact import ExactReranker
 from indexer.model import load_model, module_shape, tracked_modules
 from indexer.scores import RerankBound, fit_rerank_bound
 from tests.test_build import tiny_config
-
-Pairs = tuple[list[np.ndarray], list[np.ndarray]]
 
 
 @dataclass
@@ -28,7 +32,7 @@ class Recorded:
     of its passes over candidates scored (none when the main pass scored every one)."""
 
     root: Path
-    pairs: Pairs
+    pairs: CalibrationPairs
     passes: list[int]
 
 
@@ -37,7 +41,7 @@ def recorded_build(config, patch: pytest.MonkeyPatch) -> Recorded:
     pairs, passes = [], []
     calibrator_pairs, reranker_dots = Calibrator.pairs, ExactReranker.dots
 
-    def recording_pairs(self, *args, **kwargs) -> Pairs:
+    def recording_pairs(self, *args, **kwargs) -> CalibrationPairs:
         pairs.append(calibrator_pairs(self, *args, **kwargs))
         return pairs[-1]
 
@@ -52,7 +56,7 @@ def recorded_build(config, patch: pytest.MonkeyPatch) -> Recorded:
     return Recorded(config.out, found, passes)
 
 
-def separate_pass_pairs(engine: QueryEngine) -> Pairs:
+def separate_pass_pairs(engine: QueryEngine) -> CalibrationPairs:
     """The published version's calibration pairs, every candidate scored by passes over the
     candidates (`ExactReranker.score`), as builds calibrated before the main pass did."""
     calibrator = Calibrator.of(engine)
@@ -73,15 +77,18 @@ def assert_same_bound(found: RerankBound, expected: RerankBound) -> None:
     np.testing.assert_allclose(found.slope, expected.slope, rtol=1e-4)
     np.testing.assert_allclose(found.intercept, expected.intercept, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(found.residuals, expected.residuals, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(found.corpus_scale, expected.corpus_scale, rtol=1e-3)
+    np.testing.assert_allclose(found.noise_variance, expected.noise_variance, rtol=1e-3)
 
 
 def assert_bound_of_separate_passes(root: Path) -> None:
     """The version's bound is the one its pairs, scored by passes over the candidates, fit."""
     engine = QueryEngine.open(root)
     try:
-        cosines, exact = separate_pass_pairs(engine)
+        pairs = separate_pass_pairs(engine)
         bound = engine.manifest.rerank_bound
-        assert_same_bound(bound, fit_rerank_bound(cosines, exact, bound.quantile))
+        expected = fit_rerank_bound(pairs.cosines, pairs.exact, bound.quantile, corpus=pairs.corpus)
+        assert_same_bound(bound, expected)
     finally:
         engine.close()
 
@@ -98,13 +105,16 @@ def test_the_main_pass_gives_the_exact_scores_of_the_candidates(built: Recorded)
     assert built.passes == []  # no pass over candidates: the main pass scored them all
     engine = QueryEngine.open(built.root)
     try:
-        cosines, exact = separate_pass_pairs(engine)
+        separate = separate_pass_pairs(engine)
     finally:
         engine.close()
-    assert len(exact) == CalibrationConfig().queries
-    # The same candidates (sketch cosines to float noise), and their exact scores.
-    for pairs in ((built.pairs[0], cosines), (built.pairs[1], exact)):
-        for found, expected in zip(*pairs, strict=True):
+    assert len(separate.exact) == CalibrationConfig().queries
+    # The same candidates (sketch cosines to float noise) and their exact scores, and the
+    # same on the uniform sample.
+    for field in ("cosines", "exact", "bulk_cosines", "bulk_exact"):
+        for found, expected in zip(
+            getattr(built.pairs, field), getattr(separate, field), strict=True
+        ):
             tolerance = 1e-6 * np.abs(expected).max()
             np.testing.assert_allclose(found, expected, rtol=1e-4, atol=tolerance)
 

@@ -13,7 +13,7 @@ from indexer.rerank import (
     StopReason,
     run_exact_stage,
 )
-from indexer.scores import fit_rerank_bound
+from indexer.scores import fit_corpus_noise, fit_rerank_bound
 
 
 def test_the_bound_fits_the_line_and_the_residual_quantile_per_band() -> None:
@@ -35,6 +35,55 @@ def test_the_bound_fits_the_line_and_the_residual_quantile_per_band() -> None:
     x = np.array([0.3, 0.3])
     upper = bound.upper(x, np.array([0, 20]))
     assert upper[0] - upper[1] == pytest.approx(bound.residuals[0] - bound.residuals[1])
+
+
+def test_corpus_estimates_shrink_each_query_by_the_share_of_its_spread_that_is_noise() -> None:
+    cosines = np.array([[0.1, 0.3, 0.2], [0.01, 0.03, 0.02]])
+    line = fit_rerank_bound([cosines[0]], [cosines[0]], quantile=0.9)
+    assert line.noise_variance is None
+    np.testing.assert_allclose(line.corpus_estimates(cosines), line.estimate(cosines))
+    bound = fit_rerank_bound([cosines[0]], [cosines[0]], quantile=0.9, corpus=(2.0, 0.0025))
+    # query 0: mean 0.2, variance 0.02/3, so the signal is 1 - 0.0025 * 3 / 0.02 = 0.625 of it;
+    # query 1's whole spread (variance 0.0002/3) is under the noise: every estimate its mean.
+    # Both then in exact units: twice the sketch's.
+    expected = 2 * np.array([[0.2 - 0.0625, 0.2 + 0.0625, 0.2], [0.02, 0.02, 0.02]])
+    np.testing.assert_allclose(bound.corpus_estimates(cosines), expected)
+
+
+def test_the_corpus_noise_is_the_regression_of_sketch_on_exact_cosines() -> None:
+    rng = np.random.default_rng(2)
+    exact = [rng.normal(q, 0.05, 400) for q in (0.0, 1.0, 2.0)]  # per-query offsets drop out
+    sketch = [e / 4 + 7 + rng.normal(0, 0.01, e.size) for e in exact]
+    scale, variance = fit_corpus_noise(sketch, exact)
+    assert scale == pytest.approx(4, rel=0.05)
+    assert variance == pytest.approx(0.01**2, rel=0.15)
+    assert fit_corpus_noise([rng.normal(0, 1, 50)], [np.zeros(50)]) is None  # no relation
+    assert fit_corpus_noise([], []) is None
+
+
+def test_corpus_estimates_are_closer_to_exact_than_the_candidates_line() -> None:
+    """The line is fitted on the top of each ranking, where the sketch's noise lifted the
+    candidates (a winner's curse) and the scores are large, and so overstates the many small
+    scores of the rest of the corpus; the corpus's own noise model, fitted on a uniform sample,
+    is the least-squares estimate there."""
+    rng = np.random.default_rng(1)
+    # most examples barely matter to a query, a few (2 %) much: the top is signal, the bulk
+    # mostly noise, as gradient similarities are; the sketch's units are a third of exact's
+    exact = rng.normal(0, 0.004, (40, 5000))
+    strong = rng.random(exact.shape) < 0.02
+    exact[strong] = rng.uniform(0.02, 0.3, strong.sum())
+    sketch = exact / 3 + rng.normal(0, 0.0025, exact.shape)
+    order = np.argsort(-sketch, axis=1)[:, :200]
+    cosines = [s[o] for s, o in zip(sketch, order, strict=True)]
+    exact_top = [e[o] for e, o in zip(exact, order, strict=True)]
+    sample = rng.choice(5000, 256, replace=False)
+    corpus = fit_corpus_noise(list(sketch[:8, sample]), list(exact[:8, sample]))
+    bound = fit_rerank_bound(cosines, exact_top, quantile=0.99, corpus=corpus)
+    line_error = np.mean((bound.estimate(sketch) - exact) ** 2)
+    corpus_error = np.mean((bound.corpus_estimates(sketch) - exact) ** 2)
+    scaled_error = np.mean((3 * sketch - exact) ** 2)  # the sketch in exact's units, unshrunk
+    assert corpus_error < 0.95 * scaled_error
+    assert corpus_error < 0.5 * line_error
 
 
 def test_the_quantile_defaults_by_score_kind_unless_asked() -> None:

@@ -89,3 +89,11 @@ def test_spearman_of_a_constant_is_undefined():
 def test_mean_ignores_undefined_values():
     assert metrics.mean([1.0, math.nan, 0.0]) == 0.5
     assert math.isnan(metrics.mean([math.nan]))
+
+
+def test_relative_squared_error_is_zero_exact_and_one_for_the_mean():
+    reference = np.array([1.0, 2.0, 3.0, 6.0])  # mean 3, variance 3.5
+    assert metrics.relative_squared_error(reference, reference) == 0.0
+    assert metrics.relative_squared_error(np.full(4, 3.0), reference) == pytest.approx(1.0)
+    assert metrics.relative_squared_error(reference + 1, reference) == pytest.approx(1 / 3.5)
+    assert math.isnan(metrics.relative_squared_error(reference, np.ones(4)))

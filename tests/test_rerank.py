@@ -115,8 +115,11 @@ def test_the_calibrated_bound_holds_for_queries_it_was_not_fitted_on(early: Quer
         early.info.score_kind, early.pad_id,
     )  # fmt: skip
     ids = early.metadata.ids_and_norms(np.arange(early.info.n_examples))[0]
-    cosines, exact = calibrator.pairs(ids, queries=32, depth=200, seed=12345)
-    over = [y > bound.upper(x, np.arange(len(x))) for x, y in zip(cosines, exact, strict=True)]
+    pairs = calibrator.pairs(ids, queries=32, depth=200, seed=12345)
+    over = [
+        y > bound.upper(x, np.arange(len(x)))
+        for x, y in zip(pairs.cosines, pairs.exact, strict=True)
+    ]
     assert np.concatenate(over).mean() <= 3 * (1 - bound.quantile)
 
 
