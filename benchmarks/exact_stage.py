@@ -144,7 +144,7 @@ def quantile_sweep(
     ]
     rows = []
     for quantile in quantiles:
-        bound = fit_rerank_bound(pairs.cosines, pairs.exact, quantile, corpus=pairs.corpus)
+        bound = fit_rerank_bound(pairs.cosines, pairs.exact, quantile, corpus=pairs.corpus_noise())
         engine.manifest = replace(engine.manifest, rerank_bound=bound)
         results = [engine.answer([t])[0] for t in prepared]
         rows.append(

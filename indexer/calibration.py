@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import faiss
@@ -32,7 +32,13 @@ from indexer.curvature import Curvature
 from indexer.exact import ExactReranker, ExactScores, exact_scores
 from indexer.hashing import int63
 from indexer.scan import device_searcher
-from indexer.scores import RerankBound, ScoreSpace, fit_corpus_noise, fit_rerank_bound
+from indexer.scores import (
+    CorpusNoise,
+    RerankBound,
+    ScoreSpace,
+    fit_corpus_noise,
+    fit_rerank_bound,
+)
 from indexer.sketch import Capture, GradientSketcher, TokenBatch, make_batch
 from indexer.store import MetadataReader, StoredVectors
 
@@ -54,18 +60,21 @@ _QUERY_TARGET_BYTES = 4 << 30
 _MAIN_PASS_COST = {ScoreKind.COSINE: 0.5, ScoreKind.INFLUENCE: 0.6}
 # Examples drawn uniformly that the first pseudo-queries are scored on apart from their
 # candidates: 8 queries x 256 examples estimate the noise variance to about 3 % (its relative
-# error is sqrt(2 / n)). The first queries only: where the main pass did not score the sample,
-# each pass over candidates would pass over it again (a forward/backward per example).
+# error is sqrt(2 / n)). The first queries only: where the main pass did not score the sample
+# (a reused example in an incremental build, a query past its memory), a pass over candidates
+# passes over it too, a forward/backward per example, once per pass.
 BULK_SAMPLE = 256
 BULK_QUERIES = 8
 
 
 @dataclass(frozen=True)
 class PseudoQuery:
-    """Token ids `[prompt + completion]`; the loss covers positions `>= loss_start`."""
+    """Token ids `[prompt + completion]`; the loss covers positions `>= loss_start`; `source`:
+    the id of the example it was cut from (-1: none given)."""
 
     token_ids: list[int]
     loss_start: int
+    source: int = -1
 
 
 def pseudo_query(token_ids: list[int], key: int) -> PseudoQuery | None:
@@ -100,8 +109,8 @@ def cut_queries(
     order; `tokens_of(ids)` gives those examples' token ids (staged corpus or metadata alike)."""
     chosen = choose_examples(example_ids, count, seed)
     tokens = tokens_of(chosen)
-    pseudo = [pseudo_query(tokens[i], int63("cut", seed, i)) for i in chosen]
-    return [p for p in pseudo if p is not None]
+    pseudo = {i: pseudo_query(tokens[i], int63("cut", seed, i)) for i in chosen}
+    return [replace(p, source=i) for i, p in pseudo.items() if p is not None]
 
 
 def query_batch(queries: list[PseudoQuery], pad_id: int) -> TokenBatch:
@@ -167,9 +176,8 @@ class CalibrationPairs:
     bulk_cosines: list[np.ndarray]
     bulk_exact: list[np.ndarray]
 
-    @property
-    def corpus(self) -> tuple[float, float] | None:
-        """`(corpus_scale, noise_variance)` of the uniform sample (`fit_corpus_noise`)."""
+    def corpus_noise(self) -> CorpusNoise | None:
+        """The corpus's noise model, fitted on the uniform sample (`fit_corpus_noise`)."""
         return fit_corpus_noise(self.bulk_cosines, self.bulk_exact)
 
     def extend(self, other: CalibrationPairs) -> None:
@@ -214,7 +222,7 @@ class Calibrator:
         """Fit the bound on `queries` pseudo-queries and their top `depth` candidates, and the
         corpus's noise model on the uniform sample."""
         pairs = self.pairs(example_ids, queries, depth, seed, known)
-        return fit_rerank_bound(pairs.cosines, pairs.exact, quantile, corpus=pairs.corpus)
+        return fit_rerank_bound(pairs.cosines, pairs.exact, quantile, corpus=pairs.corpus_noise())
 
     def pairs(
         self,
@@ -230,7 +238,7 @@ class Calibrator:
         `known`: the main pass's exact scores of the first queries (the rest, and the examples
         it did not sketch, are scored by passes over them)."""
         pseudo = cut_queries(example_ids, queries, seed, self._tokens)
-        bulk = _bulk_sample(example_ids, seed, known)
+        bulk = choose_examples(example_ids, BULK_SAMPLE, seed, purpose="bulk")
         main = 0 if known is None else known.n_queries
         per_pass = max(1, _QUERY_TARGET_BYTES // (8 * self.reranker.curvature.dim))
         pairs = CalibrationPairs([], [], [], [])
@@ -280,30 +288,39 @@ class Calibrator:
             query_norms = targets.norms
         exact_norms = {i: r.exact_norm for i, r in records.items()}
         found = exact_scores(dots, candidates, query_norms, exact_norms, self.kind)
-        found_bulk = exact_scores(dots, [bulk] * len(queries), query_norms, exact_norms, self.kind)
-        bulk_rows = np.array([records[i].row for i in bulk], dtype=np.int64)
-        stored = StoredVectors(self.index, self.metadata, unit=self.kind == ScoreKind.COSINE)
-        bulk_scores = search @ stored[bulk_rows].T
-        bulk_norms = np.array([records[i].norm for i in bulk], dtype=np.float64)
         pairs = CalibrationPairs([], [], [], [])
         for q, (space, exact, row_ids) in enumerate(zip(spaces, found, candidates, strict=True)):
             norms = np.array([records[i].norm for i in row_ids], dtype=np.float64)
             pairs.cosines.append(space.cosine_units(scores[q, : len(row_ids)], norms))
             pairs.exact.append(space.cosine_units(_in_kind(exact), norms))
-            if q < sampled:
-                sketch = bulk_scores[q].astype(np.float64)
-                pairs.bulk_cosines.append(space.cosine_units(sketch, bulk_norms))
-                pairs.bulk_exact.append(space.cosine_units(_in_kind(found_bulk[q]), bulk_norms))
+        sample = exact_scores(dots, [bulk] * sampled, query_norms, exact_norms, self.kind)
+        pairs.bulk_cosines, pairs.bulk_exact = self._bulk_pairs(
+            queries[:sampled], spaces[:sampled], sample, bulk, records
+        )
         return pairs
 
-
-def _bulk_sample(example_ids: np.ndarray, seed: int, known: KnownScores | None) -> list[int]:
-    """`BULK_SAMPLE` of `example_ids` (in corpus row order) drawn uniformly by a hash of their
-    ids: among those the main pass scored (`known`) when there are as many, so that none needs
-    a pass (an incremental build sketches only the changed examples)."""
-    if known is not None and np.count_nonzero(known.slot >= 0) >= BULK_SAMPLE:
-        example_ids = example_ids[known.slot >= 0]
-    return choose_examples(example_ids, BULK_SAMPLE, seed, purpose="bulk")
+    def _bulk_pairs(
+        self,
+        queries: list[PseudoQuery],
+        spaces: list[ScoreSpace],
+        exact: list[ExactScores],
+        bulk: list[int],
+        records: dict,
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per query: its sketch cosines and exact scores, both in cosine units, on the sampled
+        examples `bulk` but the one it was cut from (which scores as the top of its ranking,
+        not as the corpus's bulk); the sketch's from the stored vectors, as the index scores
+        them."""
+        rows = np.array([records[i].row for i in bulk], dtype=np.int64)
+        stored = StoredVectors(self.index, self.metadata, unit=self.kind == ScoreKind.COSINE)
+        vectors = stored[rows].astype(np.float64)  # [len(bulk), D]
+        norms = np.array([records[i].norm for i in bulk], dtype=np.float64)
+        cosines, truths = [], []
+        for query, space, found in zip(queries, spaces, exact, strict=True):
+            kept = np.array([i != query.source for i in bulk], dtype=bool)
+            cosines.append(space.cosine_units(vectors @ space.search, norms)[kept])
+            truths.append(space.cosine_units(_in_kind(found), norms)[kept])
+        return cosines, truths
 
 
 def _in_kind(scores: ExactScores) -> np.ndarray:

@@ -64,16 +64,27 @@ class ScoreSpace:
 
 
 @dataclass(frozen=True)
+class CorpusNoise:
+    """How an example's sketch cosine `x` tracks its exact score `y` (cosine units) away from
+    the top of a ranking, per query: `x − x̄ = (y − ȳ) / scale + noise` with noise of
+    `variance`, and `y ≈ scale·x + offset` on average. An influence sketch's cosine units
+    are not exact influence's (its norms are the sketch's), hence the scale."""
+
+    scale: float
+    offset: float
+    variance: float
+
+
+@dataclass(frozen=True)
 class RerankBound:
     """How much higher than its calibrated sketch estimate a candidate's exact score may be.
 
     `rank_edges[b]` starts band b of sketch ranks (0-based; the last band is open-ended);
     `residuals[b]` is the `quantile` of `exact − (slope·x + intercept)` (cosine units) over
     the calibration pairs in that band: errors are larger at the top of a ranking, where the
-    scores are. The line is fitted on candidates, the top of rankings. For the rest of the
-    corpus, examples drawn uniformly from it fit `x − x̄ = (y − ȳ) / corpus_scale + noise`
-    per query, noise of variance `noise_variance` (`fit_corpus_noise`; both None in versions
-    built before they were measured)."""
+    scores are. The line is fitted on candidates, the top of rankings; the rest of the corpus
+    has a noise model of its own (`CorpusNoise`'s fields, None in versions built before it
+    was measured)."""
 
     slope: float
     intercept: float
@@ -83,6 +94,7 @@ class RerankBound:
     n_queries: int
     n_pairs: int
     corpus_scale: float | None = None
+    corpus_offset: float | None = None
     noise_variance: float | None = None
 
     def __post_init__(self) -> None:
@@ -95,11 +107,12 @@ class RerankBound:
             f"ranks {start}+: {residual:+.3g}"
             for start, residual in zip(self.rank_edges, self.residuals, strict=True)
         )
+        corpus = self.corpus_noise
         noise = (
             ""
-            if self.noise_variance is None or self.corpus_scale is None
-            else f"; corpus: exact ≈ {self.corpus_scale:.3g}·(cosine − noise σ² "
-            f"{self.noise_variance:.3g})"
+            if corpus is None
+            else f"; elsewhere: exact ≈ {corpus.scale:.3g}·cosine {corpus.offset:+.3g}, its "
+            f"noise σ² {corpus.variance:.3g}"
         )
         return (
             f"exact (cosine units) ≤ {self.slope:.3g}·cosine {self.intercept:+.3g} + ({bands}) "
@@ -115,14 +128,20 @@ class RerankBound:
         """Estimates `[Q, N]` of the exact scores (cosine units) of a whole corpus from each
         query's sketch cosines on it `[Q, N]`: shrunk towards the query's mean cosine by the
         share of their variance that is not the sketch's noise, then scaled by
-        `corpus_scale`, the least-squares estimate under the corpus's noise model (the
+        `CorpusNoise`'s line, the least-squares estimate under the corpus's noise model (the
         candidates' line overstates the many small scores). Without one, the line."""
-        if self.noise_variance is None or self.corpus_scale is None:
+        corpus = self.corpus_noise
+        if corpus is None:
             return self.estimate(cosines)
         mean = cosines.mean(axis=1, keepdims=True)
         spread = np.maximum(cosines.var(axis=1, keepdims=True), 1e-30)
-        signal_share = np.clip(1.0 - self.noise_variance / spread, 0.0, 1.0)
-        return self.corpus_scale * (mean + signal_share * (cosines - mean))
+        signal_share = np.clip(1.0 - corpus.variance / spread, 0.0, 1.0)
+        return corpus.scale * (mean + signal_share * (cosines - mean)) + corpus.offset
+
+    @property
+    def corpus_noise(self) -> CorpusNoise | None:
+        fields = (self.corpus_scale, self.corpus_offset, self.noise_variance)
+        return None if None in fields else CorpusNoise(*fields)
 
     def upper(self, cosines: np.ndarray, ranks: np.ndarray) -> np.ndarray:
         """Upper bounds `[n]` (cosine units) of the exact scores of candidates with sketch
@@ -136,12 +155,12 @@ def fit_rerank_bound(
     exact: Sequence[np.ndarray],
     quantile: float,
     rank_edges: Sequence[int] = DEFAULT_RANK_EDGES,
-    corpus: tuple[float, float] | None = None,
+    corpus: CorpusNoise | None = None,
 ) -> RerankBound:
     """Fit the bound on pseudo-queries: `cosines[q] [n_q]` are query q's candidates' sketch
     cosines in sketch order (rank 0 first), `exact[q] [n_q]` their exact scores in cosine
     units. A band no pair reaches takes the residual of the band above it. `corpus`: the
-    `(corpus_scale, noise_variance)` that `fit_corpus_noise` measured, recorded as they are."""
+    corpus's noise model (`fit_corpus_noise`), recorded as it is."""
     x = np.concatenate(cosines).astype(np.float64)
     y = np.concatenate(exact).astype(np.float64)
     if x.size < 2:
@@ -162,22 +181,28 @@ def fit_rerank_bound(
         quantile=quantile,
         n_queries=len(cosines),
         n_pairs=int(x.size),
-        corpus_scale=None if corpus is None else corpus[0],
-        noise_variance=None if corpus is None else corpus[1],
+        corpus_scale=None if corpus is None else corpus.scale,
+        corpus_offset=None if corpus is None else corpus.offset,
+        noise_variance=None if corpus is None else corpus.variance,
     )
 
 
 def fit_corpus_noise(
     sketch: Sequence[np.ndarray], exact: Sequence[np.ndarray]
-) -> tuple[float, float] | None:
-    """`(corpus_scale, noise_variance)` from pseudo-queries' sketch cosines `sketch[q] [n]`
-    and exact scores `exact[q] [n]` (cosine units) on examples drawn uniformly: each query's
-    sketch cosines, centred, regressed on its exact scores, centred, all queries pooled:
-    `x = y / corpus_scale + noise`. An influence sketch's cosine units are not exact influence's
-    (its norms are the sketch's), hence the scale. None without a positive relation."""
-    x = np.concatenate([np.zeros(0), *(s - s.mean() for s in sketch if s.size)])
-    y = np.concatenate([np.zeros(0), *(e - e.mean() for e in exact if e.size)])
-    slope = float(x @ y) / float(y @ y) if y.size and y @ y > 0 else 0.0
-    if slope <= 0:
+) -> CorpusNoise | None:
+    """The noise model of pseudo-queries' sketch cosines `sketch[q] [n_q]` against their exact
+    scores `exact[q] [n_q]` (cosine units) on examples drawn uniformly: each query's sketch
+    cosines, centred, regressed on its exact scores, centred, all queries pooled, for the
+    scale and the noise; the offset over the pairs as they are. None without a positive
+    relation."""
+    pairs = [(x, y) for x, y in zip(sketch, exact, strict=True) if x.size]
+    if not pairs:
         return None
-    return 1.0 / slope, float(np.mean((x - slope * y) ** 2))
+    x, y = (np.concatenate(side) for side in zip(*pairs, strict=True))
+    x_centred = np.concatenate([xs - xs.mean() for xs, _ in pairs])
+    y_centred = np.concatenate([ys - ys.mean() for _, ys in pairs])
+    slope = float(x_centred @ y_centred) / max(float(y_centred @ y_centred), 1e-300)
+    if not (np.isfinite(slope) and slope > 0):
+        return None
+    variance = float(np.mean((x_centred - slope * y_centred) ** 2))
+    return CorpusNoise(scale=1.0 / slope, offset=float(np.mean(y - x / slope)), variance=variance)

@@ -12,6 +12,7 @@ import pytest
 import indexer.calibration
 from indexer.build import build_index
 from indexer.calibration import (
+    BULK_QUERIES,
     MAX_COMPLETION_TOKENS,
     CalibrationPairs,
     Calibrator,
@@ -78,6 +79,7 @@ def assert_same_bound(found: RerankBound, expected: RerankBound) -> None:
     np.testing.assert_allclose(found.intercept, expected.intercept, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(found.residuals, expected.residuals, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(found.corpus_scale, expected.corpus_scale, rtol=1e-3)
+    np.testing.assert_allclose(found.corpus_offset, expected.corpus_offset, rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(found.noise_variance, expected.noise_variance, rtol=1e-3)
 
 
@@ -87,7 +89,9 @@ def assert_bound_of_separate_passes(root: Path) -> None:
     try:
         pairs = separate_pass_pairs(engine)
         bound = engine.manifest.rerank_bound
-        expected = fit_rerank_bound(pairs.cosines, pairs.exact, bound.quantile, corpus=pairs.corpus)
+        expected = fit_rerank_bound(
+            pairs.cosines, pairs.exact, bound.quantile, corpus=pairs.corpus_noise()
+        )
         assert_same_bound(bound, expected)
     finally:
         engine.close()
@@ -110,7 +114,9 @@ def test_the_main_pass_gives_the_exact_scores_of_the_candidates(built: Recorded)
         engine.close()
     assert len(separate.exact) == CalibrationConfig().queries
     # The same candidates (sketch cosines to float noise) and their exact scores, and the
-    # same on the uniform sample.
+    # same on the uniform sample (the small corpus's every example but the query's own).
+    n_examples = engine.info.n_examples
+    assert [len(x) for x in separate.bulk_exact] == [n_examples - 1] * BULK_QUERIES
     for field in ("cosines", "exact", "bulk_cosines", "bulk_exact"):
         for found, expected in zip(
             getattr(built.pairs, field), getattr(separate, field), strict=True

@@ -8,6 +8,7 @@ import math
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
@@ -16,7 +17,15 @@ from indexer.build import build_index
 from indexer.config import BuildConfig, CorpusConfig, SketchConfig
 from indexer.corpus import document_batches, load_corpus
 from indexer.errors import InvalidInputError
-from indexer.evaluate import EvalReport, MethodReport, QueryReport, render_json, render_table
+from indexer.evaluate import (
+    EvalReport,
+    MethodReport,
+    QueryReport,
+    _IndexRun,
+    hits_only_scores,
+    render_json,
+    render_table,
+)
 from indexer.lds import membership, new_cache, random_subsets, subset_sums, write_cache
 from indexer.publish import read_manifest, version_dir
 from indexer.query import LabeledQuery, read_queries
@@ -268,3 +277,14 @@ def test_eval_end_to_end(eval_run):
         assert estimate["low"] <= estimate["mean"] <= estimate["high"]
     assert all(set(q["lds"]) == set(floors) | hits_only for q in report["queries"])
     assert report["lds_settings"]["subsets"] == 12
+
+
+def test_the_hits_alone_keep_their_scores_and_say_nothing_of_the_rest():
+    estimates = np.array([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 4.0]])
+    run = _IndexRun(
+        rows=[[3, 0], [1]], docs=[["d", "a"], ["b"]], scores=[[10.0, 9.0], [5.0]],
+        exact=[[True, False], [False]],
+    )  # fmt: skip
+    # exact hits keep their exact score, the others their estimate; the rest the row's mean
+    expected = [[1.0, 3.0, 3.0, 10.0], [1.0, 0.0, 1.0, 1.0]]
+    np.testing.assert_allclose(hits_only_scores(estimates, run), expected)

@@ -13,7 +13,7 @@ from indexer.rerank import (
     StopReason,
     run_exact_stage,
 )
-from indexer.scores import fit_corpus_noise, fit_rerank_bound
+from indexer.scores import CorpusNoise, fit_corpus_noise, fit_rerank_bound
 
 
 def test_the_bound_fits_the_line_and_the_residual_quantile_per_band() -> None:
@@ -42,22 +42,25 @@ def test_corpus_estimates_shrink_each_query_by_the_share_of_its_spread_that_is_n
     line = fit_rerank_bound([cosines[0]], [cosines[0]], quantile=0.9)
     assert line.noise_variance is None
     np.testing.assert_allclose(line.corpus_estimates(cosines), line.estimate(cosines))
-    bound = fit_rerank_bound([cosines[0]], [cosines[0]], quantile=0.9, corpus=(2.0, 0.0025))
+    corpus = CorpusNoise(scale=2.0, offset=0.5, variance=0.0025)
+    bound = fit_rerank_bound([cosines[0]], [cosines[0]], quantile=0.9, corpus=corpus)
     # query 0: mean 0.2, variance 0.02/3, so the signal is 1 - 0.0025 * 3 / 0.02 = 0.625 of it;
     # query 1's whole spread (variance 0.0002/3) is under the noise: every estimate its mean.
-    # Both then in exact units: twice the sketch's.
-    expected = 2 * np.array([[0.2 - 0.0625, 0.2 + 0.0625, 0.2], [0.02, 0.02, 0.02]])
+    # Both then in exact units: twice the sketch's, plus the offset.
+    expected = 2 * np.array([[0.2 - 0.0625, 0.2 + 0.0625, 0.2], [0.02, 0.02, 0.02]]) + 0.5
     np.testing.assert_allclose(bound.corpus_estimates(cosines), expected)
 
 
 def test_the_corpus_noise_is_the_regression_of_sketch_on_exact_cosines() -> None:
     rng = np.random.default_rng(2)
     exact = [rng.normal(q, 0.05, 400) for q in (0.0, 1.0, 2.0)]  # per-query offsets drop out
-    sketch = [e / 4 + 7 + rng.normal(0, 0.01, e.size) for e in exact]
-    scale, variance = fit_corpus_noise(sketch, exact)
-    assert scale == pytest.approx(4, rel=0.05)
-    assert variance == pytest.approx(0.01**2, rel=0.15)
+    sketch = [e / 4 - 0.25 + rng.normal(0, 0.01, e.size) for e in exact]  # y = 4x + 1
+    corpus = fit_corpus_noise(sketch, exact)
+    assert corpus.scale == pytest.approx(4, rel=0.05)
+    assert corpus.offset == pytest.approx(1, abs=0.02)
+    assert corpus.variance == pytest.approx(0.01**2, rel=0.15)
     assert fit_corpus_noise([rng.normal(0, 1, 50)], [np.zeros(50)]) is None  # no relation
+    assert fit_corpus_noise([np.array([np.nan, 1.0])], [np.array([0.0, 1.0])]) is None
     assert fit_corpus_noise([], []) is None
 
 
