@@ -80,9 +80,8 @@ def compare(
     scores: np.ndarray, exact: np.ndarray, in_subset: np.ndarray, losses: np.ndarray
 ) -> dict:
     """A method's scores `[Q, N]` against exact EK-FAC's: top-10 agreement, Spearman, LDS."""
-    top = 10
     pairs = list(zip(scores, exact, strict=True))
-    agreement = [len(set(np.argsort(-s)[:top]) & set(np.argsort(-e)[:top])) / top for s, e in pairs]
+    agreement = [metrics.top_k_recall(e, metrics.top_k(s, 10), 10) for s, e in pairs]
     return {
         "top10_agreement": metrics.mean(agreement),
         "spearman": metrics.mean(metrics.spearman(s, e) for s, e in pairs),

@@ -292,7 +292,7 @@ class Calibrator:
         for q, (space, exact, row_ids) in enumerate(zip(spaces, found, candidates, strict=True)):
             norms = np.array([records[i].norm for i in row_ids], dtype=np.float64)
             pairs.cosines.append(space.cosine_units(scores[q, : len(row_ids)], norms))
-            pairs.exact.append(space.cosine_units(_in_kind(exact), norms))
+            pairs.exact.append(space.cosine_units(exact.scores, norms))
         sample = exact_scores(dots, [bulk] * sampled, query_norms, exact_norms, self.kind)
         pairs.bulk_cosines, pairs.bulk_exact = self._bulk_pairs(
             queries[:sampled], spaces[:sampled], sample, bulk, records
@@ -319,10 +319,5 @@ class Calibrator:
         for query, space, found in zip(queries, spaces, exact, strict=True):
             kept = np.array([i != query.source for i in bulk], dtype=bool)
             cosines.append(space.cosine_units(vectors @ space.search, norms)[kept])
-            truths.append(space.cosine_units(_in_kind(found), norms)[kept])
+            truths.append(space.cosine_units(found.scores, norms)[kept])
         return cosines, truths
-
-
-def _in_kind(scores: ExactScores) -> np.ndarray:
-    """Exact scores in the index's kind: cosine where the kind asked for it, else influence."""
-    return np.asarray(scores.influence if scores.cosine is None else scores.cosine)

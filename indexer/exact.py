@@ -136,6 +136,11 @@ class ExactScores:
     influence: np.ndarray
     cosine: np.ndarray | None = None
 
+    @property
+    def scores(self) -> np.ndarray:
+        """Exact scores `[n]` in the index's kind: cosine where the kind asked for it."""
+        return np.asarray(self.influence if self.cosine is None else self.cosine)
+
 
 class ExactReranker:
     """Exact EK-FAC scores of retrieved candidates: one batched forward/backward over their
